@@ -1,0 +1,565 @@
+"""Multi-label evaluation metrics (paper §5.2, Eq. 11-13; SPEC §6).
+
+Pure NumPy (no TensorFlow): per-class average precision, mAP, the per-class
+(C*) and overall (O*) precision / recall / F1 for all labels and for the
+top-k labels, a streaming `MetricAccumulator`, and Markdown tables in the
+paper's Table 1 / Table 2 layouts.
+
+Inputs are `scores` (N, C) probabilities in [0, 1] (sigmoid of the logits),
+`labels` (N, C) in {0, 1} (bool, int or float) and an optional boolean
+`ignore` (N, C) mask (VOC "difficult").
+
+Conventions (ML-GCN's code, the field's reference; decided here where the paper
+and SPEC leave them open):
+
+* Average precision of a class is the non-interpolated AP over the images
+  sorted by descending score: the mean over the class's positives of the
+  precision at that positive's rank. **Ties**: images with equal scores form
+  one threshold, as in `sklearn.metrics.average_precision_score`; a positive
+  inside a tie group gets the precision at the end of its group
+  (TP / count over every image scoring >= its score). The result therefore
+  does not depend on the order of the images.
+* A class without any (non-ignored) positive has AP = NaN; it is left out of
+  mAP and of CR but still counts (with precision 0 if it is predicted) in CP.
+  If no class has a positive at all, mAP, CR, CF1, OR and OF1 are NaN.
+* A label is predicted iff its probability >= `threshold` (0.5: logit >= 0).
+* CP = mean over *all* C classes of TP / (TP + FP); a class with no prediction
+  has precision 0. CR = mean over classes with >= 1 positive of
+  TP / (TP + FN). CF1 = 2 CP CR / (CP + CR) (harmonic mean of CP and CR, not
+  the mean of per-class F1; 0 if both are 0). OP = sum TP / sum (TP + FP)
+  (0 if nothing is predicted), OR = sum TP / sum (TP + FN), OF1 their
+  harmonic mean.
+* Top-k: a label is predicted iff it is among the image's k highest scores
+  **and** its probability >= `threshold`. Ties in the top-k selection go to
+  the lower class id (stable sort). With k >= C every class is in the top k.
+* `ignore`: an ignored (image, class) pair counts neither as TP, FP nor FN and
+  is removed from that class's AP ranking, exactly as if the entry did not
+  exist. The top-k ranking is still computed over all C classes (the model
+  does not know which labels are ignored), so an ignored class can take one
+  of the k slots.
+* Per-class AP is returned by `average_precision` (a float64 array) and by
+  `multilabel_metrics` under the key ``"AP"`` as a list of Python floats
+  (JSON-friendly; NaN for classes without positives).
+* `MetricAccumulator` stores scores as float32: its result equals
+  `multilabel_metrics(scores.astype(np.float32), ...)` on the concatenated data.
+"""
+
+import math
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+# Largest number of array elements processed at once (bounds the temporaries
+# of the per-class sorts and of the top-k selection on large datasets).
+_CHUNK_ELEMENTS = 1 << 22
+
+_ALL_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+_TABLE1_KEYS = ("mAP", "CF1", "CP", "CR", "OF1", "OP", "OR")
+_TABLE1_TOPK_KEYS = ("CF1", "CP", "CR", "OF1", "OP", "OR")
+
+
+# --------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------
+
+def _as_array(value, name):
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name} cannot be converted to an array: {e}") from e
+
+
+def _as_binary(value, name, what):
+    """Converts a {0, 1}-valued array (bool, int or float) to bool."""
+    if value.dtype == np.bool_:
+        return value
+    if value.dtype.kind not in "iuf":
+        raise ValueError(
+            f"{name} must be {what} (bool or 0/1 numbers), got dtype {value.dtype}.")
+    if not np.all((value == 0) | (value == 1)):
+        bad = value[~((value == 0) | (value == 1))]
+        raise ValueError(
+            f"{name} must be {what} with values in {{0, 1}}; found e.g. {bad.flat[0]!r}.")
+    return value != 0
+
+
+def _check_inputs(scores, labels, ignore, num_classes=None, allow_empty=False):
+    """Validates and converts (scores, labels, ignore).
+
+    Returns:
+        (scores float array, labels bool array, ignore bool array or None).
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
+    scores = _as_array(scores, "scores")
+    labels = _as_array(labels, "labels")
+    if scores.ndim != 2:
+        raise ValueError(
+            f"scores must be 2-D (N images, C classes), got shape {scores.shape}.")
+    if labels.ndim != 2:
+        raise ValueError(
+            f"labels must be 2-D (N images, C classes), got shape {labels.shape}.")
+    if labels.shape != scores.shape:
+        raise ValueError(
+            f"labels shape {labels.shape} differs from scores shape {scores.shape}.")
+    if ignore is not None:
+        ignore = _as_array(ignore, "ignore")
+        if ignore.shape != scores.shape:
+            raise ValueError(
+                f"ignore shape {ignore.shape} differs from scores shape {scores.shape}.")
+    if num_classes is not None and scores.shape[1] != num_classes:
+        raise ValueError(
+            f"scores has {scores.shape[1]} classes but the accumulator was built "
+            f"with num_classes={num_classes}.")
+    if scores.shape[1] == 0:
+        raise ValueError("scores has no classes (C = 0).")
+    if scores.shape[0] == 0 and not allow_empty:
+        raise ValueError("scores has no rows (N = 0 images).")
+
+    if scores.dtype.kind in "biu":
+        scores = scores.astype(np.float64)
+    elif scores.dtype.kind != "f":
+        raise ValueError(f"scores must be a float array, got dtype {scores.dtype}.")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contains non-finite values (NaN or inf).")
+    if scores.size and (scores.min() < 0 or scores.max() > 1):
+        raise ValueError(
+            f"scores must be probabilities in [0, 1], got values in "
+            f"[{scores.min():g}, {scores.max():g}]; apply a sigmoid to the logits "
+            f"first.")
+    labels = _as_binary(labels, "labels", "multi-hot")
+    if ignore is not None:
+        ignore = _as_binary(ignore, "ignore", "a boolean mask")
+    return scores, labels, ignore
+
+
+def _check_threshold(threshold):
+    if isinstance(threshold, (bool, np.bool_)):
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.")
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.") from e
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
+    return value
+
+
+def _check_top_k(top_k):
+    if isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, (int, np.integer)):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    return int(top_k)
+
+
+# --------------------------------------------------------------------------
+# Core computations (on validated arrays)
+# --------------------------------------------------------------------------
+
+def _ap_columns(scores, labels, valid):
+    """Per-class AP of a block of columns; see the module docstring."""
+    n = scores.shape[0]
+    order = np.argsort(-scores, axis=0)
+    s = np.take_along_axis(scores, order, axis=0)
+    pos = np.take_along_axis(labels, order, axis=0)
+    if valid is not None:
+        v = np.take_along_axis(valid, order, axis=0)
+        pos &= v
+        cum_n = np.cumsum(v, axis=0, dtype=np.float64)
+    cum_tp = np.cumsum(pos, axis=0, dtype=np.float64)
+
+    # Index of the last element of each element's tie group.
+    rows = np.arange(n)[:, None]
+    is_end = np.ones(s.shape, dtype=bool)
+    is_end[:-1] = s[:-1] != s[1:]
+    end = np.where(is_end, rows, n)
+    end = np.minimum.accumulate(end[::-1], axis=0)[::-1]
+
+    tp_at = np.take_along_axis(cum_tp, end, axis=0)
+    if valid is not None:
+        n_at = np.take_along_axis(cum_n, end, axis=0)
+    else:
+        n_at = (end + 1).astype(np.float64)
+    # n_at >= 1 wherever pos is True (the positive itself is counted).
+    precision = np.divide(tp_at, n_at, out=np.zeros_like(tp_at), where=pos)
+    num_pos = cum_tp[-1]
+    total = precision.sum(axis=0)
+    ap = np.full(scores.shape[1], np.nan)
+    has_pos = num_pos > 0
+    ap[has_pos] = total[has_pos] / num_pos[has_pos]
+    return ap
+
+
+def _average_precision(scores, labels, ignore):
+    n, c = scores.shape
+    width = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    ap = np.empty(c, dtype=np.float64)
+    for start in range(0, c, width):
+        cols = slice(start, start + width)
+        valid = None if ignore is None else ~ignore[:, cols]
+        ap[cols] = _ap_columns(scores[:, cols], labels[:, cols], valid)
+    return ap
+
+
+def _counts(scores, labels, ignore, threshold, top_k):
+    """TP, #predicted and #positive per class, for all labels and top-k."""
+    n, c = scores.shape
+    k = min(top_k, c)
+    tp = np.zeros(c, np.int64)
+    npred = np.zeros(c, np.int64)
+    tp_k = np.zeros(c, np.int64)
+    npred_k = np.zeros(c, np.int64)
+    npos = np.zeros(c, np.int64)
+    height = max(1, _CHUNK_ELEMENTS // c)
+    for start in range(0, n, height):
+        rows = slice(start, start + height)
+        s = scores[rows]
+        pos = labels[rows]
+        pred = s >= threshold
+        # Stable sort on the negated scores: ties go to the lower class id.
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        in_top = np.zeros(s.shape, dtype=bool)
+        np.put_along_axis(in_top, top, True, axis=1)
+        pred_k = pred & in_top
+        if ignore is not None:
+            valid = ~ignore[rows]
+            pos = pos & valid
+            pred &= valid
+            pred_k &= valid
+        npos += np.count_nonzero(pos, axis=0)
+        npred += np.count_nonzero(pred, axis=0)
+        tp += np.count_nonzero(pred & pos, axis=0)
+        npred_k += np.count_nonzero(pred_k, axis=0)
+        tp_k += np.count_nonzero(pred_k & pos, axis=0)
+    return (tp, npred, npos), (tp_k, npred_k, npos)
+
+
+def _f1(p, r):
+    if math.isnan(p) or math.isnan(r):
+        return math.nan
+    return 0.0 if p + r == 0 else 2.0 * p * r / (p + r)
+
+
+def _scores_from_counts(tp, npred, npos):
+    per_class_p = np.divide(tp, npred, out=np.zeros(tp.shape), where=npred > 0)
+    cp = float(per_class_p.mean())
+    has_pos = npos > 0
+    cr = float(np.mean(tp[has_pos] / npos[has_pos])) if has_pos.any() else math.nan
+    total_pred, total_pos, total_tp = npred.sum(), npos.sum(), tp.sum()
+    op = float(total_tp / total_pred) if total_pred > 0 else 0.0
+    or_ = float(total_tp / total_pos) if total_pos > 0 else math.nan
+    return {"CP": cp, "CR": cr, "CF1": _f1(cp, cr),
+            "OP": op, "OR": or_, "OF1": _f1(op, or_)}
+
+
+def _metrics(scores, labels, ignore, threshold, top_k):
+    ap = _average_precision(scores, labels, ignore)
+    valid_ap = ap[~np.isnan(ap)]
+    result = {"mAP": float(valid_ap.mean()) if valid_ap.size else math.nan}
+    all_counts, top_counts = _counts(scores, labels, ignore, threshold, top_k)
+    result.update(_scores_from_counts(*all_counts))
+    for key, value in _scores_from_counts(*top_counts).items():
+        result[f"{key}_top{top_k}"] = value
+    result["AP"] = [float(x) for x in ap]
+    return result
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+def average_precision(scores, labels, ignore=None):
+    """Per-class non-interpolated average precision.
+
+    Images are ranked by descending score; AP is the mean over the class's
+    positives of the precision at the positive's rank. Tied scores form one
+    threshold (as in `sklearn.metrics.average_precision_score`): a positive in
+    a tie group gets the precision computed over the whole group, so the
+    result does not depend on the input order.
+
+    Args:
+        scores: (N, C) probabilities in [0, 1].
+        labels: (N, C) multi-hot labels in {0, 1} (bool, int or float).
+        ignore: optional (N, C) boolean mask; ignored entries are removed from
+            their class's ranking (neither positive nor negative).
+
+    Returns:
+        float64 array (C,); NaN for a class without any non-ignored positive.
+
+    Raises:
+        ValueError: on malformed input (the message names the argument).
+    """
+    scores, labels, ignore = _check_inputs(scores, labels, ignore)
+    return _average_precision(scores, labels, ignore)
+
+
+def multilabel_metrics(scores, labels, threshold=0.5, top_k=3, ignore=None):
+    """mAP and the per-class / overall precision, recall and F1 (Eq. 11-13).
+
+    Args:
+        scores: (N, C) probabilities in [0, 1] (sigmoid of the logits).
+        labels: (N, C) multi-hot labels in {0, 1} (bool, int or float).
+        threshold: a label is predicted iff its probability >= threshold;
+            in (0, 1].
+        top_k: for the ``_top{k}`` metrics a label must also be among the
+            image's k highest scores (ties: lower class id wins).
+        ignore: optional (N, C) boolean mask of entries that count neither way
+            (VOC difficult). The top-k ranking still uses all classes.
+
+    Returns:
+        dict with the Python floats ``mAP, CP, CR, CF1, OP, OR, OF1`` and
+        ``CP_top{k}, CR_top{k}, CF1_top{k}, OP_top{k}, OR_top{k}, OF1_top{k}``
+        (fractions in [0, 1]; NaN where undefined, see the module docstring),
+        plus ``AP``: the per-class AP as a list of C Python floats.
+
+    Raises:
+        ValueError: on malformed input (the message names the argument).
+    """
+    threshold = _check_threshold(threshold)
+    top_k = _check_top_k(top_k)
+    scores, labels, ignore = _check_inputs(scores, labels, ignore)
+    return _metrics(scores, labels, ignore, threshold, top_k)
+
+
+class MetricAccumulator:
+    """Streams batches and computes `multilabel_metrics` on all of them.
+
+    The data is held once, in preallocated NumPy buffers that grow
+    geometrically (capacity doubles when full): scores as float32, labels as
+    bool and, once some batch passes an `ignore` mask, the mask as bool.
+    `result` computes on views of the filled part of the buffers.
+
+    Args:
+        num_classes: C, the number of columns of every batch.
+        initial_capacity: rows allocated by the first `update`.
+
+    Raises:
+        ValueError: if num_classes or initial_capacity is not a positive int.
+    """
+
+    def __init__(self, num_classes, initial_capacity=1024):
+        for name, value in (("num_classes", num_classes),
+                            ("initial_capacity", initial_capacity)):
+            if (isinstance(value, (bool, np.bool_))
+                    or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        self._num_classes = int(num_classes)
+        self._initial_capacity = int(initial_capacity)
+        self._scores = np.empty((0, self._num_classes), dtype=np.float32)
+        self._labels = np.empty((0, self._num_classes), dtype=bool)
+        self._ignore = None
+        self._size = 0
+
+    @property
+    def num_classes(self):
+        """C, the number of classes."""
+        return self._num_classes
+
+    @property
+    def num_examples(self):
+        """Number of images accumulated since construction or `reset`."""
+        return self._size
+
+    @property
+    def capacity(self):
+        """Rows currently allocated in the buffers."""
+        return self._scores.shape[0]
+
+    def reset(self):
+        """Forgets the accumulated examples (keeps the allocated buffers)."""
+        self._size = 0
+
+    def _grow(self, needed):
+        capacity = self.capacity
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, self._initial_capacity)
+
+        def grown(buffer):
+            new = np.empty((new_capacity, self._num_classes), dtype=buffer.dtype)
+            new[:self._size] = buffer[:self._size]
+            return new
+
+        self._scores = grown(self._scores)
+        self._labels = grown(self._labels)
+        if self._ignore is not None:
+            self._ignore = grown(self._ignore)
+
+    def update(self, scores, labels, ignore=None):
+        """Appends a batch.
+
+        Args:
+            scores: (B, C) probabilities in [0, 1].
+            labels: (B, C) multi-hot labels in {0, 1}.
+            ignore: optional (B, C) boolean mask (see `multilabel_metrics`).
+
+        Raises:
+            ValueError: on malformed input or C != num_classes.
+        """
+        scores, labels, ignore = _check_inputs(
+            scores, labels, ignore, num_classes=self._num_classes, allow_empty=True)
+        batch = scores.shape[0]
+        if batch == 0:
+            return
+        self._grow(self._size + batch)
+        if ignore is not None and self._ignore is None:
+            self._ignore = np.zeros((self.capacity, self._num_classes), dtype=bool)
+        rows = slice(self._size, self._size + batch)
+        self._scores[rows] = scores
+        self._labels[rows] = labels
+        if self._ignore is not None:
+            self._ignore[rows] = False if ignore is None else ignore
+        self._size += batch
+
+    def result(self, threshold=0.5, top_k=3):
+        """The `multilabel_metrics` dict over every accumulated example.
+
+        Raises:
+            ValueError: on a bad threshold / top_k, or if nothing was accumulated.
+        """
+        threshold = _check_threshold(threshold)
+        top_k = _check_top_k(top_k)
+        if self._size == 0:
+            raise ValueError("MetricAccumulator has no examples; call update() first.")
+        n = self._size
+        ignore = None if self._ignore is None else self._ignore[:n]
+        return _metrics(self._scores[:n], self._labels[:n], ignore, threshold, top_k)
+
+
+# --------------------------------------------------------------------------
+# Markdown tables
+# --------------------------------------------------------------------------
+
+def _format_value(value, name):
+    """Percent with one decimal; (mean, std) -> "81.1 ± 0.3"; None -> "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, (tuple, list, np.ndarray)):
+        if len(value) != 2:
+            raise ValueError(
+                f"{name} must be a number or a (mean, std) pair, got {value!r}.")
+        mean, std = (_format_value(v, name) for v in value)
+        return f"{mean} ± {std}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a number or a (mean, std) pair, "
+                         f"got {value!r}.") from e
+    return "nan" if math.isnan(number) else f"{100.0 * number:.1f}"
+
+
+def _markdown(header, body):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _cell_name(name):
+    return str(name).replace("|", "\\|")
+
+
+def format_table(rows, per_class=False, class_names=None):
+    """Markdown table in the paper's Table 1 layout.
+
+    Columns: ``method | mAP | CF1 | CP | CR | OF1 | OP | OR`` then the six
+    top-k metrics ``CF1_top3 ... OR_top3`` (k read from the rows' keys).
+    Values are percentages with one decimal; a (mean, std) pair renders as
+    ``"81.1 ± 0.3"``, a missing key as ``"-"``, NaN as ``"nan"``.
+
+    Args:
+        rows: dict method name -> metrics dict (as from `multilabel_metrics`;
+            values fractions in [0, 1] or (mean, std) pairs).
+        per_class: also append the Table 2 layout (`format_per_class_ap`)
+            for the rows that have an ``"AP"`` entry.
+        class_names: class names for the per-class table (default: ids).
+
+    Returns:
+        The Markdown text.
+
+    Raises:
+        ValueError: if rows is empty / malformed or mixes top-k values.
+    """
+    if not isinstance(rows, Mapping) or not rows:
+        raise ValueError("rows must be a non-empty dict of method name -> metrics dict.")
+    ks = set()
+    for name, metrics in rows.items():
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"rows[{name!r}] must be a metrics dict, got {type(metrics)}.")
+        for key in metrics:
+            match = re.fullmatch(r"CF1_top(\d+)", str(key))
+            if match:
+                ks.add(int(match.group(1)))
+    if len(ks) > 1:
+        raise ValueError(f"rows mix top-k values {sorted(ks)}; use one top_k.")
+    k = ks.pop() if ks else 3
+    keys = list(_TABLE1_KEYS) + [f"{key}_top{k}" for key in _TABLE1_TOPK_KEYS]
+    body = [[_cell_name(name)]
+            + [_format_value(metrics.get(key), f"rows[{name!r}][{key!r}]") for key in keys]
+            for name, metrics in rows.items()]
+    table = _markdown(["method"] + keys, body)
+    if per_class:
+        with_ap = {name: metrics for name, metrics in rows.items() if "AP" in metrics}
+        if not with_ap:
+            raise ValueError("rows have no 'AP' entry; per_class=True needs per-class AP.")
+        table += "\n\n" + format_per_class_ap(with_ap, class_names)
+    return table
+
+
+def format_per_class_ap(ap, class_names=None, method="model"):
+    """Markdown table in the paper's Table 2 layout (one column per class + mAP).
+
+    Args:
+        ap: per-class AP, a sequence of C values (one row named `method`), or
+            a dict name -> (sequence of C values, or a metrics dict with
+            ``"AP"`` and optionally ``"mAP"``). Values are fractions or
+            (mean, std) pairs; NaN renders as ``"nan"``.
+        class_names: C column names (default: class ids 0..C-1).
+        method: row name when `ap` is a single sequence.
+
+    Returns:
+        The Markdown text. The mAP column is the row's ``"mAP"`` if given,
+        else the mean over the non-NaN per-class values (means of pairs).
+
+    Raises:
+        ValueError: if the rows' lengths differ or do not match class_names.
+    """
+    rows = ap if isinstance(ap, Mapping) else {method: ap}
+    if not rows:
+        raise ValueError("ap must not be empty.")
+    body = []
+    num_classes = None
+    for name, entry in rows.items():
+        given_map = None
+        if isinstance(entry, Mapping):
+            if "AP" not in entry:
+                raise ValueError(f"ap[{name!r}] is a dict without an 'AP' entry.")
+            given_map = entry.get("mAP")
+            entry = entry["AP"]
+        try:
+            values = list(entry)
+        except TypeError as e:
+            raise ValueError(f"ap[{name!r}] must be a sequence of per-class AP.") from e
+        if num_classes is None:
+            num_classes = len(values)
+        elif len(values) != num_classes:
+            raise ValueError(
+                f"ap rows have different class counts ({num_classes} and {len(values)}).")
+        cells = [_format_value(v, f"ap[{name!r}]") for v in values]
+        if given_map is None:
+            means = [float(v[0] if isinstance(v, (tuple, list, np.ndarray)) else v)
+                     for v in values]
+            means = [m for m in means if not math.isnan(m)]
+            given_map = sum(means) / len(means) if means else math.nan
+        body.append([_cell_name(name)] + cells
+                    + [_format_value(given_map, f"ap[{name!r}] mAP")])
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    elif len(class_names) != num_classes:
+        raise ValueError(
+            f"class_names has {len(class_names)} names but ap has {num_classes} classes.")
+    header = ["method"] + [_cell_name(c) for c in class_names] + ["mAP"]
+    return _markdown(header, body)
