@@ -64,6 +64,16 @@ def normalize_images(images, backbone):
     return bgr - tf.constant(_CAFFE_BGR_MEAN, dtype=tf.float32)
 
 
+def denormalize_images(images, backbone):
+    """Inverse of `normalize_images`: back to RGB in [0, 255] (for display)."""
+    check_backbone_name(backbone)
+    images = tf.cast(images, tf.float32)
+    if backbone == "small_cnn":
+        return (images + 1.0) * 127.5
+    bgr = images + tf.constant(_CAFFE_BGR_MEAN, dtype=tf.float32)
+    return bgr[..., ::-1]
+
+
 def build_backbone(name, image_size, weights=None):
     """Builds the feature extractor `f_cnn` without its pooling and top.
 
@@ -106,7 +116,7 @@ def build_backbone(name, image_size, weights=None):
         model.load_weights(weights)
     # One name for every backbone: the training loop gives the variables
     # under this layer the backbone learning rate.
-    return keras.Model(model.inputs, model.outputs, name="backbone")
+    return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
 
 
 def _small_cnn(shape):
