@@ -1,0 +1,496 @@
+"""The tf.data input pipeline: decode, preprocess (train/eval pair), batch.
+
+    ds = make_dataset("data/demo/tfrecords/train-*.tfrecord", batch_size=64,
+                      image_size=96, num_classes=10, backbone="small_cnn",
+                      training=True)
+
+Decoding is separate from preprocessing (tf-models' Decoder/Parser split):
+
+* `decode_example(serialized, num_classes)` parses one tf.Example of the
+  schema in `pipelines.tfrecord_lib` into `image_bytes`, `filename`,
+  `labels` (float32 (C,) multi-hot) and `difficult` (bool (C,)).
+  A class id outside [0, num_classes) is an error, not a silent drop: a
+  `tf.errors.InvalidArgumentError` naming `num_classes` and the file is
+  raised (it usually means the wrong `--num_classes` or label map).
+* `decode_image(image_bytes)` -> uint8 (H, W, 3) RGB. `tf.io.decode_image`
+  sniffs the content, so JPEG/PNG/GIF (first frame)/BMP, grayscale and a PNG
+  stored under a `.jpg` name all work. EXIF orientation and CMYK JPEGs are
+  *not* handled here: the converters normalise them when they write the
+  records (`pipelines.coco_to_tfrecord`).
+* `preprocess_eval(image, image_size, backbone)`: bilinear resize to
+  (S, S) without keeping the aspect ratio (the paper resizes to 448x448),
+  with antialiasing (like the PIL resize of the PyTorch reference code), then
+  the backbone's own normalisation `mlcrl_tf.backbones.normalize_images`.
+* `preprocess_train(...)`: the same by default (the paper uses no
+  augmentation); optional ML-GCN-style multi-scale crop and horizontal flip,
+  driven by a stateless seed so that eager and tf.data runs agree.
+
+Undecodable records (garbage or truncated image bytes, a corrupt tf.Example)
+are skipped, never fatal, and counted: `make_dataset` wraps the decode step in
+`tf.data.Dataset.ignore_errors` (which logs each error through TF's C++
+logging) and, when given a `SkipCounter`, counts records read, images
+delivered and records skipped in its tf.Variables: read `counter.skipped` or
+call `counter.log()` during or after iteration. Label ids are checked AFTER
+`ignore_errors`, so a bad class id stops the run instead of being skipped.
+
+Distributed input: `batch_size` is always the GLOBAL batch. Given a
+`tf.distribute.InputContext`, each input pipeline reads every n-th shard FILE
+and batches `input_context.get_per_replica_batch_size(batch_size)`. When
+there are fewer files than input pipelines, every pipeline reads all files and
+keeps every n-th RECORD instead (correct but n times the I/O; a warning says
+so). Either way each record goes to exactly one pipeline.
+"""
+
+import random
+
+from absl import logging
+import tensorflow as tf
+
+from mlcrl_tf import backbones
+from pipelines import tfrecord_lib
+
+# ML-GCN's MultiScaleCrop(448, scales=(1.0, 0.875, 0.75, 0.66, 0.5)).
+ML_GCN_CROP_SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)
+# ML-GCN's max_distort: the height and width scale indices differ by <= 2.
+_MAX_DISTORT = 2
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------
+# Decoding.
+# --------------------------------------------------------------------------
+
+def _parse_example(serialized):
+    """tf.Example -> image bytes, filename, label ids and difficult ids."""
+    parsed = tf.io.parse_single_example(serialized, tfrecord_lib.FEATURE_SPEC)
+    return {
+        "image_bytes": parsed[tfrecord_lib.ENCODED_KEY],
+        "filename": parsed[tfrecord_lib.FILENAME_KEY],
+        "label_ids": tf.sparse.to_dense(parsed[tfrecord_lib.LABEL_KEY]),
+        "difficult_ids": tf.sparse.to_dense(parsed[tfrecord_lib.DIFFICULT_KEY]),
+    }
+
+
+def _multi_hot(ids, num_classes, filename, what):
+    """int64 class ids (n,) -> float32 multi-hot (C,); ids out of range raise."""
+    message = (f"{what}: a class id is outside [0, num_classes={num_classes}); "
+               "wrong num_classes or label map? (filename, ids):")
+    in_range = tf.reduce_all((ids >= 0) & (ids < num_classes))
+    check = tf.debugging.Assert(in_range, [message, filename, ids])
+    with tf.control_dependencies([check]):
+        one_hot = tf.one_hot(ids, num_classes, dtype=tf.float32)
+    # Sum then clip: a repeated id stays 1 and no id gives all zeros.
+    return tf.minimum(tf.reduce_sum(one_hot, axis=0), 1.0)
+
+
+def _labels_to_multi_hot(features, num_classes):
+    """Replaces `label_ids`/`difficult_ids` by `labels`/`difficult` (C,)."""
+    features = dict(features)
+    filename = features["filename"]
+    features["labels"] = _multi_hot(features.pop("label_ids"), num_classes,
+                                    filename, "image/class/label")
+    features["difficult"] = _multi_hot(features.pop("difficult_ids"),
+                                       num_classes, filename,
+                                       "image/class/difficult") > 0
+    return features
+
+
+def decode_example(serialized, num_classes):
+    """Parses one serialized tf.Example of the mlcrl_tf schema.
+
+    Args:
+        serialized: scalar string tensor, one record.
+        num_classes: int C.
+
+    Returns:
+        A dict: `image_bytes` string (), `filename` string (), `labels`
+        float32 (C,) multi-hot (difficult classes included), `difficult`
+        bool (C,).
+
+    Raises:
+        tf.errors.InvalidArgumentError: a label or difficult id is outside
+            [0, num_classes) (message names num_classes and the filename).
+    """
+    return _labels_to_multi_hot(_parse_example(serialized), num_classes)
+
+
+def decode_image(image_bytes):
+    """Decodes JPEG/PNG/GIF/BMP bytes (by content, not name) to RGB.
+
+    Grayscale and RGBA become 3-channel RGB; an animated GIF gives its first
+    frame. EXIF rotation and CMYK are normalised by the converters at write
+    time, not here.
+
+    Args:
+        image_bytes: scalar string tensor.
+
+    Returns:
+        uint8 tensor (H, W, 3).
+
+    Raises:
+        tf.errors.InvalidArgumentError: the bytes are not a decodable image.
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
+                               expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+# --------------------------------------------------------------------------
+# Preprocessing: the train/eval pair.
+# --------------------------------------------------------------------------
+
+def _resize(image, image_size):
+    """Bilinear (antialiased) resize to (S, S), aspect ratio not kept."""
+    return tf.image.resize(tf.cast(image, tf.float32),
+                           (image_size, image_size), method="bilinear",
+                           antialias=True)
+
+
+def preprocess_eval(image, image_size, backbone):
+    """Evaluation (and serving) preprocessing.
+
+    Args:
+        image: uint8 or float tensor (H, W, 3) (or a batch (B, H, W, 3)),
+            RGB in [0, 255].
+        image_size: side S of the square model input.
+        backbone: a name from `mlcrl_tf.backbones.BACKBONES`.
+
+    Returns:
+        float32 (S, S, 3) (or (B, S, S, 3)), normalised for the backbone.
+    """
+    return backbones.normalize_images(_resize(image, image_size), backbone)
+
+
+def _multi_scale_crop(image, crop_scales, seed):
+    """ML-GCN's MultiScaleCrop with a random (not fixed-grid) offset.
+
+    The crop height and width are each `min(H, W) * scale` for scales picked
+    from `crop_scales` whose indices differ by at most 2 (max_distort=2), so
+    the aspect ratio changes a little too.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    base = tf.cast(tf.minimum(height, width), tf.float32)
+    sizes = tf.maximum(tf.cast(base * tf.constant(crop_scales, tf.float32),
+                               tf.int32), 1)
+    n = len(crop_scales)
+    pairs = tf.constant([(i, j) for i in range(n) for j in range(n)
+                         if abs(i - j) <= _MAX_DISTORT], tf.int32)
+    k = tf.random.stateless_uniform([], seeds[0], 0, tf.shape(pairs)[0],
+                                    dtype=tf.int32)
+    crop_h, crop_w = sizes[pairs[k, 0]], sizes[pairs[k, 1]]
+    top = tf.random.stateless_uniform([], seeds[1], 0, height - crop_h + 1,
+                                      dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[2], 0, width - crop_w + 1,
+                                       dtype=tf.int32)
+    return tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
+
+
+def preprocess_train(image, image_size, backbone, random_flip=False,
+                     crop_scales=None, seed=None):
+    """Training preprocessing; equal to `preprocess_eval` by default.
+
+    Args:
+        image: uint8 or float tensor (H, W, 3), RGB in [0, 255].
+        image_size: side S of the square model input.
+        backbone: a name from `mlcrl_tf.backbones.BACKBONES`.
+        random_flip: flip left-right with probability 1/2.
+        crop_scales: None (no crop) or a tuple of scales, e.g.
+            `ML_GCN_CROP_SCALES`, for the multi-scale random crop taken before
+            the resize.
+        seed: stateless seed, int tensor of shape (2,). The same seed gives
+            the same augmentation eagerly and inside tf.data. None draws a
+            fresh one per call (not reproducible).
+
+    Returns:
+        float32 (S, S, 3), normalised for the backbone.
+    """
+    if crop_scales or random_flip:
+        if seed is None:
+            seed = tf.random.uniform([2], maxval=_INT32_MAX, dtype=tf.int32)
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, 2))
+    if crop_scales:
+        image = _multi_scale_crop(image, tuple(crop_scales), crop_seed)
+    image = _resize(image, image_size)
+    if random_flip:
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return backbones.normalize_images(image, backbone)
+
+
+# --------------------------------------------------------------------------
+# Counting undecodable records.
+# --------------------------------------------------------------------------
+
+class SkipCounter:
+    """Counts records that `make_dataset` read but could not decode.
+
+    int64 tf.Variables updated by the pipeline itself: `read` (records that
+    entered decoding, each numbered by its position in the stream),
+    `delivered` (images decoded and passed on) and `skipped`. Decoding keeps
+    the stream's order, so when the record at position p is delivered and the
+    previously delivered one was at q, the p - q - 1 records in between were
+    dropped by `ignore_errors`: `skipped` grows by that gap. Once a finite
+    (evaluation) pass ends, the trailing undecodable records are added too.
+
+    Hence `skipped` is exact at any time and never counts records that are
+    still being decoded in parallel; `read` may run ahead of
+    `delivered + skipped` by those in-flight records. Counts accumulate over
+    passes; `reset()` starts again.
+
+    Use one counter per `make_dataset` call, created outside any
+    `tf.distribute` strategy scope (the variables must stay plain host
+    variables). A dataset that captures variables cannot be serialised, so
+    this pipeline is not for the tf.data service or iterator checkpoints.
+
+    Example:
+        counter = SkipCounter()
+        ds = make_dataset(..., training=False, skip_counter=counter)
+        for batch in ds: ...
+        counter.log("eval")   # or counter.skipped
+    """
+
+    def __init__(self):
+        if tf.distribute.has_strategy():
+            raise ValueError(
+                "SkipCounter: create it outside the tf.distribute strategy "
+                "scope (it holds plain host variables).")
+
+        def variable(name):
+            return tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+
+        with tf.init_scope(), tf.device("/cpu:0"):
+            self._read = variable("records_read")
+            self._delivered = variable("images_delivered")
+            self._skipped = variable("records_skipped")
+            # Position of the latest delivered record.
+            self._last_position = variable("last_position")
+        self._attached = False
+
+    @property
+    def read(self):
+        """Records that entered decoding (int)."""
+        return int(self._read.numpy())
+
+    @property
+    def delivered(self):
+        """Images decoded and passed on (int)."""
+        return int(self._delivered.numpy())
+
+    @property
+    def skipped(self):
+        """Records that could not be decoded so far (int)."""
+        return int(self._skipped.numpy())
+
+    def reset(self):
+        """Sets every count to 0 (between passes, not during one)."""
+        for v in (self._read, self._delivered, self._skipped,
+                  self._last_position):
+            v.assign(0)
+
+    def log(self, name="input"):
+        """Logs the counts: a warning if any record was skipped."""
+        skipped = self.skipped
+        log = logging.warning if skipped else logging.info
+        log("%s pipeline: %d records read, %d images delivered, %d skipped "
+            "as undecodable.", name, self.read, self.delivered, skipped)
+
+    # The hooks below run inside the tf.data graph, in sequential maps.
+    def _attach(self):
+        if self._attached:
+            raise ValueError("This SkipCounter already belongs to another "
+                             "make_dataset call; create one per dataset.")
+        self._attached = True
+
+    def _count_read(self, index, record):
+        position = self._read.assign_add(1, read_value=False)
+        with tf.control_dependencies([position]):
+            return {"record": record, "index": index,
+                    "position": self._read.read_value()}
+
+    def _count_delivered(self, features):
+        features = dict(features)
+        position = features.pop("position")
+        gap = position - self._last_position.read_value() - 1
+        updates = [self._skipped.assign_add(gap, read_value=False),
+                   self._delivered.assign_add(1, read_value=False)]
+        with tf.control_dependencies(updates):
+            updates.append(self._last_position.assign(position,
+                                                      read_value=False))
+        with tf.control_dependencies(updates):
+            return tf.nest.map_structure(tf.identity, features)
+
+    def _finish(self, unused_element):
+        """Runs once after a finite pass: counts the trailing skips."""
+        gap = self._read.read_value() - self._last_position.read_value()
+        update = self._skipped.assign_add(gap, read_value=False)
+        with tf.control_dependencies([update]):
+            update = self._last_position.assign(self._read, read_value=False)
+        with tf.control_dependencies([update]):
+            return tf.constant(False)
+
+
+def _run_when_exhausted(dataset, predicate):
+    """Appends one dummy element that `predicate` (returning False) drops.
+
+    `predicate` therefore runs exactly once, after the last real element,
+    and adds nothing to the stream.
+    """
+    dummy = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
+                                  dataset.element_spec)
+    return dataset.concatenate(
+        tf.data.Dataset.from_tensors(dummy).filter(predicate))
+
+
+# --------------------------------------------------------------------------
+# The pipeline.
+# --------------------------------------------------------------------------
+
+def make_dataset(file_pattern, batch_size, image_size, num_classes, backbone,
+                 training, *, shuffle_buffer=2048, input_context=None,
+                 random_flip=False, crop_scales=None, seed=None,
+                 drop_remainder=None, cache=False, skip_counter=None,
+                 skip_batches=0):
+    """Builds the batched tf.data pipeline over TFRecord shards.
+
+    Args:
+        file_pattern: glob of the shards, e.g. `.../train-*.tfrecord`
+            (a complete `-of-N` set, see `tfrecord_lib.find_shards`).
+        batch_size: GLOBAL batch size; with `input_context` each pipeline
+            batches `input_context.get_per_replica_batch_size(batch_size)`.
+        image_size: side S of the square model input.
+        num_classes: C.
+        backbone: name from `mlcrl_tf.backbones.BACKBONES` (normalisation).
+        training: True: shuffle files and records, augment (if asked),
+            repeat forever, drop the last partial batch. False: every record
+            exactly once, deterministic order, last partial batch kept.
+        shuffle_buffer: records in the shuffle buffer (training). They are
+            still encoded: 2048 COCO images are ~330 MB.
+        input_context: optional `tf.distribute.InputContext`.
+        random_flip, crop_scales: augmentation, see `preprocess_train`.
+        seed: int, makes shuffling and augmentation reproducible.
+        drop_remainder: default `training`; True is refused for evaluation.
+        cache: keep the encoded records in memory after the first pass (saves
+            file reads; decoding, shuffling and augmentation still happen
+            every epoch).
+        skip_counter: optional `SkipCounter` that counts the records skipped
+            as undecodable (without one they are still skipped and logged
+            by tf.data, just not counted).
+        skip_batches: training only: global batches (steps) of this dataset
+            already consumed, to resume mid-epoch. Each pipeline skips its
+            share (`skip_batches * batch_size / num_input_pipelines`) of
+            encoded records before decoding, so nothing is decoded twice and
+            the augmentation of the later records is unchanged. Exact unless
+            an undecodable record lies in the skipped part.
+
+    Returns:
+        A `tf.data.Dataset` of dicts: `images` float32 (B, S, S, 3),
+        `labels` float32 (B, C), `difficult` bool (B, C), `filename`
+        string (B,).
+
+    Raises:
+        ValueError: no (or an incomplete set of) shards, drop_remainder with
+            training=False, unknown backbone.
+    """
+    backbones.check_backbone_name(backbone)
+    if drop_remainder is None:
+        drop_remainder = training
+    if skip_batches and not training:
+        raise ValueError("skip_batches is for resuming training; evaluation "
+                         "reads every record.")
+    if drop_remainder and not training:
+        raise ValueError("drop_remainder=True with training=False would drop "
+                         "evaluation records; use drop_remainder=False.")
+    if seed is None:
+        seed = random.randrange(_INT32_MAX)
+    counter = skip_counter
+    if counter is not None:
+        counter._attach()  # pylint: disable=protected-access
+    files = tfrecord_lib.find_shards(file_pattern)
+    num_pipelines, pipeline_id = 1, 0
+    global_batch = batch_size
+    if input_context is not None:
+        num_pipelines = input_context.num_input_pipelines
+        pipeline_id = input_context.input_pipeline_id
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    shard_files = num_pipelines > 1 and len(files) >= num_pipelines
+    if num_pipelines > 1 and not shard_files:
+        logging.warning(
+            "%d shard files for %d input pipelines: every pipeline reads all "
+            "files and keeps every %d-th record. Write at least %d shards to "
+            "shard by file.", len(files), num_pipelines, num_pipelines,
+            num_pipelines)
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shard_files:
+        # Each pipeline reads its own files: no record is read twice.
+        ds = ds.shard(num_pipelines, pipeline_id)
+    if training and not (num_pipelines > 1 and not shard_files):
+        # A new file order every epoch. (Record sharding below needs the same
+        # order in every pipeline, so then the files stay in order.)
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    # Read several files at once: more I/O in flight, and the records of
+    # consecutive files are mixed before the shuffle buffer.
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
+        cycle_length=min(len(files), 16), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if num_pipelines > 1 and not shard_files:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    if cache:
+        # Encoded records are small; decoded images would not be.
+        ds = ds.cache()
+    if training:
+        # Shuffle encoded records (cheap) before the expensive decode, then
+        # repeat so that epochs follow each other without a pipeline restart.
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.repeat()
+    # A unique index per element: with `seed`, its augmentation seed.
+    ds = ds.enumerate()
+    if skip_batches:
+        # Resuming: drop the records of the steps already done, undecoded.
+        ds = ds.skip(skip_batches * (global_batch // num_pipelines))
+    if counter is not None:
+        # Sequential and cheap: numbers the records for skip counting.
+        ds = ds.map(counter._count_read)  # pylint: disable=protected-access
+    else:
+        ds = ds.map(lambda index, record: {"record": record, "index": index})
+
+    def decode_and_preprocess(element):
+        features = _parse_example(element["record"])
+        image = decode_image(features.pop("image_bytes"))
+        if training:
+            image = preprocess_train(
+                image, image_size, backbone, random_flip=random_flip,
+                crop_scales=crop_scales,
+                seed=tf.stack([tf.constant(seed, tf.int64),
+                               element["index"]]))
+        else:
+            image = preprocess_eval(image, image_size, backbone)
+        features["images"] = image
+        if "position" in element:
+            features["position"] = element["position"]
+        return features
+
+    # The expensive step, in parallel; order kept (deterministic evaluation
+    # and exact skip counts).
+    ds = ds.map(decode_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    # An undecodable image or record is dropped (and logged), not fatal.
+    ds = ds.ignore_errors(log_warning=True)
+
+    def count_and_multi_hot(features):
+        if counter is not None:
+            features = counter._count_delivered(features)  # pylint: disable=protected-access
+        # After ignore_errors on purpose: a bad class id must stop the run.
+        return _labels_to_multi_hot(features, num_classes)
+
+    ds = ds.map(count_and_multi_hot)
+    if counter is not None and not training:
+        # Trailing undecodable records count once the pass is over.
+        ds = _run_when_exhausted(ds, counter._finish)  # pylint: disable=protected-access
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # Overlap input with the training step.
+    return ds.prefetch(tf.data.AUTOTUNE)

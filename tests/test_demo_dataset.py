@@ -1,0 +1,305 @@
+"""Tests of the "outfits" demo set (pipelines.demo_dataset) and of the
+Fashion-MNIST reader it is built from, on the real Fashion-MNIST files.
+
+The round trip goes through the real COCO converter and `make_dataset`."""
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+
+from pipelines import demo_dataset
+from pipelines import fashion_mnist
+from pipelines import input_pipeline
+from pipelines import tfrecord_lib
+
+NUM_TRAIN, NUM_TEST = 40, 20
+
+
+def _generate(root, name, **kwargs):
+    output_dir = os.path.join(root, name)
+    demo_dataset.generate(output_dir, num_train=NUM_TRAIN, num_test=NUM_TEST,
+                          num_workers=1, **kwargs)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def demo_sets():
+    root = tempfile.mkdtemp()
+    yield {
+        "seed0": _generate(root, "seed0", seed=0),
+        "seed0_again": _generate(root, "seed0_again", seed=0),
+        "seed1": _generate(root, "seed1", seed=1),
+        "occluded": _generate(root, "occluded", seed=0, occlusion=True),
+    }
+    shutil.rmtree(root)
+
+
+@pytest.fixture(scope="module")
+def sources():
+    return {split: fashion_mnist.load_fashion_mnist(split)
+            for split in ("train", "test")}
+
+
+def _coco(output_dir, split):
+    with open(os.path.join(output_dir, "annotations",
+                           f"instances_{split}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _label_sets(coco):
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    labels = {name: set() for name in names.values()}
+    for a in coco["annotations"]:
+        labels[names[a["image_id"]]].add(a["category_id"] - 1)
+    return labels
+
+
+def _files(output_dir):
+    """Relative path -> bytes of every image, annotation and shard file."""
+    out = {}
+    for sub in ("images", "annotations", "tfrecords"):
+        for dirpath, _, filenames in os.walk(os.path.join(output_dir, sub)):
+            for name in filenames:
+                if name.endswith("_report.json"):  # holds absolute paths
+                    continue
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, output_dir)] = f.read()
+    return out
+
+
+# --------------------------------------------------------------------------
+# Round trip, splits, determinism.
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_tfrecords_carry_the_coco_labels(demo_sets, split):
+    output_dir = demo_sets["seed0"]
+    expected = _label_sets(_coco(output_dir, split))
+    assert len(expected) == (NUM_TRAIN if split == "train" else NUM_TEST)
+    ds = input_pipeline.make_dataset(
+        tfrecord_lib.split_file_pattern(os.path.join(output_dir, "tfrecords"),
+                                        split),
+        batch_size=7, image_size=96, num_classes=10, backbone="small_cnn",
+        training=False)
+    got = {}
+    for batch in ds.as_numpy_iterator():
+        assert batch["images"].shape[1:] == (96, 96, 3)
+        for name, labels in zip(batch["filename"], batch["labels"]):
+            got[name.decode()] = set(np.flatnonzero(labels).tolist())
+    assert got == expected
+    assert tfrecord_lib.read_class_names(
+        os.path.join(output_dir, "tfrecords")) == list(fashion_mnist.CLASS_NAMES)
+
+
+def test_coco_format(demo_sets):
+    coco = _coco(demo_sets["seed0"], "train")
+    assert [(c["id"], c["name"]) for c in coco["categories"]] == list(
+        enumerate(fashion_mnist.CLASS_NAMES, start=1))
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert a["iscrowd"] == 0 and a["area"] > 0
+        assert 0 <= x and 0 <= y and x + w <= 96 and y + h <= 96
+    cardinality = [len(v) for v in _label_sets(coco).values()]
+    assert 1 <= min(cardinality) and max(cardinality) <= 4
+    assert np.mean(cardinality) > 2
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_items_come_from_their_own_official_split(demo_sets, sources, split):
+    labels = sources[split][1]
+    for a in _coco(demo_sets["seed0"], split)["annotations"]:
+        assert a["source_split"] == split
+        assert labels[a["source_index"]] == a["category_id"] - 1
+
+
+def test_pixels_are_the_source_items(demo_sets, sources):
+    """A fully visible item's silhouette in the JPEG matches its source."""
+    output_dir = demo_sets["seed0"]
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    checked = 0
+    coco = _coco(output_dir, "test")
+    files = {image["id"]: image["file_name"] for image in coco["images"]}
+    for a in coco["annotations"]:
+        if a["visible_fraction"] < 1:
+            continue
+        canvas = np.asarray(Image.open(os.path.join(
+            output_dir, "images", "test", files[a["image_id"]])), np.float32)
+        x, y, side, _ = a["item_box"]
+        gray, alpha = demo_dataset.render_item(
+            sources["test"][0][a["source_index"]], side)
+        patch = canvas[y:y + side, x:x + side].mean(-1)
+        inside = alpha > 0.99
+        # Tinting scales brightness per channel: the correlation stays high.
+        assert np.corrcoef(patch[inside], gray[inside])[0, 1] > 0.8
+        checked += 1
+    assert checked > 10
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(demo_sets):
+    first = _files(demo_sets["seed0"])
+    assert any(k.endswith(".tfrecord") for k in first)
+    assert first == _files(demo_sets["seed0_again"])
+    other = _files(demo_sets["seed1"])
+    assert first.keys() == other.keys()
+    different = [k for k in first if first[k] != other[k]]
+    assert any(k.endswith(".jpg") for k in different)
+    assert "annotations/instances_train.json" in different
+
+
+def test_refuses_to_overwrite(demo_sets):
+    with pytest.raises(ValueError, match="overwrite"):
+        demo_dataset.generate(demo_sets["seed0"], num_train=2, num_test=2)
+
+
+def test_preview(demo_sets, tmp_path):
+    path = str(tmp_path / "preview.png")
+    demo_dataset.write_preview(demo_sets["seed0"], path, num=4, columns=2)
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    assert Image.open(path).size[0] == 2 * (96 * 2 + 6) + 6
+
+
+# --------------------------------------------------------------------------
+# Occlusion mode and the visibility rule.
+# --------------------------------------------------------------------------
+
+def _recomputed_fractions(coco, images, canvas_size=96):
+    by_image = {}
+    for a in coco["annotations"]:  # annotation order = paste order
+        by_image.setdefault(a["image_id"], []).append(a)
+    result = []
+    for annotations in by_image.values():
+        alphas = [demo_dataset.render_item(images[a["source_index"]],
+                                           a["item_box"][2])[1]
+                  for a in annotations]
+        masks, fractions = demo_dataset.visible_masks(
+            alphas, [a["item_box"] for a in annotations], canvas_size)
+        for a, mask, fraction in zip(annotations, masks, fractions):
+            result.append((a, mask, fraction))
+    return result
+
+
+@pytest.mark.parametrize("name,minimum", [
+    ("seed0", demo_dataset.DEFAULT_MIN_VISIBLE),
+    ("occluded", demo_dataset.OCCLUDED_MIN_VISIBLE)])
+def test_visible_fraction_rule(demo_sets, sources, name, minimum):
+    coco = _coco(demo_sets[name], "train")
+    assert coco["info"]["min_visible_fraction"] == minimum
+    for a, mask, fraction in _recomputed_fractions(coco, sources["train"][0]):
+        assert fraction >= minimum
+        assert abs(fraction - a["visible_fraction"]) < 1e-3
+        ys, xs = np.nonzero(mask)
+        assert a["area"] == mask.sum()
+        assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                             ys.max() - ys.min() + 1]
+
+
+def test_occlusion_mode_occludes_and_crops(demo_sets, sources):
+    coco = _coco(demo_sets["occluded"], "train")
+    fractions = [a["visible_fraction"] for a in coco["annotations"]]
+    assert np.mean(fractions) < 0.85
+    assert min(fractions) < 0.6
+    off_canvas = [a for a in coco["annotations"]
+                  if min(a["item_box"][:2]) < 0
+                  or max(a["item_box"][:2]) + a["item_box"][2] > 96]
+    assert len(off_canvas) > 5
+    plain = _coco(demo_sets["seed0"], "train")
+    assert all(0 <= a["item_box"][0] and a["item_box"][0] + a["item_box"][2]
+               <= 96 for a in plain["annotations"])
+
+
+def test_labels_are_exactly_the_visible_classes(demo_sets, sources):
+    """Every label has a >= 35 %-visible item, and outside the annotated
+    items the canvas is plain background (no unlabelled item shows)."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    output_dir = demo_sets["occluded"]
+    coco = _coco(output_dir, "train")
+    images = sources["train"][0]
+    recomputed = _recomputed_fractions(coco, images)
+    visible = {}
+    for a, mask, fraction in recomputed:
+        if fraction >= demo_dataset.OCCLUDED_MIN_VISIBLE:
+            visible.setdefault(a["image_id"], set()).add(a["category_id"] - 1)
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    assert {names[k]: v for k, v in visible.items()} == _label_sets(coco)
+    for image_id, name in names.items():
+        covered = np.zeros((98, 98), bool)  # one pixel of margin
+        for a in coco["annotations"]:
+            if a["image_id"] != image_id:
+                continue
+            x, y, side, _ = a["item_box"]
+            alpha = demo_dataset.render_item(images[a["source_index"]], side)[1]
+            padded = np.zeros((96 + 2 * side, 96 + 2 * side), bool)
+            padded[y + side:y + 2 * side, x + side:x + 2 * side] = alpha > 0
+            covered |= padded[side - 1:side + 97, side - 1:side + 97]
+        outside = ~(covered[:-2, 1:-1] | covered[2:, 1:-1] | covered[1:-1, :-2]
+                    | covered[1:-1, 2:] | covered[1:-1, 1:-1])
+        canvas = np.asarray(Image.open(os.path.join(
+            output_dir, "images", "train", name)), np.float32)
+        assert outside.sum() > 500
+        assert canvas[outside].std(axis=0).max() < 5, name  # noise sigma 4
+
+
+def test_make_canvas_leaves_out_items_without_room(sources):
+    rng = np.random.default_rng(0)
+    images, labels = sources["test"]
+    bags = np.flatnonzero(labels == 8)[:12]
+    items = [(8, int(i), images[i]) for i in bags]
+    canvas, pasted = demo_dataset.make_canvas(rng, items, 40, occlusion=False)
+    assert canvas.shape == (40, 40, 3) and canvas.dtype == np.uint8
+    assert 1 <= len(pasted) < 12
+    assert min(p["visible_fraction"] for p in pasted) >= 0.9
+
+
+# --------------------------------------------------------------------------
+# Fashion-MNIST reader.
+# --------------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("split,size", [("train", 60000), ("test", 10000)])
+def test_fashion_mnist_from_debian(sources, split, size):
+    images, labels = sources[split]
+    assert images.shape == (size, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (size,) and labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [size // 10] * 10
+    assert 0 < images.mean() < 255
+    assert len(fashion_mnist.CLASS_NAMES) == 10
+
+
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_data_dir_comes_first(tmp_path, monkeypatch, sources):
+    for name in fashion_mnist._FILES["test"]:
+        shutil.copy(os.path.join(fashion_mnist.DEBIAN_DIR, name), tmp_path)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "none"))
+    images, labels = fashion_mnist.load_fashion_mnist("test", str(tmp_path))
+    np.testing.assert_array_equal(images, sources["test"][0])
+    np.testing.assert_array_equal(labels, sources["test"][1])
+
+
+def test_fashion_mnist_missing_everywhere(tmp_path, monkeypatch):
+    import keras  # pylint: disable=import-outside-toplevel
+
+    def no_network():
+        raise OSError("no network")
+
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "deb"))
+    monkeypatch.setattr(fashion_mnist, "KERAS_CACHE_DIR",
+                        str(tmp_path / "keras"))
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", no_network)
+    with pytest.raises(ValueError) as error:
+        fashion_mnist.load_fashion_mnist("train", str(tmp_path / "bogus"))
+    message = str(error.value)
+    for place in ("bogus", "deb", "keras", "download",
+                  "apt-get install dataset-fashion-mnist"):
+        assert place in message
+
+
+def test_fashion_mnist_bad_split():
+    with pytest.raises(ValueError, match="split"):
+        fashion_mnist.load_fashion_mnist("validation")
