@@ -1,0 +1,40 @@
+"""Trains (or resumes) a model: the command users live in.
+
+    python -m mlcrl_tf.train --flagfile=configs/coco.flags --model_dir=runs/coco_crl
+
+Flags are defined in `mlcrl_tf.config`; `--flagfile` files under configs/
+include `configs/base.flags` (the paper's recipe). Rerunning the same command
+resumes from the latest checkpoint in --model_dir.
+"""
+
+import sys
+
+from absl import app
+from absl import logging
+
+from mlcrl_tf import config as config_lib
+from mlcrl_tf import train_lib
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config = config_lib.config_from_flags()
+    try:
+        result = train_lib.train_and_evaluate(config)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    except train_lib.NonFiniteLossError as e:
+        sys.exit(f"error: {e}")
+    logging.info("Done: %s", result)
+    print(f"Finished at step {result['step']}; weights fingerprint {result['fingerprint']}")
+    if result["metrics"]:
+        print("Final eval: " + " ".join(
+            f"{k} {100 * v:.1f}" for k, v in result["metrics"].items()))
+    if result["export_path"]:
+        print(f"Exported the inference model to {result['export_path']}")
+
+
+if __name__ == "__main__":
+    config_lib.define_flags()
+    app.run(main)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny real "outfits" demo set built once per session."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """64 train / 32 test real Fashion-MNIST canvases at 48 px, as TFRecords.
+
+    Built by the real generator and the real COCO converter.
+
+    Returns:
+        dict with `dir`, `train_files`, `test_files` globs and `labels_file`.
+    """
+    from pipelines import demo_dataset  # pylint: disable=import-outside-toplevel
+    root = str(tmp_path_factory.mktemp("demo"))
+    demo_dataset.generate(root, num_train=64, num_test=32, canvas_size=48, seed=0,
+                          num_workers=1)
+    records = os.path.join(root, "tfrecords")
+    return {"dir": root,
+            "train_files": os.path.join(records, "train-*.tfrecord"),
+            "test_files": os.path.join(records, "test-*.tfrecord"),
+            "labels_file": os.path.join(records, "labels.txt")}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_module(module, args, env=None, timeout=600, check=True):
+    """Runs `python -m module args` from the repo root; returns the process."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

@@ -1,0 +1,345 @@
+"""Tests of the training loop (mlcrl_tf.train / train_lib) on the real demo set.
+
+The slow parts run `python -m mlcrl_tf.train` in subprocesses, as users do:
+end to end with TensorBoard and checkpoints, SIGKILL + resume, 2-replica
+MirroredStrategy and 2-worker MultiWorkerMirroredStrategy.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, free_port, run_module
+from mlcrl_tf import checkpoints
+from mlcrl_tf import config as config_lib
+from mlcrl_tf import progress as progress_lib
+from mlcrl_tf import train_lib
+
+SMALL = ["--backbone=small_cnn", "--image_size=48", "--batch_size=8",
+         "--learning_rate=0.05", "--backbone_learning_rate=0.02", "--log_every_steps=1"]
+
+
+def _config(demo_data, model_dir, **overrides):
+    values = dict(model_dir=str(model_dir), train_files=demo_data["train_files"],
+                  eval_files=demo_data["test_files"], backbone="small_cnn",
+                  image_size=48, batch_size=8, epochs=1, steps_per_epoch=3,
+                  learning_rate=0.05, backbone_learning_rate=0.005, log_every_steps=1,
+                  checkpoint_every_steps=2, num_summary_images=0, shuffle_buffer=64)
+    values.update(overrides)
+    return config_lib.Config(**values)
+
+
+def _event_tags(directory):
+    """{tag: [(step, value or None)]} from the TensorBoard event files."""
+    tags = {}
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                scalar = None
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalar = float(tf.make_ndarray(value.tensor))
+                tags.setdefault(value.tag, []).append((event.step, scalar))
+    return tags
+
+
+def _checkpoint_values(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name)
+            for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/") and "OPTIMIZER_SLOT" not in name}
+
+
+# ---------------------------------------------------------------------------
+# End to end, as users run it.
+# ---------------------------------------------------------------------------
+
+def test_demo_flags_end_to_end(demo_data, tmp_path):
+    model_dir = tmp_path / "run"
+    export_dir = tmp_path / "export"
+    proc = run_module("mlcrl_tf.train", [
+        "--flagfile=configs/demo.flags", f"--model_dir={model_dir}",
+        f"--train_files={demo_data['train_files']}",
+        f"--eval_files={demo_data['test_files']}", "--image_size=48", "--batch_size=8",
+        "--epochs=2", "--steps_per_epoch=3", "--log_every_steps=1",
+        "--num_summary_images=2", f"--export_dir={export_dir}"])
+    assert "Finished at step 6" in proc.stdout
+    assert "\r" not in proc.stdout  # not a TTY: plain lines for log files
+    # Checkpoints: latest K, and the best-by-mAP one with its metrics.
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-6")
+    best = json.loads((model_dir / "best" / "metrics.json").read_text())
+    assert set(best["metrics"]) >= {"mAP", "CF1", "OF1", "CF1_top3", "OP_top3"}
+    assert len(best["per_class_ap"]) == 10
+    run = json.loads((model_dir / "run.json").read_text())
+    assert run["config"]["num_classes"] == 10 and run["class_names"][8] == "Bag"
+    # TensorBoard: every loss term, both learning rates, throughput, metrics, images.
+    train_tags = _event_tags(str(model_dir / "train"))
+    for tag in ("loss/loss", "loss/classification", "loss/crl", "loss/crl_image_term",
+                "loss/crl_label_term", "learning_rate/head", "learning_rate/backbone",
+                "throughput/images_per_sec"):
+        assert tag in train_tags, tag
+    assert [s for s, _ in train_tags["loss/loss"]] == [1, 2, 3, 4, 5, 6]
+    eval_tags = _event_tags(str(model_dir / "eval"))
+    for name in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3",
+                 "CF1_top3", "OP_top3", "OR_top3", "OF1_top3"):
+        assert f"metrics/{name}" in eval_tags, name
+        assert [s for s, _ in eval_tags[f"metrics/{name}"]] == [3, 6]
+    assert any(t.startswith("per_class_ap/") for t in eval_tags)
+    assert any(v is None for t, values in eval_tags.items() for _, v in values
+               if not t.startswith(("metrics/", "per_class_ap/"))), "no eval images"
+    # The export of the end of training.
+    assert "Exported the inference model to" in proc.stdout
+    assert (export_dir / "1" / "saved_model.pb").exists()
+
+
+def test_flagfiles_parse():
+    """Every flagfile under configs/ is valid and includes base.flags."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.flags"))):
+        values = flags.FlagValues()
+        config_lib.define_flags(values)
+        cwd = os.getcwd()
+        os.chdir(REPO)
+        try:
+            values(["train", f"--flagfile={path}", "--model_dir=x", "--train_files=y"])
+        finally:
+            os.chdir(cwd)
+        config = config_lib.config_from_flags(values)
+        config_lib.validate(config)
+        if not path.endswith("base.flags"):
+            assert "--flagfile=configs/base.flags" in open(path).read()
+            assert open(path).read().startswith("#"), "states its command first"
+        if path.endswith(("coco.flags", "voc.flags", "base.flags")):
+            assert (config.learning_rate, config.backbone_learning_rate) == (0.01, 0.001)
+            assert (config.momentum, config.weight_decay, config.image_size) == (0.9, 1e-4, 448)
+            assert (config.crl_margin, config.crl_image_weight) == (0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------
+# Resume after SIGKILL.
+# ---------------------------------------------------------------------------
+
+def _resume_args(demo_data, model_dir):
+    return SMALL + [
+        f"--model_dir={model_dir}", f"--train_files={demo_data['train_files']}",
+        "--epochs=2", "--steps_per_epoch=12", "--lr_decay_epochs=1",
+        "--checkpoint_every_steps=2", "--deterministic", "--seed=3", "--shuffle_buffer=64"]
+
+
+def test_sigkill_then_rerun_continues_and_matches_uninterrupted(demo_data, tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    run_module("mlcrl_tf.train", _resume_args(demo_data, reference_dir))
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlcrl_tf.train", *_resume_args(demo_data, killed_dir)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill it in the second epoch (after the learning-rate decay), once a
+    # checkpoint past the decay exists.
+    deadline = time.time() + 300
+    while not glob.glob(str(killed_dir / "ckpt-14.index")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = tf.train.latest_checkpoint(str(killed_dir))
+    killed_at = int(latest.rsplit("-", 1)[1])
+    assert 14 <= killed_at < 24, latest
+
+    resumed = run_module("mlcrl_tf.train", _resume_args(demo_data, killed_dir))
+    assert f"Resuming at step {killed_at}/24 (epoch 2)" in resumed.stdout
+    assert "Finished at step 24" in resumed.stdout
+    # The step counter continued: train summaries after the restart start past it.
+    steps = [s for s, _ in _event_tags(str(killed_dir / "train"))["loss/loss"]]
+    assert max(steps) == 24 and steps.count(killed_at + 1) >= 1
+    # Same learning rate after the restart (decayed ×0.1 in epoch 2).
+    lrs = dict(_event_tags(str(killed_dir / "train"))["learning_rate/head"])
+    assert lrs[24] == pytest.approx(0.005)
+    # Bit-identical to the uninterrupted run.
+    reference = _checkpoint_values(str(reference_dir / "ckpt-24"))
+    result = _checkpoint_values(str(killed_dir / "ckpt-24"))
+    assert reference.keys() == result.keys() and reference
+    for name in reference:
+        np.testing.assert_array_equal(result[name], reference[name], err_msg=name)
+
+
+# ---------------------------------------------------------------------------
+# Strategies.
+# ---------------------------------------------------------------------------
+
+def _first_losses(model_dir):
+    tags = _event_tags(str(model_dir / "train"))
+    return {name: dict(tags[f"loss/{name}"]) for name in ("loss", "classification", "crl")}
+
+
+def test_mirrored_two_replicas_matches_one_device(demo_data, tmp_path):
+    args = SMALL + [f"--train_files={demo_data['train_files']}", "--epochs=1",
+                    "--steps_per_epoch=3", "--weight_decay=1e-4"]
+    run_module("mlcrl_tf.train", args + [f"--model_dir={tmp_path / 'one'}"])
+    mirrored = run_module("mlcrl_tf.train", args + [
+        f"--model_dir={tmp_path / 'two'}", "--strategy=mirrored", "--num_cpu_devices=2"])
+    assert "2 replicas" in mirrored.stderr
+    one, two = _first_losses(tmp_path / "one"), _first_losses(tmp_path / "two")
+    for name in one:
+        for step in (1, 2, 3):
+            assert two[name][step] == pytest.approx(one[name][step], rel=1e-4, abs=1e-5), (
+                name, step)
+    a = _checkpoint_values(str(tmp_path / "one" / "ckpt-3"))
+    b = _checkpoint_values(str(tmp_path / "two" / "ckpt-3"))
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_multi_worker_two_local_workers(demo_data, tmp_path):
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    model_dir = tmp_path / "mw"
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "mlcrl_tf.train", *SMALL, "--strategy=multi_worker",
+             f"--model_dir={model_dir}", f"--train_files={demo_data['train_files']}",
+             f"--eval_files={demo_data['test_files']}", "--epochs=1",
+             "--steps_per_epoch=3"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+        assert "Finished at step 3" in out
+    fingerprints = [out.split("weights fingerprint ")[1].split()[0] for out, _ in outputs]
+    assert fingerprints[0] == fingerprints[1]
+    assert "2 replicas" in outputs[0][1]
+    # Only the chief's checkpoints stay.
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-3")
+    assert not glob.glob(str(model_dir / ".workers" / "*" / "ckpt-*"))
+
+
+# ---------------------------------------------------------------------------
+# In-process: learning rates, EMA, bad input, divergence.
+# ---------------------------------------------------------------------------
+
+def test_two_learning_rates_are_applied(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "lr", momentum=0.0, weight_decay=0.0,
+                     learning_rate=0.01, backbone_learning_rate=0.001, eval_files=None)
+    config, class_names, num_records = train_lib.resolve_data(config)
+    strategy = tf.distribute.get_strategy()
+    trainer = train_lib.Trainer(config, class_names, strategy, num_records)
+    batch = next(iter(trainer.train_dataset(0)))
+    variables = trainer.model.trainable_variables
+    before = [v.numpy().copy() for v in variables]
+    with tf.GradientTape() as tape:
+        outputs = trainer.model(batch["images"], training=True)
+        loss = trainer._loss_terms(outputs, batch["labels"], 8)["loss"]
+    grads = tape.gradient(loss, variables)
+    for v, old in zip(variables, before):
+        v.assign(old)
+    trainer._train_step(batch)
+    backbone_ids = {id(v) for v in trainer.model.backbone_variables}
+    checked = {0.001: 0, 0.01: 0}
+    for v, old, g in zip(variables, before, grads):
+        rate = 0.001 if id(v) in backbone_ids else 0.01
+        np.testing.assert_allclose(v.numpy() - old, -rate * g.numpy(), rtol=1e-3,
+                                   atol=1e-7, err_msg=v.path)
+        checked[rate] += 1
+    assert checked[0.001] > 10 and checked[0.01] > 10
+    assert trainer.current_learning_rates() == pytest.approx((0.01, 0.001))
+
+
+def test_ema_weights_are_evaluated_and_restored(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "ema", ema_decay=0.5)
+    result = train_lib.train_and_evaluate(config)
+    assert result["metrics"] is not None
+    model, _, _, _ = checkpoints.restore_model(config.model_dir, use_ema=True)
+    raw, _, _, _ = checkpoints.restore_model(config.model_dir, use_ema=False)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(config.model_dir))
+    kernel = model.classifier.kernel
+    assert not np.allclose(kernel.numpy(), raw.classifier.kernel.numpy())
+    shadow = [n for n in reader.get_variable_to_shape_map() if n.startswith("ema/")]
+    assert shadow
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train_files": "/nonexistent/train-*.tfrecord"}, "--train_files"),
+    ({"train_files": ""}, "--train_files"),
+    ({"eval_files": "/nonexistent/test-*.tfrecord"}, "--eval_files"),
+    ({"num_classes": 7}, "--num_classes=7 disagrees"),
+    ({"variant": "gcn"}, "--variant"),
+    ({"backbone": "resnet152"}, "--backbone"),
+    ({"batch_size": 0}, "--batch_size"),
+])
+def test_bad_configuration_is_one_clear_error(demo_data, tmp_path, overrides, message):
+    config = _config(demo_data, tmp_path / "bad", **overrides)
+    with pytest.raises(ValueError, match=message):
+        train_lib.train_and_evaluate(config)
+
+
+def test_unwritable_model_dir(demo_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = _config(demo_data, blocker / "run")
+    with pytest.raises(ValueError, match="--model_dir"):
+        train_lib.train_and_evaluate(config)
+
+
+def test_resume_with_another_network_is_refused(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "run", eval_files=None, steps_per_epoch=1)
+    train_lib.train_and_evaluate(config)
+    with pytest.raises(ValueError, match="--variant='baseline' differs"):
+        train_lib.train_and_evaluate(config.replace(variant="baseline"))
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "nan", eval_files=None, steps_per_epoch=2,
+                     checkpoint_every_steps=1)
+    train_lib.train_and_evaluate(config)
+    good = tf.train.latest_checkpoint(config.model_dir)
+    assert good.endswith("ckpt-2")
+    diverging = config.replace(epochs=3, learning_rate=1e12, backbone_learning_rate=1e12)
+    with pytest.raises(train_lib.NonFiniteLossError, match="last good checkpoint"):
+        train_lib.train_and_evaluate(diverging)
+    for path in glob.glob(os.path.join(config.model_dir, "ckpt-*.index")):
+        for name, value in _checkpoint_values(path[:-len(".index")]).items():
+            assert np.all(np.isfinite(value)), (path, name)
+
+
+def test_cli_reports_bad_flags_without_traceback(demo_data, tmp_path):
+    proc = run_module("mlcrl_tf.train", [
+        f"--model_dir={tmp_path / 'x'}", "--train_files=/nonexistent/*.tfrecord"],
+        check=False)
+    assert proc.returncode != 0
+    assert "--train_files" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_module("mlcrl_tf.train", [
+        f"--model_dir={tmp_path / 'x'}", "--train_files=x", "--variant=gcn"], check=False)
+    assert proc.returncode != 0 and "variant" in proc.stderr
+
+
+def test_mixed_precision_trains(demo_data, tmp_path):
+    proc = run_module("mlcrl_tf.train", SMALL + [
+        f"--model_dir={tmp_path / 'mp'}", f"--train_files={demo_data['train_files']}",
+        "--epochs=1", "--steps_per_epoch=2", "--mixed_precision"])
+    assert "Finished at step 2" in proc.stdout
+    assert "loss_scale" in _event_tags(str(tmp_path / "mp" / "train"))
+
+
+def test_progress_is_line_based_without_tty():
+    import io  # pylint: disable=import-outside-toplevel
+    stream = io.StringIO()
+    progress = progress_lib.Progress(total_steps=100, global_batch_size=4, stream=stream,
+                                     is_tty=False)
+    progress.start(0)
+    speed = progress.update(10, 0.5)
+    progress.message("epoch done")
+    text = stream.getvalue()
+    assert "\r" not in text and text.count("\n") == 2
+    assert "step  10/100" in text and "ETA" in text and speed["images_per_sec"] > 0
+    assert progress_lib.format_duration(3725) == "1h02m05s"
