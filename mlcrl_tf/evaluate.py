@@ -107,13 +107,33 @@ def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0
         lambda record: input_pipeline.decode_example(record, num_classes),
         num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     accumulator = metrics_lib.MetricAccumulator(num_classes)
+    skipped = 0
     for step, batch in enumerate(dataset):
         if max_steps and step >= max_steps:
             break
-        probabilities = serve(image_bytes=batch["image_bytes"])["probabilities"].numpy()
-        accumulator.update(probabilities, batch["labels"].numpy(),
-                           ignore=batch["difficult"].numpy())
-    return _result(accumulator, threshold, None, None)
+        labels, ignore = batch["labels"].numpy(), batch["difficult"].numpy()
+        try:
+            probabilities = serve(image_bytes=batch["image_bytes"])["probabilities"].numpy()
+        except tf.errors.InvalidArgumentError:
+            # The export refuses a whole request with an undecodable image:
+            # score this batch image by image and skip (and count) the bad ones.
+            keep, rows = [], []
+            for i, image_bytes in enumerate(batch["image_bytes"]):
+                try:
+                    rows.append(serve(image_bytes=image_bytes[None])["probabilities"][0])
+                    keep.append(i)
+                except tf.errors.InvalidArgumentError:
+                    skipped += 1
+            if not keep:
+                continue
+            probabilities = np.stack([r.numpy() for r in rows])
+            labels, ignore = labels[keep], ignore[keep]
+        accumulator.update(probabilities, labels, ignore=ignore)
+    result = _result(accumulator, threshold, None, None)
+    result.num_skipped = skipped
+    if skipped:
+        logging.warning("%d undecodable records skipped.", skipped)
+    return result
 
 
 def _result(accumulator, threshold, samples, skip_counter):

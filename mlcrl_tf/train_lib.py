@@ -37,8 +37,10 @@ from mlcrl_tf import backbones
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import evaluate as evaluate_lib
+from mlcrl_tf import export as export_lib
 from mlcrl_tf import losses
 from mlcrl_tf import progress as progress_lib
+from mlcrl_tf import summaries
 from pipelines import input_pipeline
 from pipelines import tfrecord_lib
 
@@ -459,7 +461,6 @@ class Trainer:
                 if np.isfinite(ap):
                     tf.summary.scalar(f"per_class_ap/{name}", ap)
             if result.samples is not None:
-                from mlcrl_tf import summaries  # pylint: disable=import-outside-toplevel
                 summaries.write_eval_images(
                     result.samples, self.model, self.config.backbone, self.class_names)
 
@@ -540,7 +541,6 @@ def train_and_evaluate(config):
     result = trainer.train()
     export_path = None
     if config.export_dir and trainer.is_chief:
-        from mlcrl_tf import export as export_lib  # pylint: disable=import-outside-toplevel
         if trainer.ema is not None:
             trainer.ema.copy_to_model()
         export_path = export_lib.export_model(

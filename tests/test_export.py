@@ -1,0 +1,392 @@
+"""Tests for mlcrl_tf.export: export a briefly trained model, reload it (as
+TF2 code and as TF Serving does, in a TF1 session), compare with the live
+Keras model on real encoded images; the inference-only variable set; bad
+image bytes; versions and the atomic write; metadata; saved_model_cli."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from mlcrl_tf import backbones, checkpoints, export, losses
+from mlcrl_tf import config as config_lib
+from mlcrl_tf.model import build_model
+from pipelines import fashion_mnist
+from pipelines.input_pipeline import decode_image, preprocess_eval
+
+NUM_CLASSES = 10
+SIZE = 64
+BACKBONE = "small_cnn"
+CLASS_NAMES = list(fashion_mnist.CLASS_NAMES)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------
+# Real data and a briefly trained model.
+# --------------------------------------------------------------------------
+
+def _canvases(count, height, width, seed, gray=False):
+    """Real Fashion-MNIST items (2-3 per canvas) pasted on dark canvases.
+
+    Returns uint8 (count, height, width, 3) (or (count, height, width) when
+    gray) and float32 (count, C) multi-hot labels.
+    """
+    items, item_labels = fashion_mnist.load_fashion_mnist("test")
+    rng = np.random.default_rng(seed)
+    canvases = np.zeros((count, height, width), np.uint8)
+    multi_hot = np.zeros((count, NUM_CLASSES), np.float32)
+    for b in range(count):
+        for idx in rng.choice(len(items), rng.integers(2, 4), replace=False):
+            y, x = rng.integers(0, height - 27), rng.integers(0, width - 27)
+            patch = canvases[b, y:y + 28, x:x + 28]
+            np.maximum(patch, items[idx], out=patch)
+            multi_hot[b, item_labels[idx]] = 1.0
+    if gray:
+        return canvases, multi_hot
+    tint = rng.uniform(0.5, 1.0, size=(count, 1, 1, 3))
+    return (canvases[..., None] * tint).astype(np.uint8), multi_hot
+
+
+def _train(model, steps=4):
+    """A few real SGD steps (soft margin + CRL for crl) on real canvases."""
+    images, labels = _canvases(16, SIZE, SIZE, seed=1)
+    x = backbones.normalize_images(images, BACKBONE)
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = losses.multilabel_soft_margin_loss(labels, out["logits"])
+            if model.variant == "crl":
+                loss += losses.constrained_ranking_loss(
+                    labels, out["image_embeddings"], out["label_embeddings"])
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables)
+                                   if g is not None])
+    return model
+
+
+def _encode(array, fmt, **kwargs):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trained crl and baseline model and their exports."""
+    keras.utils.set_random_seed(0)
+    root = str(tmp_path_factory.mktemp("exports"))
+    crl = _train(build_model(NUM_CLASSES, BACKBONE, SIZE, "crl"))
+    baseline = _train(build_model(NUM_CLASSES, BACKBONE, SIZE, "baseline"))
+    crl_path = export.export_model(crl, os.path.join(root, "crl"), CLASS_NAMES,
+                                   BACKBONE, threshold=0.4, top_k=3)
+    baseline_path = export.export_model(baseline, os.path.join(root, "baseline"),
+                                        CLASS_NAMES, BACKBONE)
+    return {"crl": crl, "baseline": baseline, "crl_path": crl_path,
+            "baseline_path": baseline_path, "root": root}
+
+
+@pytest.fixture(scope="module")
+def loaded(trained):
+    return tf.saved_model.load(trained["crl_path"])
+
+
+@pytest.fixture(scope="module")
+def encoded_images():
+    """Real images: JPEG and PNG, 64x64 and 100x80, RGB and grayscale."""
+    rgb64, _ = _canvases(2, 64, 64, seed=2)
+    rgb100, _ = _canvases(1, 80, 100, seed=3)
+    gray, _ = _canvases(1, 72, 90, seed=4, gray=True)
+    return [_encode(rgb64[0], "JPEG", quality=90), _encode(rgb64[1], "PNG"),
+            _encode(rgb100[0], "PNG"), _encode(rgb100[0], "JPEG"),
+            _encode(gray[0], "JPEG"), _encode(gray[0], "PNG")]
+
+
+def _keras_logits(model, image_bytes):
+    """The live model on the evaluation preprocessing of each image."""
+    batch = tf.stack([preprocess_eval(decode_image(b), SIZE, BACKBONE) for b in image_bytes])
+    return model.inference_model(batch, training=False).numpy()
+
+
+# --------------------------------------------------------------------------
+# Outputs equal the live model.
+# --------------------------------------------------------------------------
+
+def test_weights_were_trained(trained):
+    fresh = build_model(NUM_CLASSES, BACKBONE, SIZE, "crl")
+    assert not np.allclose(trained["crl"].f_conv.kernel.numpy(), fresh.f_conv.kernel.numpy())
+    assert not np.allclose(trained["crl"].backbone.get_layer("stage0_bn0").moving_mean.numpy(),
+                           0.0)
+
+
+def test_serving_default_equals_keras_model(trained, loaded, encoded_images):
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded_images))
+    expected = _keras_logits(trained["crl"], encoded_images)
+    np.testing.assert_allclose(out["logits"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    probabilities = out["probabilities"].numpy()
+    np.testing.assert_allclose(probabilities, tf.sigmoid(expected).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out["predicted"].numpy(), probabilities >= 0.4)
+    top_ids = out["top_k_class_ids"].numpy()
+    assert top_ids.shape == (len(encoded_images), 3)
+    np.testing.assert_array_equal(top_ids, np.argsort(-probabilities, axis=1)[:, :3])
+    np.testing.assert_allclose(out["top_k_scores"].numpy(),
+                               np.take_along_axis(probabilities, top_ids, 1), atol=1e-6)
+    names = [[n.decode() for n in row] for row in out["top_k_classes"].numpy()]
+    assert names == [[CLASS_NAMES[i] for i in row] for row in top_ids]
+    # Not a constant function of the input.
+    assert np.ptp(probabilities, axis=0).max() > 1e-3
+
+
+def test_baseline_export_equals_its_keras_model(trained, encoded_images):
+    out = tf.saved_model.load(trained["baseline_path"]).signatures["serving_default"](
+        image_bytes=tf.constant(encoded_images[:2]))
+    np.testing.assert_allclose(out["logits"].numpy(),
+                               _keras_logits(trained["baseline"], encoded_images[:2]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_serve_tensor_equals_keras_model(trained, loaded):
+    images, _ = _canvases(3, SIZE, SIZE, seed=5)
+    raw = images.astype(np.float32)
+    out = loaded.signatures["serve_tensor"](images=tf.constant(raw))
+    expected = trained["crl"].inference_model(
+        backbones.normalize_images(raw, BACKBONE), training=False).numpy()
+    np.testing.assert_allclose(out["logits"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert set(out) == set(export.OUTPUT_KEYS)
+
+
+def test_tf1_session_load_like_tf_serving(trained, loaded, encoded_images):
+    """TF Serving runs SignatureDefs by tensor name in a TF1-style session."""
+    direct = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded_images))
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(
+            session, [tf.saved_model.SERVING], trained["crl_path"])
+        signature = meta_graph.signature_def["serving_default"]
+        fetches = {k: v.name for k, v in signature.outputs.items()}
+        out = session.run(fetches, {signature.inputs["image_bytes"].name: encoded_images})
+        metadata = meta_graph.signature_def["metadata"]
+        names = session.run(metadata.outputs["class_names"].name)
+    np.testing.assert_allclose(out["probabilities"], direct["probabilities"].numpy(), atol=1e-6)
+    assert [n.decode() for n in names] == CLASS_NAMES
+
+
+def test_rest_request_body_as_tf_serving_decodes_it(loaded, encoded_images):
+    """The docs/serving.md body; {"b64": ...} is base64-decoded into DT_STRING."""
+    body = json.dumps({
+        "signature_name": "serving_default",
+        "instances": [{"image_bytes": {"b64": base64.b64encode(b).decode("ascii")}}
+                      for b in encoded_images[:3]],
+    })
+    request = json.loads(body)
+    signature = loaded.signatures[request["signature_name"]]
+    inputs = {"image_bytes": tf.constant(
+        [base64.b64decode(row["image_bytes"]["b64"]) for row in request["instances"]],
+        tf.string)}
+    via_rest = signature(**inputs)["probabilities"].numpy()
+    direct = signature(image_bytes=tf.constant(encoded_images[:3]))["probabilities"].numpy()
+    np.testing.assert_array_equal(via_rest, direct)
+
+
+# --------------------------------------------------------------------------
+# Only the inference branch.
+# --------------------------------------------------------------------------
+
+def _checkpoint_variables(path):
+    """(name, shape) of every variable saved in the SavedModel's checkpoint."""
+    prefix = os.path.join(path, "variables", "variables")
+    return [(n, s) for n, s in tf.train.list_variables(prefix)
+            if not n.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")]
+
+
+def test_export_holds_only_the_inference_branch(trained, loaded):
+    crl = trained["crl"]
+    names = [v.name for v in loaded.model_variables]
+    assert not [n for n in names if "projector" in n]
+    assert len(names) == len(crl.inference_model.variables)
+    assert sorted(n.split(":")[0] for n in names) == sorted(
+        v.path for v in crl.inference_model.variables)
+    assert "f_conv/kernel:0" in names
+    # Nothing else hides in the checkpoint of the SavedModel.
+    assert len(_checkpoint_variables(trained["crl_path"])) == len(names)
+    training_only = sum(int(np.prod(v.shape)) for v in crl.co_projector_variables)
+    assert training_only > 0
+
+
+def test_parameter_count_is_baseline_plus_f_conv(trained, loaded):
+    def count(path):
+        return sum(int(np.prod(shape)) for _, shape in _checkpoint_variables(path))
+
+    d = backbones.feature_dim(BACKBONE)
+    assert count(trained["crl_path"]) == count(trained["baseline_path"]) + d * NUM_CLASSES \
+        + NUM_CLASSES
+    baseline = tf.saved_model.load(trained["baseline_path"])
+    loaded_count = sum(int(np.prod(v.shape)) for v in loaded.model_variables)
+    assert loaded_count == sum(int(np.prod(v.shape)) for v in baseline.model_variables) \
+        + d * NUM_CLASSES + NUM_CLASSES
+
+
+# --------------------------------------------------------------------------
+# Bad image bytes.
+# --------------------------------------------------------------------------
+
+def test_bad_image_bytes_fail_the_request_naming_them(loaded, encoded_images):
+    good = encoded_images[0]
+    truncated = encoded_images[3][:len(encoded_images[3]) // 2]
+    batch = [good, b"this is not an image", b"", truncated, encoded_images[1]]
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        loaded.signatures["serving_default"](image_bytes=tf.constant(batch))
+    message = info.value.message
+    assert "image_bytes" in message
+    assert "[1 2 3]" in message
+    assert "unknown format" in message and "empty" in message
+    assert "corrupt or truncated" in message
+    # The good images alone are fine; a JPEG cut just before its end marker fails.
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([good]))
+    assert out["probabilities"].shape == (1, NUM_CLASSES)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes.*\[0\]"):
+        loaded.signatures["serving_default"](image_bytes=tf.constant([good[:-2]]))
+
+
+def test_empty_batch_is_a_clear_error(loaded):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image_bytes: the batch is empty"):
+        loaded.signatures["serving_default"](image_bytes=tf.constant([], tf.string))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="images: the batch is empty"):
+        loaded.signatures["serve_tensor"](images=tf.zeros([0, SIZE, SIZE, 3]))
+
+
+# --------------------------------------------------------------------------
+# Metadata, assets, saved_model_cli.
+# --------------------------------------------------------------------------
+
+def test_metadata_and_labels_asset(trained, loaded):
+    metadata = loaded.signatures["metadata"]()
+    assert [n.decode() for n in metadata["class_names"].numpy()] == CLASS_NAMES
+    assert metadata["threshold"].numpy() == pytest.approx(0.4)
+    assert int(metadata["top_k"].numpy()) == 3
+    assert int(metadata["image_size"].numpy()) == SIZE
+    assert metadata["backbone"].numpy().decode() == BACKBONE
+    assert metadata["variant"].numpy().decode() == "crl"
+    labels = os.path.join(trained["crl_path"], "assets", export.LABELS_FILE)
+    with open(labels, encoding="utf-8") as f:
+        assert f.read().splitlines() == CLASS_NAMES
+    assert loaded.labels_file.asset_path.numpy().decode().endswith("labels.txt")
+
+
+def test_saved_model_cli_lists_the_signatures(trained):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    proc = subprocess.run([cli, "show", "--dir", trained["crl_path"], "--all"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for text in ("signature_def['serving_default']", "signature_def['serve_tensor']",
+                 "signature_def['metadata']", "inputs['image_bytes']", "inputs['images']",
+                 "outputs['probabilities']", "outputs['top_k_classes']", "(-1, 64, 64, 3)"):
+        assert text in proc.stdout
+
+
+# --------------------------------------------------------------------------
+# Versions and atomic writes.
+# --------------------------------------------------------------------------
+
+def _listing(directory):
+    return sorted(os.listdir(directory))
+
+
+def test_versions_are_never_overwritten(trained, tmp_path):
+    model = trained["baseline"]
+    base = str(tmp_path / "m")
+    assert export.export_model(model, base, CLASS_NAMES, BACKBONE) == os.path.join(base, "1")
+    assert export.export_model(model, base, CLASS_NAMES, BACKBONE).endswith(os.sep + "2")
+    stamp = os.path.getmtime(os.path.join(base, "1", "saved_model.pb"))
+    with pytest.raises(ValueError, match="version=1 already exists"):
+        export.export_model(model, base, CLASS_NAMES, BACKBONE, version=1)
+    assert os.path.getmtime(os.path.join(base, "1", "saved_model.pb")) == stamp
+    assert export.export_model(model, base, CLASS_NAMES, BACKBONE, version=7).endswith("7")
+    assert export.export_model(model, base, CLASS_NAMES, BACKBONE).endswith(os.sep + "8")
+    assert export.existing_versions(base) == [1, 2, 7, 8]
+    assert _listing(base) == ["1", "2", "7", "8"]
+
+
+def test_failed_export_leaves_no_version(trained, tmp_path, monkeypatch):
+    model = trained["baseline"]
+    base = str(tmp_path / "m")
+    export.export_model(model, base, CLASS_NAMES, BACKBONE)
+    real_save = tf.saved_model.save
+    seen = []
+
+    def crash(obj, export_dir, **kwargs):
+        seen.append(export_dir)
+        os.makedirs(os.path.join(export_dir, "variables"))
+        with open(os.path.join(export_dir, "saved_model.pb"), "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export_model(model, base, CLASS_NAMES, BACKBONE)
+    name = os.path.basename(seen[0])
+    assert name.startswith(".") and not name.isdigit()
+    assert _listing(base) == ["1"]
+    monkeypatch.setattr(tf.saved_model, "save", real_save)
+    path = export.export_model(model, base, CLASS_NAMES, BACKBONE)
+    assert path == os.path.join(base, "2")
+    tf.saved_model.load(path).signatures["metadata"]()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"class_names": CLASS_NAMES[:-1]}, "class_names"),
+    ({"class_names": ["a"] * NUM_CLASSES}, "class_names"),
+    ({"class_names": CLASS_NAMES[:-1] + ["two\nlines"]}, "class_names"),
+    ({"backbone": "resnet50"}, "backbone"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"top_k": NUM_CLASSES + 1}, "top_k"),
+    ({"version": 0}, "version"),
+    ({"model": "not a model"}, "model"),
+])
+def test_bad_arguments_raise_value_error(trained, tmp_path, kwargs, match):
+    arguments = {"model": trained["baseline"], "export_dir": str(tmp_path / "m"),
+                 "class_names": CLASS_NAMES, "backbone": BACKBONE, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        export.export_model(**arguments)
+    assert not os.path.exists(tmp_path / "m" / "1")
+
+
+# --------------------------------------------------------------------------
+# The command line over a training run's model_dir.
+# --------------------------------------------------------------------------
+
+def test_cli_exports_a_training_run(trained, tmp_path, encoded_images):
+    model_dir = str(tmp_path / "run")
+    os.makedirs(model_dir)
+    config = config_lib.Config(model_dir=model_dir, train_files="unused", backbone=BACKBONE,
+                               variant="crl", image_size=SIZE, num_classes=NUM_CLASSES,
+                               threshold=0.3)
+    checkpoints.write_run(model_dir, config, CLASS_NAMES)
+    tf.train.Checkpoint(model=trained["crl"]).save(os.path.join(model_dir, "ckpt"))
+    export_dir = str(tmp_path / "saved")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlcrl_tf.export", f"--model_dir={model_dir}",
+         f"--export_dir={export_dir}", "--version=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = os.path.join(export_dir, "3")
+    assert path in proc.stdout
+    loaded = tf.saved_model.load(path)
+    assert float(loaded.signatures["metadata"]()["threshold"]) == pytest.approx(0.3)
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded_images[:2]))
+    np.testing.assert_allclose(out["logits"].numpy(),
+                               _keras_logits(trained["crl"], encoded_images[:2]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already exists"):
+        export.export_from_model_dir(model_dir, export_dir, version=3)

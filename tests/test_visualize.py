@@ -1,0 +1,182 @@
+"""Tests for mlcrl_tf.visualize (CAM maps and panels) and mlcrl_tf.summaries
+(TensorBoard image panels)."""
+
+import io
+import os
+
+import keras
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from mlcrl_tf import backbones, checkpoints, summaries, visualize
+from mlcrl_tf import config as config_lib
+from mlcrl_tf.model import build_model
+from pipelines import fashion_mnist
+
+NUM_CLASSES = 10
+SIZE = 64
+BACKBONE = "small_cnn"
+CLASS_NAMES = list(fashion_mnist.CLASS_NAMES)
+
+
+def _canvases(count, seed):
+    """Real Fashion-MNIST items (2 per canvas) on 64x64 RGB canvases."""
+    items, item_labels = fashion_mnist.load_fashion_mnist("test")
+    rng = np.random.default_rng(seed)
+    canvases = np.zeros((count, SIZE, SIZE, 3), np.uint8)
+    multi_hot = np.zeros((count, NUM_CLASSES), np.float32)
+    for b in range(count):
+        for idx in rng.choice(len(items), 2, replace=False):
+            y, x = rng.integers(0, SIZE - 27, size=2)
+            patch = canvases[b, y:y + 28, x:x + 28]
+            np.maximum(patch, items[idx][:, :, None], out=patch)
+            multi_hot[b, item_labels[idx]] = 1.0
+    return canvases, multi_hot
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, labels = _canvases(3, seed=0)
+    return images, labels, backbones.normalize_images(images, BACKBONE).numpy()
+
+
+@pytest.fixture(scope="module")
+def models():
+    keras.utils.set_random_seed(0)
+    return {v: build_model(NUM_CLASSES, BACKBONE, SIZE, v) for v in ("crl", "tbc", "baseline")}
+
+
+@pytest.mark.parametrize("variant", ["crl", "tbc", "baseline"])
+def test_cams_equal_numpy_recomputation(models, data, variant):
+    model = models[variant]
+    _, _, x = data
+    ids = np.array([[1, 8], [5, 0], [9, 3]])
+    maps = visualize.compute_cams(model, x, ids)
+    outputs = model.feature_model()(x, training=False)
+    features = outputs["features"].numpy()  # (N, h, w, D)
+    d = backbones.feature_dim(BACKBONE)
+    kernel = model.classifier.kernel.numpy()
+    assert kernel.shape[0] == (d + NUM_CLASSES if variant == "tbc" else d)
+    h = SIZE // backbones.feature_stride(BACKBONE)
+    assert maps["direct"].shape == (3, 2, h, h)
+    for n in range(3):
+        for k, c in enumerate(ids[n]):
+            expected = np.zeros((h, h), np.float64)
+            for j in range(d):
+                expected += kernel[j, c] * features[n, :, :, j]
+            np.testing.assert_allclose(maps["direct"][n, k], expected, rtol=1e-4, atol=1e-4)
+            if variant == "baseline":
+                assert maps["f_conv"] is None
+            else:
+                np.testing.assert_allclose(maps["f_conv"][n, k],
+                                           outputs["class_maps"].numpy()[n, :, :, c],
+                                           atol=1e-6)
+    np.testing.assert_allclose(maps["probabilities"],
+                               tf.sigmoid(outputs["logits"]).numpy(), atol=1e-6)
+
+
+def test_cam_pools_to_the_direct_logit(models, data):
+    """Sanity of the definition: for baseline, GAP(CAM_c) + GMP part + bias
+    recombine to the direct logit (mean pooling commutes with W)."""
+    model = models["baseline"]
+    _, _, x = data
+    ids = np.arange(NUM_CLASSES)[None].repeat(3, 0)
+    maps = visualize.compute_cams(model, x, ids)
+    features = model.feature_model()(x, training=False)["features"].numpy()
+    kernel = visualize.direct_head_kernel(model)
+    gmp_part = features.max(axis=(1, 2)) @ kernel
+    logits = maps["direct"].mean(axis=(2, 3)) + gmp_part + model.classifier.bias.numpy()
+    np.testing.assert_allclose(logits, model.inference_model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_class_ids(models, data):
+    with pytest.raises(ValueError, match="class_ids"):
+        visualize.compute_cams(models["crl"], data[2], NUM_CLASSES)
+    with pytest.raises(ValueError, match="images_normalised"):
+        visualize.compute_cams(models["crl"], data[2][:, :32], 0)
+
+
+def test_jet_and_normalisation():
+    colours = visualize.jet(np.array([[0.0, 0.5, 1.0]]))
+    np.testing.assert_array_equal(colours[0, 0], [0, 0, 128])
+    np.testing.assert_array_equal(colours[0, 2], [128, 0, 0])
+    assert colours[0, 1, 1] == 255  # green at the middle
+    heat = visualize.upsample_and_normalise(np.array([[0.0, 1.0], [2.0, 3.0]]), 8, 8)
+    assert heat.shape == (8, 8) and heat.min() == 0.0 and heat.max() == 1.0
+    assert heat[0, 0] < heat[-1, -1]
+    assert not visualize.upsample_and_normalise(np.ones((2, 2)), 4, 4).any()
+
+
+def test_render_panel_and_png(models, data, tmp_path):
+    images, _, x = data
+    maps = visualize.compute_cams(models["crl"], x[:1], 8)
+    cams = {"direct": maps["direct"][0, 0], "f_conv": maps["f_conv"][0, 0]}
+    panel = visualize.render_cam_panel(images[0], cams, "Bag", score=0.87, tile_size=96)
+    assert panel.dtype == np.uint8 and panel.shape == (96 + 14, 3 * 96, 3)
+    resized = np.asarray(Image.fromarray(images[0]).resize((96, 96), Image.BILINEAR))
+    np.testing.assert_array_equal(panel[14:, :96], resized)
+    assert not np.array_equal(panel[14:, 96:192], panel[14:, 192:])
+    assert panel[:14].any()  # caption text
+    only_direct = visualize.render_cam_panel(images[0], {"direct": cams["direct"]}, "Bag")
+    assert only_direct.shape == (SIZE + 14, 2 * SIZE, 3)
+    path = str(tmp_path / "cam.png")
+    visualize.save_png(panel, path)
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), panel)
+
+
+def test_visualize_files_from_a_training_run(models, data, tmp_path):
+    model_dir = str(tmp_path / "run")
+    os.makedirs(model_dir)
+    config = config_lib.Config(model_dir=model_dir, train_files="unused", backbone=BACKBONE,
+                               variant="crl", image_size=SIZE, num_classes=NUM_CLASSES)
+    checkpoints.write_run(model_dir, config, CLASS_NAMES)
+    tf.train.Checkpoint(model=models["crl"]).save(os.path.join(model_dir, "ckpt"))
+    model, config, class_names, _ = checkpoints.restore_model(model_dir)
+    image_path = str(tmp_path / "outfit.png")
+    Image.fromarray(data[0][0]).resize((100, 80)).save(image_path)
+    written = visualize.visualize_files(model, config.backbone, class_names, [image_path],
+                                        str(tmp_path / "cams"), classes=["Bag", "T-shirt/top"],
+                                        tile_size=64)
+    assert [os.path.basename(p) for p in written] == ["outfit_Bag.png",
+                                                      "outfit_T-shirt_top.png"]
+    for path in written:
+        assert Image.open(path).size == (3 * 64, 64 + 14)
+    top = visualize.visualize_files(model, config.backbone, class_names, [image_path],
+                                    str(tmp_path / "top"), top_k=2)
+    assert len(top) == 2
+    with pytest.raises(ValueError, match="Hat"):
+        visualize.visualize_files(model, config.backbone, class_names, [image_path],
+                                  str(tmp_path / "x"), classes=["Hat"])
+
+
+def test_write_eval_images_is_readable_from_the_event_file(models, data, tmp_path):
+    _, labels, x = data
+    model = models["crl"]
+    probabilities = tf.sigmoid(model.inference_model(x)).numpy()
+    samples = {"images": x, "labels": labels, "probabilities": probabilities,
+               "filename": np.array([b"a.jpg", b"b.jpg", b"dir/c.jpg"])}
+    writer = tf.summary.create_file_writer(str(tmp_path / "eval"))
+    with writer.as_default(step=7):
+        assert summaries.write_eval_images(samples, model, BACKBONE, CLASS_NAMES,
+                                           max_images=2)
+    writer.flush()
+    [event_file] = tf.io.gfile.glob(str(tmp_path / "eval" / "events.*"))
+    found = []
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+        for value in event.summary.value:
+            if value.tag == summaries.TAG:
+                found.append((event.step, tf.make_ndarray(value.tensor)))
+    [(step, tensor)] = found
+    assert step == 7
+    width, height = int(tensor[0]), int(tensor[1])
+    pictures = [np.asarray(Image.open(io.BytesIO(png))) for png in tensor[2:]]
+    assert len(pictures) == 2
+    tile = summaries.TILE_SIZE
+    assert (width, height) == (3 * tile, tile + 14 + 24)
+    assert all(p.shape == (height, width, 3) for p in pictures)
+    panels = summaries.eval_image_panels(samples, model, BACKBONE, CLASS_NAMES, 2)
+    np.testing.assert_array_equal(pictures[0], panels[0])
+    # No writer, no samples: nothing written, no error.
+    assert not summaries.write_eval_images(None, model, BACKBONE, CLASS_NAMES)
