@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: sets up a fresh machine, then runs the whole test suite.
+#   bash scripts/test.sh [pytest args]
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+# shellcheck disable=SC1091
+. scripts/setup.sh
+python -m pytest -q "$@"
