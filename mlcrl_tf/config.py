@@ -17,159 +17,78 @@ from mlcrl_tf.model import VARIANTS
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
-def define_flags(flag_values=flags.FLAGS):
-    """Defines the training flags (called once by `mlcrl_tf.train`)."""
-    # --- data ---
-    flags.DEFINE_string("model_dir", None, "Where checkpoints, TensorBoard events and "
-                        "config.json go. A rerun with the same model_dir resumes.",
-        flag_values=flag_values)
-    flags.DEFINE_string("train_files", None, "Glob of training TFRecord shards, "
-                        "e.g. data/coco/train2014-*.tfrecord.",
-        flag_values=flag_values)
-    flags.DEFINE_string("eval_files", None, "Glob of evaluation TFRecord shards.",
-        flag_values=flag_values)
-    flags.DEFINE_string("labels_file", None, "Class names, one per line; default: "
-                        "labels.txt beside the training shards.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("num_classes", 0, "Number of classes; 0 = the number of lines "
-                         "of the labels file.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("shuffle_buffer", 2048, "Training shuffle buffer (records).",
-        flag_values=flag_values)
-    flags.DEFINE_bool("random_flip", False, "Random horizontal flips (off in the paper).",
-        flag_values=flag_values)
-    flags.DEFINE_list("crop_scales", [], "Multi-scale random crop scales, e.g. "
-                      "1.0,0.875,0.75 (off in the paper).",
-        flag_values=flag_values)
-    # --- model ---
-    flags.DEFINE_enum("backbone", "resnet101", list(BACKBONES),
-                      "Feature extractor f_cnn.",
-        flag_values=flag_values)
-    flags.DEFINE_string("backbone_weights", None, "None, 'imagenet' or a local weights file.",
-        flag_values=flag_values)
-    flags.DEFINE_enum("variant", "crl", list(VARIANTS),
-                      "Model variant (SPEC §3).",
-        flag_values=flag_values)
-    flags.DEFINE_integer("image_size", 448, "Square input size.",
-        flag_values=flag_values)
-    # --- optimisation ---
-    flags.DEFINE_integer("batch_size", 16, "Global batch size (all replicas).",
-        flag_values=flag_values)
-    flags.DEFINE_integer("epochs", 20, "Training epochs.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("steps_per_epoch", 0, "Cap on steps per epoch; 0 = one pass "
-                         "over the training set.",
-        flag_values=flag_values)
-    flags.DEFINE_float("learning_rate", 0.01, "Learning rate of every non-backbone layer.",
-        flag_values=flag_values)
-    flags.DEFINE_float("backbone_learning_rate", 0.001, "Learning rate of the backbone.",
-        flag_values=flag_values)
-    flags.DEFINE_float("momentum", 0.9, "SGD momentum.",
-        flag_values=flag_values)
-    flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay (PyTorch SGD semantics).",
-        flag_values=flag_values)
-    flags.DEFINE_list("lr_decay_epochs", [], "Epochs after which both learning rates "
-                      "are multiplied by lr_decay_factor (step decay).",
-        flag_values=flag_values)
-    flags.DEFINE_float("lr_decay_factor", 0.1, "Step decay factor.",
-        flag_values=flag_values)
-    flags.DEFINE_float("ema_decay", 0.0, "EMA of weights for eval/export; 0 = off.",
-        flag_values=flag_values)
-    # --- losses ---
-    flags.DEFINE_float("cls_weight", 1.0, "alpha of Eq. 10 (classification loss).",
-        flag_values=flag_values)
-    flags.DEFINE_float("aux_weight", 1.0, "beta of Eq. 10 (CRL or MSE loss).",
-        flag_values=flag_values)
-    flags.DEFINE_float("crl_margin", 0.5, "CRL margin delta.",
-        flag_values=flag_values)
-    flags.DEFINE_float("crl_image_weight", 0.5, "CRL lambda_1 (image term).",
-        flag_values=flag_values)
-    flags.DEFINE_float("crl_label_weight", 0.5, "CRL lambda_2 (label term).",
-        flag_values=flag_values)
-    flags.DEFINE_enum("crl_reduction", "mean", ["mean", "sum"],
-                      "Mean over valid triplets (default) or the paper's plain sums.",
-        flag_values=flag_values)
-    # --- runtime ---
-    flags.DEFINE_enum("strategy", "default", list(STRATEGIES),
-                      "default (one device), mirrored (all local GPUs) or multi_worker "
-                      "(from TF_CONFIG).",
-        flag_values=flag_values)
-    flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many logical "
-                         "devices (tests of multi-replica runs without GPUs); 0 = off.",
-        flag_values=flag_values)
-    flags.DEFINE_bool("mixed_precision", False, "mixed_float16 with dynamic loss scaling.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("seed", 0, "Seed for initialisation and data order.",
-        flag_values=flag_values)
-    flags.DEFINE_bool("deterministic", False, "Enable TF op determinism (slower); with "
-                      "the seed, a run is bit-reproducible, also across a resume.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("checkpoint_every_steps", 500, "Checkpoint period (also at each "
-                         "epoch end).",
-        flag_values=flag_values)
-    flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("log_every_steps", 50, "Progress line and TensorBoard period.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("eval_steps", 0, "Cap on evaluation batches; 0 = all.",
-        flag_values=flag_values)
-    flags.DEFINE_integer("num_summary_images", 4, "Eval images with predictions and "
-                         "CAMs logged to TensorBoard per epoch.",
-        flag_values=flag_values)
-    flags.DEFINE_string("export_dir", None, "Export the inference model here at the end "
-                        "(TF Serving layout <export_dir>/<version>/); empty = no export.",
-        flag_values=flag_values)
-    flags.DEFINE_float("threshold", 0.5, "Probability threshold of the metrics and export.",
-        flag_values=flag_values)
-
-    flags.mark_flags_as_required(["model_dir", "train_files"], flag_values=flag_values)
-
+def _field(default, help_text, choices=None, element=None):
+    """A Config field that is also a flag: default and help live here only."""
+    return dataclasses.field(default=default, metadata={
+        "help": help_text, "choices": choices, "element": element})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a training run needs; see the flag help for each field."""
+    """Everything a training run needs. Each field is the flag of that name."""
 
-    model_dir: str
-    train_files: str
-    eval_files: str | None = None
-    labels_file: str | None = None
-    num_classes: int = 0
-    shuffle_buffer: int = 2048
-    random_flip: bool = False
-    crop_scales: tuple = ()
-    backbone: str = "resnet101"
-    backbone_weights: str | None = None
-    variant: str = "crl"
-    image_size: int = 448
-    batch_size: int = 16
-    epochs: int = 20
-    steps_per_epoch: int = 0
-    learning_rate: float = 0.01
-    backbone_learning_rate: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_decay_epochs: tuple = ()
-    lr_decay_factor: float = 0.1
-    ema_decay: float = 0.0
-    cls_weight: float = 1.0
-    aux_weight: float = 1.0
-    crl_margin: float = 0.5
-    crl_image_weight: float = 0.5
-    crl_label_weight: float = 0.5
-    crl_reduction: str = "mean"
-    strategy: str = "default"
-    num_cpu_devices: int = 0
-    mixed_precision: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 3
-    log_every_steps: int = 50
-    eval_steps: int = 0
-    num_summary_images: int = 4
-    export_dir: str | None = None
-    threshold: float = 0.5
+    # --- data ---
+    model_dir: str = _field(None, "Where checkpoints, TensorBoard events and run.json "
+                            "go. A rerun with the same model_dir resumes.")
+    train_files: str = _field(None, "Glob of training TFRecord shards, e.g. "
+                              "data/coco/train2014-*.tfrecord.")
+    eval_files: str | None = _field(None, "Glob of evaluation TFRecord shards.")
+    labels_file: str | None = _field(None, "Class names, one per line; default: "
+                                     "labels.txt beside the training shards.")
+    num_classes: int = _field(0, "Number of classes; 0 = the number of lines of the "
+                              "labels file.")
+    shuffle_buffer: int = _field(2048, "Training shuffle buffer (records).")
+    random_flip: bool = _field(False, "Random horizontal flips (off in the paper).")
+    crop_scales: tuple = _field((), "Multi-scale random crop scales, e.g. "
+                                "1.0,0.875,0.75 (off in the paper).", element=float)
+    # --- model ---
+    backbone: str = _field("resnet101", "Feature extractor f_cnn.", choices=BACKBONES)
+    backbone_weights: str | None = _field(None, "Empty, 'imagenet' or a local weights "
+                                          "file.")
+    variant: str = _field("crl", "Model variant (SPEC §3).", choices=VARIANTS)
+    image_size: int = _field(448, "Square input size.")
+    # --- optimisation ---
+    batch_size: int = _field(16, "Global batch size (all replicas).")
+    epochs: int = _field(20, "Training epochs.")
+    steps_per_epoch: int = _field(0, "Cap on steps per epoch; 0 = one pass over the "
+                                  "training set.")
+    learning_rate: float = _field(0.01, "Learning rate of every non-backbone layer.")
+    backbone_learning_rate: float = _field(0.001, "Learning rate of the backbone.")
+    momentum: float = _field(0.9, "SGD momentum.")
+    weight_decay: float = _field(1e-4, "L2 weight decay (PyTorch SGD semantics).")
+    lr_decay_epochs: tuple = _field((), "Epochs after which both learning rates are "
+                                    "multiplied by lr_decay_factor (step decay).",
+                                    element=int)
+    lr_decay_factor: float = _field(0.1, "Step decay factor.")
+    ema_decay: float = _field(0.0, "EMA of weights for eval/export; 0 = off.")
+    # --- losses ---
+    cls_weight: float = _field(1.0, "alpha of Eq. 10 (classification loss).")
+    aux_weight: float = _field(1.0, "beta of Eq. 10 (CRL or MSE loss).")
+    crl_margin: float = _field(0.5, "CRL margin delta.")
+    crl_image_weight: float = _field(0.5, "CRL lambda_1 (image term).")
+    crl_label_weight: float = _field(0.5, "CRL lambda_2 (label term).")
+    crl_reduction: str = _field("mean", "Mean over valid triplets (default) or the "
+                                "paper's plain sums.", choices=("mean", "sum"))
+    # --- runtime ---
+    strategy: str = _field("default", "default (one device), mirrored (all local GPUs) "
+                           "or multi_worker (from TF_CONFIG).", choices=STRATEGIES)
+    num_cpu_devices: int = _field(0, "Split the CPU into this many logical devices "
+                                  "(tests of multi-replica runs without GPUs); 0 = off.")
+    mixed_precision: bool = _field(False, "mixed_float16 with dynamic loss scaling.")
+    seed: int = _field(0, "Seed for initialisation and data order.")
+    deterministic: bool = _field(False, "Enable TF op determinism (slower); with the "
+                                 "seed, a run is bit-reproducible, also across a resume.")
+    checkpoint_every_steps: int = _field(500, "Checkpoint period (also at each epoch "
+                                         "end).")
+    keep_checkpoints: int = _field(3, "Latest checkpoints kept.")
+    log_every_steps: int = _field(50, "Progress line and TensorBoard period.")
+    eval_steps: int = _field(0, "Cap on evaluation batches; 0 = all.")
+    num_summary_images: int = _field(4, "Eval images with predictions and CAMs logged "
+                                     "to TensorBoard per epoch.")
+    export_dir: str | None = _field(None, "Export the inference model here at the end "
+                                    "(TF Serving layout <export_dir>/<version>/); empty "
+                                    "= no export.")
+    threshold: float = _field(0.5, "Probability threshold of the metrics and export.")
 
     def replace(self, **changes):
         """A copy with some fields changed."""
@@ -179,15 +98,36 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+REQUIRED_FLAGS = ("model_dir", "train_files")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines one flag per `Config` field (called once by `mlcrl_tf.train`)."""
+    for field in dataclasses.fields(Config):
+        name, default, meta = field.name, field.default, field.metadata
+        kwargs = {"flag_values": flag_values}
+        if meta["choices"]:
+            flags.DEFINE_enum(name, default, list(meta["choices"]), meta["help"], **kwargs)
+        elif meta["element"]:
+            flags.DEFINE_list(name, [str(v) for v in default], meta["help"], **kwargs)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, meta["help"], **kwargs)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, meta["help"], **kwargs)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, meta["help"], **kwargs)
+        else:
+            flags.DEFINE_string(name, default, meta["help"], **kwargs)
+    flags.mark_flags_as_required(list(REQUIRED_FLAGS), flag_values=flag_values)
+
+
 def config_from_flags(flag_values=flags.FLAGS):
     """Builds the `Config` from parsed absl flags (the only FLAGS reader)."""
     values = {}
     for field in dataclasses.fields(Config):
         value = flag_values[field.name].value
-        if field.name == "crop_scales":
-            value = tuple(float(s) for s in value)
-        elif field.name == "lr_decay_epochs":
-            value = tuple(int(s) for s in value)
+        if field.metadata["element"]:
+            value = tuple(field.metadata["element"](v) for v in value)
         values[field.name] = value
     if values["backbone_weights"] in ("", "none", "None"):
         values["backbone_weights"] = None
@@ -198,6 +138,9 @@ def config_from_flags(flag_values=flags.FLAGS):
 
 def validate(config):
     """Checks values that flags alone cannot; raises ValueError naming the flag."""
+    for name in REQUIRED_FLAGS:
+        if not getattr(config, name):
+            raise ValueError(f"--{name} is required.")
     positive = ("image_size", "batch_size", "epochs", "checkpoint_every_steps",
                 "keep_checkpoints", "log_every_steps")
     for name in positive:

@@ -144,12 +144,9 @@ def define_flags():
                         required=True)
     flags.DEFINE_string("image_dir", None, "Folder of the split's images.",
                         required=True)
-    flags.DEFINE_string("output_dir", None, "Output folder.", required=True)
     flags.DEFINE_string("split", None, "Split name (default: from the "
                         "annotations file name, e.g. train2014).")
-    flags.DEFINE_integer("num_shards", 8, "Number of shard files.")
-    flags.DEFINE_integer("num_workers", None, "Writer processes.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing split.")
+    tfrecord_lib.define_writer_flags(num_shards=8)
 
 
 def main(argv):

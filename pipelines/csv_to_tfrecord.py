@@ -172,13 +172,10 @@ def define_flags():
                         required=True)
     flags.DEFINE_string("image_dir", None, "Folder the CSV filenames are "
                         "relative to.", required=True)
-    flags.DEFINE_string("output_dir", None, "Output folder.", required=True)
     flags.DEFINE_string("classes", None, "Comma-separated class names or a "
                         "labels.txt file; default: sorted names in the CSV.")
     flags.DEFINE_string("split", "train", "Output split name.")
-    flags.DEFINE_integer("num_shards", 4, "Number of shard files.")
-    flags.DEFINE_integer("num_workers", None, "Writer processes.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing split.")
+    tfrecord_lib.define_writer_flags(num_shards=4)
 
 
 def main(argv):

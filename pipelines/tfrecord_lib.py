@@ -61,6 +61,7 @@ import os
 import random
 import re
 
+from absl import flags
 from absl import logging
 import numpy as np
 from PIL import Image
@@ -635,3 +636,12 @@ def find_shards(file_pattern):
                 "a conversion was probably interrupted, rerun it with "
                 "--overwrite")
     return files
+
+
+def define_writer_flags(num_shards):
+    """The flags every converter shares: --output_dir, --num_shards,
+    --num_workers, --overwrite (defined only when a converter runs as a script)."""
+    flags.DEFINE_string("output_dir", None, "Output folder.", required=True)
+    flags.DEFINE_integer("num_shards", num_shards, "Number of shard files.")
+    flags.DEFINE_integer("num_workers", None, "Writer processes.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing split.")

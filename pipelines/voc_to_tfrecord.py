@@ -140,10 +140,7 @@ def define_flags():
                         required=True)
     flags.DEFINE_enum("split", None, list(VOC_SPLITS), "VOC split.",
                       required=True)
-    flags.DEFINE_string("output_dir", None, "Output folder.", required=True)
-    flags.DEFINE_integer("num_shards", 4, "Number of shard files.")
-    flags.DEFINE_integer("num_workers", None, "Writer processes.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing split.")
+    tfrecord_lib.define_writer_flags(num_shards=4)
 
 
 def main(argv):
