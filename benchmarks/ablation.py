@@ -262,7 +262,7 @@ def write_page(results, priors, seconds, figures=None):
                                                 variant))
             lines.append("")
         if figures and figures.get(setting):
-            lines += [f"CAM pictures (paper Fig. 3) of the first test canvases, seed 0, "
+            lines += ["CAM pictures (paper Fig. 3) of the first test canvases, seed 0, "
                       "each canvas's first true class: crl's image | direct-head CAM | "
                       "f_conv map, then baseline's image | direct-head CAM.", "",
                       f"![CAMs, {setting}]({figures[setting]})", ""]

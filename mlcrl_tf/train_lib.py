@@ -33,7 +33,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mlcrl_tf import backbones
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import evaluate as evaluate_lib
@@ -250,11 +249,14 @@ class Trainer:
         return head, head * self._lr_ratio
 
     def _loss_terms(self, outputs, labels, images_per_replica):
-        """This replica's share of each loss term (shares sum to the global)."""
+        """This replica's share of each loss term (shares sum to the global).
+
+        Training batches are complete (drop_remainder), so the global batch is
+        the replica's batch times the number of replicas.
+        """
         c = self.config
         global_batch = tf.cast(images_per_replica * self.strategy.num_replicas_in_sync,
                                tf.float32)
-        del images_per_replica
         cls = tf.reduce_sum(losses.multilabel_soft_margin_per_example(
             labels, outputs["logits"])) / global_batch
         terms = {"classification": cls}

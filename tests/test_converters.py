@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 from PIL import Image
 import pytest
 from sklearn.datasets import load_sample_images
