@@ -169,6 +169,16 @@ def write_cam_figure(setting, records, seed=0, num_images=4, tile=128):
     return os.path.basename(path)
 
 
+# Two-sided 95 % Student t critical values by degrees of freedom (3 seeds
+# leave 2 or 4 degrees of freedom: 2 × standard error would overstate).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
+        8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def _t95(df):
+    return _T95.get(df, 1.96 if df > 30 else 2.1)
+
+
 def _mean_std(values):
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -187,21 +197,21 @@ def _commit():
 def paired_verdict(crl_runs, other_runs, name):
     """Same-seed differences: a seed fixes the data order and the backbone's
     initialisation for every variant, so crl − other per seed removes that
-    shared part of the noise. Beyond noise = |mean| > 2 × sd / sqrt(n)."""
+    shared part of the noise. Beyond noise = |mean| > t95(n − 1) × sd / √n."""
     other_by_seed = {r["seed"]: r["metrics"]["mAP"] for r in other_runs}
     diffs = [100 * (r["metrics"]["mAP"] - other_by_seed[r["seed"]])
              for r in crl_runs if r["seed"] in other_by_seed]
     if len(diffs) < 2:
         return None
     mean, sd = _mean_std(diffs)
-    bound = 2 * sd / math.sqrt(len(diffs))
+    bound = _t95(len(diffs) - 1) * sd / math.sqrt(len(diffs))
     per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
     if abs(mean) > bound:
         word = "higher" if mean > 0 else "lower"
         return (f"paired by seed, crl is {word} than {name} beyond noise: mean "
-                f"{mean:+.1f} mAP (per seed {per_seed}; 2 × sd / √n = {bound:.1f}).")
+                f"{mean:+.1f} mAP (per seed {per_seed}; 95 % t bound {bound:.1f}).")
     return (f"paired by seed, crl − {name}: mean {mean:+.1f} mAP (per seed {per_seed}; "
-            f"2 × sd / √n = {bound:.1f}): within noise.")
+            f"95 % t bound {bound:.1f}): within noise.")
 
 
 def still_rising(runs):
@@ -225,20 +235,21 @@ def still_rising(runs):
 def verdict(crl, other, name):
     """A plain sentence: is CRL's mAP beyond seed noise against `other`?
 
-    Beyond noise = the difference of means exceeds twice its standard error
-    sqrt(s1²/n1 + s2²/n2) (about a 95 % two-sided criterion).
+    Beyond noise = the difference of means exceeds t95(n1 + n2 − 2) times its
+    standard error sqrt(s1²/n1 + s2²/n2) (a two-sided 95 % criterion).
     """
     (m1, s1), (m2, s2) = _mean_std(crl), _mean_std(other)
     diff = 100 * (m1 - m2)
-    se = 100 * math.sqrt(s1 ** 2 / len(crl) + s2 ** 2 / len(other))
-    if se == 0 and len(crl) < 2:
+    if len(crl) < 2 or len(other) < 2:
         return f"crl vs {name}: {diff:+.1f} mAP (one seed: noise unknown)."
-    if abs(diff) > 2 * se:
+    bound = _t95(len(crl) + len(other) - 2) * 100 * math.sqrt(
+        s1 ** 2 / len(crl) + s2 ** 2 / len(other))
+    if abs(diff) > bound:
         word = "beats" if diff > 0 else "is beaten by"
         return (f"crl {word} {name} beyond seed noise: {diff:+.1f} mAP "
-                f"(2 × standard error = {2 * se:.1f}).")
+                f"(95 % t bound {bound:.1f}).")
     return (f"crl vs {name}: {diff:+.1f} mAP, within seed noise "
-            f"(2 × standard error = {2 * se:.1f}): no demonstrated difference.")
+            f"(95 % t bound {bound:.1f}): no demonstrated difference.")
 
 
 def write_page(results, priors, seconds, figures=None):
