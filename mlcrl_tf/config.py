@@ -7,7 +7,6 @@ include it.
 """
 
 import dataclasses
-import json
 import os
 
 from absl import flags
@@ -93,9 +92,6 @@ class Config:
     def replace(self, **changes):
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
-
-    def to_json(self):
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 REQUIRED_FLAGS = ("model_dir", "train_files")

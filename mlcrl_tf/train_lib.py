@@ -376,17 +376,20 @@ class Trainer:
         step = int(self.step.numpy())
         if not all(bool(tf.reduce_all(tf.math.is_finite(v)).numpy())
                    for v in self.model.trainable_variables):
-            raise NonFiniteLossError(
-                f"The weights became NaN or infinite by step {step}; training stopped "
-                "without saving them. The last good checkpoint is "
-                f"{self.manager.latest_checkpoint or '(none yet)'}. Lower "
-                "--learning_rate or check the data.")
+            raise self._diverged(f"The weights became NaN or infinite by step {step}")
         if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
                 f"-{step}"):
             return self.manager.latest_checkpoint
         path = self.manager.save(checkpoint_number=step)
         self._clean_worker_dir()
         return path
+
+    def _diverged(self, what):
+        """The error that stops a diverged run, naming the last good checkpoint."""
+        return NonFiniteLossError(
+            f"{what}; training stopped without saving this state. The last good "
+            f"checkpoint is {self.manager.latest_checkpoint or '(none yet)'}. Lower "
+            "--learning_rate or check the data.")
 
     def _clean_worker_dir(self):
         if not self.is_chief:
@@ -486,11 +489,7 @@ class Trainer:
                 terms = {k: float(v) for k, v in self._train_step(next(iterator)).items()}
                 step = int(self.step.numpy())
                 if not math.isfinite(terms["loss"]):
-                    raise NonFiniteLossError(
-                        f"The loss became {terms['loss']} at step {step}; training "
-                        "stopped without saving this state. The last good checkpoint is "
-                        f"{self.manager.latest_checkpoint or '(none yet)'}. Lower "
-                        "--learning_rate or check the data.")
+                    raise self._diverged(f"The loss became {terms['loss']} at step {step}")
                 if step % c.log_every_steps == 0 or step == epoch_end:
                     speed = progress.update(step, terms["loss"], f"epoch {epoch + 1}/{c.epochs}")
                     self._write_train_summaries(terms, speed)
