@@ -3,8 +3,9 @@
     model_dir/
       run.json              the Config of the run + class names (written at start)
       ckpt-<n>.*            latest checkpoints (model, optimizer, step, EMA)
-      best/ckpt-<n>.*       the checkpoint with the best eval mAP
-      best/metrics.json     its metrics and step
+      best/ckpt-<n>.*       the checkpoint with the best mAP on --selection_files,
+                            else on --eval_files (for COCO/VOC: the test split)
+      best/metrics.json     its step, what it was selected on, its metrics
       train/, eval/         TensorBoard event files
 
 `restore_model` rebuilds the training model from run.json and restores the
@@ -15,12 +16,17 @@ import dataclasses
 import json
 import os
 
+from absl import logging
 import tensorflow as tf
 
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import model as model_lib
 
 RUN_FILE = "run.json"
+# run.json "format": 2 = trained with PaperSGD (PyTorch's momentum rule). Runs
+# without it used Keras SGD, whose momentum slots mean something else: their
+# checkpoints evaluate and export, but training cannot resume from them.
+RUN_FORMAT = 2
 BEST_DIR = "best"
 BEST_METRICS_FILE = "metrics.json"
 # Fields that define the network: a resumed run must agree on them.
@@ -61,13 +67,43 @@ class ExponentialMovingAverage(tf.Module):
             s.assign(tf.cast(tmp, s.dtype))
 
 
+def write_json_atomically(path, payload):
+    """Writes JSON to a hidden temporary file, then renames it over `path`."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True, default=float))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def write_run(model_dir, config, class_names):
     """Writes run.json (atomically) so evaluate/export can rebuild the model."""
-    payload = {"config": dataclasses.asdict(config), "class_names": list(class_names)}
-    tmp = os.path.join(model_dir, f".{RUN_FILE}.tmp")
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True))
-    tf.io.gfile.rename(tmp, os.path.join(model_dir, RUN_FILE), overwrite=True)
+    payload = {"config": dataclasses.asdict(config), "class_names": list(class_names),
+               "format": RUN_FORMAT}
+    write_json_atomically(os.path.join(model_dir, RUN_FILE), payload)
+
+
+def read_best_metrics(path):
+    """best/metrics.json as a dict; None if absent or unreadable (logged).
+
+    An unreadable file (e.g. truncated by a crash of an older version that
+    wrote it in place) is not fatal: the next evaluation rewrites it.
+    """
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            payload = json.load(f)
+        best_selection_score(payload)
+        return payload
+    except (ValueError, KeyError, TypeError) as e:
+        logging.warning("Ignoring unreadable %s (%s); the next evaluation rewrites it.",
+                        path, e)
+        return None
+
+
+def best_selection_score(best):
+    """The mAP best/ was selected on (older files: their eval mAP)."""
+    return float(best.get("selection_mAP", best["metrics"]["mAP"]))
 
 
 def read_run(model_dir):
@@ -87,6 +123,28 @@ def read_run(model_dir):
     for key in ("crop_scales", "lr_decay_epochs"):
         values[key] = tuple(values.get(key, ()))
     return config_lib.Config(**values), payload["class_names"]
+
+
+def check_resumable(model_dir, config):
+    """Raises ValueError if training cannot resume the run in `model_dir`.
+
+    A run.json of another network, or checkpoints of a run trained with the
+    old (Keras SGD) optimizer state, are refused with a message saying what
+    to do; a model_dir without run.json is a new run.
+    """
+    path = os.path.join(model_dir, RUN_FILE)
+    if not tf.io.gfile.exists(path):
+        return
+    saved, _ = read_run(model_dir)
+    check_resume_compatible(saved, config)
+    with tf.io.gfile.GFile(path) as f:
+        run_format = json.load(f).get("format", 1)
+    if run_format < RUN_FORMAT and tf.train.latest_checkpoint(model_dir):
+        raise ValueError(
+            f"--model_dir={model_dir!r} holds checkpoints of an earlier mlcrl_tf whose "
+            "optimizer was Keras SGD (its momentum slots do not mean what PaperSGD's "
+            "do), so training cannot resume from them exactly. They still evaluate "
+            "and export; to train, use a new --model_dir.")
 
 
 def check_resume_compatible(saved, config):

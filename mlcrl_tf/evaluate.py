@@ -219,7 +219,10 @@ def define_flags():
     flags.DEFINE_string("eval_files", None, "Glob of evaluation TFRecord shards; default "
                         "the run's --eval_files.")
     flags.DEFINE_string("checkpoint", None, "A checkpoint prefix; default the latest.")
-    flags.DEFINE_bool("best", False, "Evaluate the best-by-mAP checkpoint.")
+    flags.DEFINE_bool("best", False, "Evaluate best/: the checkpoint with the highest mAP "
+                      "on the run's --selection_files if it had them, else on its "
+                      "--eval_files -- for COCO/VOC the test split, so its metrics "
+                      "there are selected on the test set.")
     flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
     flags.DEFINE_string("saved_model", None, "Evaluate this export (a version dir) instead "
                         "of a checkpoint; --model_dir is then optional.")

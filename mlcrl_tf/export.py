@@ -423,7 +423,10 @@ def define_flags():
                         "in <export_dir>/<version>/.", required=True)
     flags.DEFINE_integer("version", None, "Version number; default the next free one.")
     flags.DEFINE_string("checkpoint", None, "A checkpoint prefix; default the latest.")
-    flags.DEFINE_bool("best", False, "Export the best-by-mAP checkpoint.")
+    flags.DEFINE_bool("best", False, "Export best/: the checkpoint with the highest mAP on "
+                      "the run's --selection_files if it had them, else on its "
+                      "--eval_files (for COCO/VOC the test split: selected on the "
+                      "test set).")
     flags.DEFINE_bool("use_ema", True, "Export the EMA weights when the run kept them.")
     flags.DEFINE_float("threshold", None, "Threshold of the `predicted` output; "
                        "default the run's --threshold.")

@@ -22,8 +22,10 @@ loss).
 
 import keras
 from keras import layers, ops
+import tensorflow as tf
 
 from mlcrl_tf import backbones
+from mlcrl_tf import losses
 
 VARIANTS = ("baseline", "tba", "tbc", "mse", "crl")
 # Variants whose training model carries the image and label projectors.
@@ -176,6 +178,15 @@ class MLCRLModel(keras.Model):
     (the MSE ablation's target). Images are expected normalised by
     `mlcrl_tf.backbones.normalize_images` for this backbone.
 
+    Training the Keras way: `model.compile(optimizer, objective=...)` then
+    `model.fit(dataset)` trains the paper's objective (`losses.Objective`:
+    soft margin + the variant's CRL or MSE) with the model's own
+    `train_step`; the dataset yields `(images, labels)` pairs or the dicts
+    of `pipelines.input_pipeline.make_dataset`. Use
+    `mlcrl_tf.optim.make_optimizer(model, ...)` for the paper's SGD with
+    its two learning rates. The CLI training loop calls the same
+    `train_step`, so both optimise one definition of the objective.
+
     Args:
         num_classes: C, number of labels.
         backbone: a name from `mlcrl_tf.backbones.BACKBONES`.
@@ -249,6 +260,70 @@ class MLCRLModel(keras.Model):
             outputs["label_embeddings"] = self.label_embeddings()
         return outputs
 
+    # --- the objective (Keras training) ------------------------------------
+
+    @property
+    def aux_loss(self):
+        """The variant's auxiliary loss: "crl", "mse" or None."""
+        return self.variant if self.variant in CO_PROJECTOR_VARIANTS else None
+
+    def compile(self, optimizer="rmsprop", objective=None, **kwargs):
+        """Keras' compile, plus the objective (default: the paper's, Eq. 10).
+
+        Args:
+            optimizer: a Keras optimizer, e.g. `optim.make_optimizer(model, ...)`.
+            objective: a `losses.Objective`; None = the paper's weights.
+            **kwargs: other `keras.Model.compile` arguments (not `loss`).
+        """
+        if kwargs.get("loss") is not None:
+            raise ValueError("MLCRLModel trains its own objective: pass "
+                             "objective=losses.Objective(...), not loss=.")
+        super().compile(optimizer=optimizer, **kwargs)
+        self.objective = objective if objective is not None else losses.Objective()
+
+    def loss_terms(self, outputs, labels):
+        """This replica's share of every loss term (see `losses.Objective`)."""
+        objective = getattr(self, "objective", None) or losses.Objective()
+        return objective.terms(labels, outputs, aux=self.aux_loss,
+                               project_labels=self.label_projector)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        """The objective (Keras' hook): this replica's share of the total loss."""
+        del x, training
+        if sample_weight is not None:
+            raise ValueError("sample_weight is not supported: the ranking loss "
+                             "couples the images of a batch.")
+        return self.loss_terms(y_pred, y)["loss"]
+
+    @staticmethod
+    def _unpack(data):
+        """(images, labels) from a pair or a `make_dataset` dict."""
+        if isinstance(data, dict):
+            return data["images"], data["labels"]
+        return data[0], data[1]
+
+    def train_step(self, data):
+        """One SGD step on the objective; returns every term (global values).
+
+        Runs in a replica context under `fit()` and under the CLI loop's
+        `strategy.run`. The optimizer sums the replicas' gradients of their
+        shares, i.e. applies the gradient of the global batch's objective.
+        """
+        images, labels = self._unpack(data)
+        with tf.GradientTape() as tape:
+            outputs = self(images, training=True)
+            terms = self.loss_terms(outputs, labels)
+            loss = self.optimizer.scale_loss(terms["loss"])
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return _global_values(terms)
+
+    def test_step(self, data):
+        """The objective's terms on a batch without training (`model.evaluate`)."""
+        images, labels = self._unpack(data)
+        return _global_values(self.loss_terms(self(images, training=False), labels))
+
     def label_embeddings(self):
         """E = f_l(I_C): one embedding row per class, (C, C) float32."""
         if self.label_projector is None:
@@ -297,6 +372,14 @@ class MLCRLModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _global_values(terms):
+    """Shares x replicas: Keras (and the CLI) then take the MEAN over replicas,
+    which is the sum of the shares, i.e. the global batch's value."""
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if context is not None else 1
+    return {name: value * replicas for name, value in terms.items()}
 
 
 def _check_arguments(num_classes, backbone, image_size, variant):

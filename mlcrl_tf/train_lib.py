@@ -7,17 +7,15 @@ every epoch with `mlcrl_tf.metrics`, keeps the best-by-mAP checkpoint, writes
 TensorBoard summaries and finally exports the inference model.
 
 Decisions (see docs/design.md):
-- Two learning rates with one SGD: SGD with momentum is linear in the
-  gradient, so multiplying the backbone's gradients by
-  backbone_learning_rate / learning_rate gives exactly the paper's two rates
-  (weight decay is added to the gradient first, PyTorch-style, so it is
-  scaled too). One optimizer keeps one iteration counter, one schedule and
-  one loss scale under mixed precision.
-- Loss scaling for any number of replicas: each replica's classification
-  and MSE loss is its per-example sum divided by the GLOBAL batch; the CRL
-  triplet counts are all-reduced so that the mean is over the global batch's
-  triplets. Gradients are summed across replicas by the optimizer, giving
-  exactly the single-device gradient of the same global batch.
+- The optimizer is PyTorch's SGD rule exactly (`mlcrl_tf.optim.PaperSGD`):
+  coupled weight decay, a momentum buffer in gradient units, the backbone's
+  rate as a per-variable multiplier of the (step-decayed) head rate. One
+  optimizer keeps one iteration counter, one schedule and one loss scale.
+- The step is the model's own `train_step` (the one `model.fit()` runs), on
+  the model's own objective (`losses.Objective`): each replica's
+  classification and MSE loss is its sum divided by the GLOBAL batch and the
+  CRL triplet counts are all-reduced, so the gradients the optimizer sums
+  across replicas are exactly one device's on the same global batch.
 - Resume: each epoch's data order is a function of (seed, epoch); a resumed
   run skips the records of the steps it already did in the current epoch, so
   with --deterministic it ends bit-identical to an uninterrupted run.
@@ -38,6 +36,7 @@ from mlcrl_tf import config as config_lib
 from mlcrl_tf import evaluate as evaluate_lib
 from mlcrl_tf import export as export_lib
 from mlcrl_tf import losses
+from mlcrl_tf import optim
 from mlcrl_tf import progress as progress_lib
 from mlcrl_tf import summaries
 from pipelines import input_pipeline
@@ -106,6 +105,15 @@ def resolve_data(config):
     train_files = _find_shards(config.train_files, "train_files")
     if config.eval_files:
         _find_shards(config.eval_files, "eval_files")
+    if config.selection_files:
+        held_out = _find_shards(config.selection_files, "selection_files")
+        shared = sorted(set(map(os.path.realpath, held_out))
+                        & set(map(os.path.realpath, train_files)))
+        if shared:
+            raise ValueError(
+                f"--selection_files={config.selection_files!r} shares {len(shared)} file(s) "
+                f"with --train_files (e.g. {shared[0]}): selection data must be held out "
+                "of training.")
     labels_file = config.labels_file or os.path.join(
         os.path.dirname(train_files[0]), tfrecord_lib.LABELS_FILENAME)
     class_names = None
@@ -160,32 +168,6 @@ def count_records(files):
 # The trainer.
 # ---------------------------------------------------------------------------
 
-@keras.saving.register_keras_serializable(package="mlcrl_tf")
-class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """lr = initial · factor^(number of boundaries passed); constant without any.
-
-    Args:
-        initial_learning_rate: rate before the first boundary.
-        boundaries: sorted steps at which the rate is multiplied by `factor`.
-        factor: the decay factor (0.1 in ML-GCN's recipe).
-    """
-
-    def __init__(self, initial_learning_rate, boundaries=(), factor=0.1):
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.boundaries = [int(b) for b in boundaries]
-        self.factor = float(factor)
-
-    def __call__(self, step):
-        passed = tf.zeros([], tf.float32)
-        for boundary in self.boundaries:
-            passed += tf.cast(tf.cast(step, tf.int64) >= boundary, tf.float32)
-        return self.initial_learning_rate * tf.pow(self.factor, passed)
-
-    def get_config(self):
-        return {"initial_learning_rate": self.initial_learning_rate,
-                "boundaries": self.boundaries, "factor": self.factor}
-
-
 class Trainer:
     """Owns the model, optimizer, checkpoints and summaries of one run.
 
@@ -208,108 +190,43 @@ class Trainer:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with strategy.scope():
             self.model = checkpoints.build_model_for(config, config.backbone_weights)
-            self.optimizer = self._make_optimizer()
-            self.optimizer.build(self.model.trainable_variables)
+            self.optimizer = optim.make_optimizer(
+                self.model, config.learning_rate, config.backbone_learning_rate,
+                momentum=config.momentum, weight_decay=config.weight_decay,
+                decay_boundaries=self.decay_boundaries(), decay_factor=config.lr_decay_factor,
+                loss_scaling=config.mixed_precision)
+            self.model.compile(optimizer=self.optimizer, objective=objective_from(config))
             self.step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.ema = (checkpoints.ExponentialMovingAverage(
                 self.model.trainable_variables, config.ema_decay)
                 if config.ema_decay > 0 else None)
-        self._backbone_ids = {id(v) for v in self.model.backbone_variables}
         self._lr_ratio = config.backbone_learning_rate / config.learning_rate
         self._setup_checkpoints()
         self._setup_summaries()
-        self._train_step = tf.function(self._distributed_step)
+        self.train_step = tf.function(self._distributed_step)
 
     # --- optimisation -------------------------------------------------------
 
-    def learning_rate_schedule(self):
-        """Step decay of the head learning rate (the backbone's is a ratio).
+    def decay_boundaries(self):
+        """Steps at which both learning rates are multiplied by the decay factor.
 
         Always a schedule of the step, never a plain float: a float would be
         an optimizer variable restored from the checkpoint, so a resumed run
         could not change --learning_rate.
         """
-        c = self.config
-        boundaries = [int(e) * self.steps_per_epoch for e in sorted(c.lr_decay_epochs)]
-        return StepDecay(c.learning_rate, boundaries, c.lr_decay_factor)
-
-    def _make_optimizer(self):
-        optimizer = keras.optimizers.SGD(
-            learning_rate=self.learning_rate_schedule(), momentum=self.config.momentum)
-        if self.config.mixed_precision:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        return optimizer
+        return [int(e) * self.steps_per_epoch for e in sorted(self.config.lr_decay_epochs)]
 
     def current_learning_rates(self):
         """(head, backbone) learning rates at the current step."""
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        head = float(keras.ops.convert_to_numpy(inner.learning_rate))
+        head = float(keras.ops.convert_to_numpy(
+            optim.inner_optimizer(self.optimizer).learning_rate))
         return head, head * self._lr_ratio
 
-    def _loss_terms(self, outputs, labels, images_per_replica):
-        """This replica's share of each loss term (shares sum to the global).
-
-        Training batches are complete (drop_remainder), so the global batch is
-        the replica's batch times the number of replicas.
-        """
-        c = self.config
-        global_batch = tf.cast(images_per_replica * self.strategy.num_replicas_in_sync,
-                               tf.float32)
-        cls = tf.reduce_sum(losses.multilabel_soft_margin_per_example(
-            labels, outputs["logits"])) / global_batch
-        terms = {"classification": cls}
-        aux = tf.constant(0.0)
-        if c.variant == "crl":
-            parts = losses.crl_terms(labels, outputs["image_embeddings"],
-                                     outputs["label_embeddings"], margin=c.crl_margin)
-            if c.crl_reduction == "mean":
-                # Mean over the GLOBAL batch's triplets: all-reduce the counts.
-                counts = tf.distribute.get_replica_context().all_reduce(
-                    tf.distribute.ReduceOp.SUM,
-                    tf.stop_gradient(tf.stack([parts["image_count"],
-                                               parts["label_count"]])))
-                parts = dict(parts, image_count=counts[0], label_count=counts[1])
-            aux = losses.combine_crl_terms(parts, c.crl_image_weight, c.crl_label_weight,
-                                           c.crl_reduction)
-            # The unweighted terms, for TensorBoard.
-            image_term = losses.combine_crl_terms(parts, 1.0, 0.0, c.crl_reduction)
-            label_term = losses.combine_crl_terms(parts, 0.0, 1.0, c.crl_reduction)
-            terms.update(crl=aux, crl_image_term=image_term, crl_label_term=label_term)
-        elif c.variant == "mse":
-            projected = self.model.label_projector(labels)
-            aux = tf.reduce_sum(losses.embedding_mse_per_example(
-                outputs["image_embeddings"], tf.cast(projected, tf.float32))) / global_batch
-            terms["mse"] = aux
-        terms["loss"] = c.cls_weight * cls + c.aux_weight * aux
-        return terms
-
     def _replica_step(self, batch):
-        images, labels = batch["images"], batch["labels"]
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            outputs = self.model(images, training=True)
-            terms = self._loss_terms(outputs, labels, tf.shape(images)[0])
-            loss = terms["loss"]
-            if self.config.mixed_precision:
-                loss = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(loss, variables)
-        scale = (tf.cast(self.optimizer.dynamic_scale, tf.float32)
-                 if self.config.mixed_precision else 1.0)
-        # Coupled (PyTorch SGD) weight decay; every replica adds its share so
-        # the summed gradient carries it once.
-        decay = self.config.weight_decay * scale / self.strategy.num_replicas_in_sync
-        pairs = []
-        for g, v in zip(grads, variables):
-            if g is None:
-                continue
-            if self.config.weight_decay:
-                g = g + tf.cast(decay, g.dtype) * tf.cast(v, g.dtype)
-            if id(v) in self._backbone_ids:
-                g = g * self._lr_ratio
-            pairs.append((g, v))
-        self.optimizer.apply_gradients(pairs)
+        # The model's own Keras train_step: the step model.fit() runs.
+        terms = self.model.train_step(batch)
         if self.ema is not None:
             self.ema.update()
         self.step.assign_add(1)
@@ -317,7 +234,9 @@ class Trainer:
 
     def _distributed_step(self, batch):
         per_replica = self.strategy.run(self._replica_step, args=(batch,))
-        return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+        # train_step returns global values from every replica (see
+        # MLCRLModel.train_step): their mean is the global batch's value.
+        return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                 for k, v in per_replica.items()}
 
     # --- data -----------------------------------------------------------------
@@ -336,10 +255,10 @@ class Trainer:
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
-    def eval_dataset(self):
+    def eval_dataset(self, files):
         c = self.config
         return input_pipeline.make_dataset(
-            c.eval_files, c.batch_size, c.image_size, c.num_classes, c.backbone,
+            files, c.batch_size, c.image_size, c.num_classes, c.backbone,
             training=False)
 
     # --- checkpoints and summaries -------------------------------------------
@@ -396,27 +315,38 @@ class Trainer:
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
 
     def best_metrics(self):
+        """best/metrics.json, or None (absent, or unreadable: then it is rewritten)."""
         path = os.path.join(self.config.model_dir, checkpoints.BEST_DIR,
                             checkpoints.BEST_METRICS_FILE)
-        if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path) as f:
-                return json.load(f)
-        return None
+        return checkpoints.read_best_metrics(path)
 
-    def _maybe_save_best(self, metrics, per_class_ap):
+    def _maybe_save_best(self, selected_on, selection, reported):
+        """Keeps best/ if `selection` (an EvalResult) has the highest mAP so far.
+
+        Args:
+            selected_on: "selection_files" or "eval_files".
+            selection: the EvalResult the choice is made on.
+            reported: the --eval_files EvalResult (or None), stored with it.
+        """
         best = self.best_metrics()
-        if best is not None and best["metrics"]["mAP"] >= metrics["mAP"]:
+        score = selection.metrics["mAP"]
+        if best is not None and checkpoints.best_selection_score(best) >= score:
             return False
         step = int(self.step.numpy())
         self.best_manager.save(checkpoint_number=step)
         self._clean_worker_dir()
         if self.is_chief:
-            payload = {"step": step, "metrics": metrics,
-                       "per_class_ap": dict(zip(self.class_names, per_class_ap))}
-            path = os.path.join(self.config.model_dir, checkpoints.BEST_DIR,
-                                checkpoints.BEST_METRICS_FILE)
-            with tf.io.gfile.GFile(path, "w") as f:
-                f.write(json.dumps(payload, indent=2, default=float))
+            shown = reported or selection
+            payload = {"step": step, "selected_on": selected_on,
+                       "selection_files": getattr(self.config, selected_on),
+                       "selection_mAP": score,
+                       "metrics": shown.metrics,
+                       "per_class_ap": dict(zip(self.class_names, shown.per_class_ap))}
+            if reported is None:
+                payload["note"] = "metrics are those of the selection files"
+            checkpoints.write_json_atomically(
+                os.path.join(self.config.model_dir, checkpoints.BEST_DIR,
+                             checkpoints.BEST_METRICS_FILE), payload)
         return True
 
     def _setup_summaries(self):
@@ -443,31 +373,58 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------
 
-    def evaluate(self):
-        """Evaluates the (EMA) weights on --eval_files; returns the result."""
+    def evaluate(self, files, num_samples=0):
+        """Evaluates the (EMA) weights on `files`; returns the EvalResult."""
         if self.ema is not None:
             self.ema.swap()
         try:
             result = evaluate_lib.evaluate_model(
-                self.model, self.eval_dataset(), self.config.num_classes,
+                self.model, self.eval_dataset(files), self.config.num_classes,
                 threshold=self.config.threshold, max_steps=self.config.eval_steps,
-                num_samples=self.config.num_summary_images)
+                num_samples=num_samples)
         finally:
             if self.ema is not None:
                 self.ema.swap()
         return result
 
-    def _write_eval_summaries(self, result):
+    def _write_eval_summaries(self, result, prefix="metrics"):
         step = int(self.step.numpy())
         with self.eval_writer.as_default(step=step):
             for name, value in result.metrics.items():
-                tf.summary.scalar(f"metrics/{name}", value)
+                tf.summary.scalar(f"{prefix}/{name}", value)
+            if prefix != "metrics":
+                return
             for name, ap in zip(self.class_names, result.per_class_ap):
                 if np.isfinite(ap):
                     tf.summary.scalar(f"per_class_ap/{name}", ap)
             if result.samples is not None:
                 summaries.write_eval_images(
-                    result.samples, self.model, self.config.backbone, self.class_names)
+                    result.samples, self.model, self.config.backbone, self.class_names,
+                    max_images=self.config.num_summary_images)
+
+    def _evaluate_epoch(self, epoch, progress):
+        """Evaluates after an epoch, keeps best/; returns the --eval_files result."""
+        c = self.config
+        reported = selection = None
+        if c.eval_files:
+            reported = self.evaluate(c.eval_files, c.num_summary_images)
+            self._write_eval_summaries(reported)
+        if c.selection_files:
+            selection = self.evaluate(c.selection_files)
+            self._write_eval_summaries(selection, prefix="selection_metrics")
+        chosen = selection or reported
+        if chosen is None:
+            return None
+        improved = self._maybe_save_best(
+            "selection_files" if selection else "eval_files", chosen, reported)
+        if reported:
+            progress.message(evaluate_lib.format_result_line(
+                reported.metrics, epoch + 1, improved and not selection))
+        if selection:
+            progress.message(f"Selection mAP after epoch {epoch + 1}: "
+                             f"{100 * selection.metrics['mAP']:.1f}"
+                             + (" (best so far: kept in best/)" if improved else ""))
+        return reported
 
     # --- the loop -------------------------------------------------------------
 
@@ -486,7 +443,7 @@ class Trainer:
             step = int(self.step.numpy())
             iterator = iter(self.train_dataset(epoch, skip_steps=step - epoch * self.steps_per_epoch))
             while step < epoch_end:
-                terms = {k: float(v) for k, v in self._train_step(next(iterator)).items()}
+                terms = {k: float(v) for k, v in self.train_step(next(iterator)).items()}
                 step = int(self.step.numpy())
                 if not math.isfinite(terms["loss"]):
                     raise self._diverged(f"The loss became {terms['loss']} at step {step}")
@@ -498,12 +455,7 @@ class Trainer:
             path = self.save()
             progress.message(f"Epoch {epoch + 1}/{c.epochs} done at step {step}; "
                              f"checkpoint {path}")
-            if c.eval_files:
-                last_eval = self.evaluate()
-                self._write_eval_summaries(last_eval)
-                improved = self._maybe_save_best(last_eval.metrics, last_eval.per_class_ap)
-                progress.message(evaluate_lib.format_result_line(
-                    last_eval.metrics, epoch + 1, improved))
+            last_eval = self._evaluate_epoch(epoch, progress) or last_eval
         self.train_writer.flush()
         self.eval_writer.flush()
         return last_eval
@@ -513,6 +465,14 @@ class Trainer:
         total = sum(float(np.abs(v.numpy().astype(np.float64)).sum())
                     for v in self.model.variables)
         return f"{total:.10e}"
+
+
+def objective_from(config):
+    """The `losses.Objective` of a Config's loss flags."""
+    return losses.Objective(
+        cls_weight=config.cls_weight, aux_weight=config.aux_weight,
+        margin=config.crl_margin, image_weight=config.crl_image_weight,
+        label_weight=config.crl_label_weight, reduction=config.crl_reduction)
 
 
 def train_and_evaluate(config):
@@ -527,6 +487,8 @@ def train_and_evaluate(config):
         NonFiniteLossError: the loss diverged.
     """
     config_lib.validate(config)
+    for message in config_lib.warnings_for(config):
+        logging.warning("%s", message)
     strategy = make_strategy(config)
     if config.deterministic:
         keras.utils.set_random_seed(config.seed)
@@ -562,8 +524,6 @@ def _prepare_model_dir(config, class_names, chief):
         tf.io.gfile.remove(probe)
     except (OSError, tf.errors.OpError) as e:
         raise ValueError(f"--model_dir={config.model_dir!r} is not writable: {e}") from None
-    if tf.io.gfile.exists(os.path.join(config.model_dir, checkpoints.RUN_FILE)):
-        saved, _ = checkpoints.read_run(config.model_dir)
-        checkpoints.check_resume_compatible(saved, config)
+    checkpoints.check_resumable(config.model_dir, config)
     if chief:
         checkpoints.write_run(config.model_dir, config, class_names)

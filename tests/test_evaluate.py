@@ -27,7 +27,8 @@ def trained(demo_data, tmp_path_factory):
         model_dir=str(root / "run"), train_files=demo_data["train_files"],
         eval_files=demo_data["test_files"], backbone="small_cnn", image_size=48,
         batch_size=8, epochs=1, steps_per_epoch=4, learning_rate=0.05,
-        backbone_learning_rate=0.05, num_summary_images=0, log_every_steps=2)
+        backbone_learning_rate=0.05, num_summary_images=0, log_every_steps=2,
+        backbone_weights=None, lr_decay_epochs=())
     train_lib.train_and_evaluate(config)
     model, config, class_names, _ = checkpoints.restore_model(config.model_dir)
     export_path = export.export_model(model, str(root / "export"), class_names,
@@ -145,6 +146,47 @@ def test_output_scores_file(trained, demo_data, tmp_path):
                                           training=False)
     direct = evaluate.evaluate_model(trained["model"], dataset, 10)
     assert recomputed["mAP"] == pytest.approx(direct.metrics["mAP"], abs=1e-7)
+
+
+def test_difficult_labels_are_ignored_by_every_metric(trained, demo_data, tmp_path):
+    """VOC difficult: an (image, class) pair marked difficult counts neither way."""
+    files = tfrecord_lib.find_shards(demo_data["test_files"])
+    path = str(tmp_path / "test-00000-of-00001.tfrecord")
+    marked = 0
+    with tf.io.TFRecordWriter(path) as writer:
+        for i, record in enumerate(tf.data.TFRecordDataset(files).as_numpy_iterator()):
+            example = tf.train.Example.FromString(record)
+            feature = example.features.feature
+            labels = list(feature[tfrecord_lib.LABEL_KEY].int64_list.value)
+            difficult = labels[:1] if i % 2 == 0 else []
+            marked += len(difficult)
+            writer.write(tfrecord_lib.make_example(
+                feature[tfrecord_lib.ENCODED_KEY].bytes_list.value[0],
+                feature[tfrecord_lib.FILENAME_KEY].bytes_list.value[0].decode(),
+                labels, difficult).SerializeToString())
+    assert marked == 16
+    dataset = input_pipeline.make_dataset(path, 8, 48, 10, "small_cnn", training=False)
+    batches = list(dataset.as_numpy_iterator())
+    logits = trained["model"].inference_model(
+        np.concatenate([b["images"] for b in batches])).numpy()
+    labels = np.concatenate([b["labels"] for b in batches])
+    difficult = np.concatenate([b["difficult"] for b in batches])
+    assert difficult.sum() == 16 and np.all(labels[difficult] == 1)
+    expected = metrics.multilabel_metrics(logits, labels, ignore=difficult, from_logits=True)
+    unmasked = metrics.multilabel_metrics(logits, labels, from_logits=True)
+    assert any(abs(expected[k] - unmasked[k]) > 1e-3 for k in ("mAP", "CR", "OR"))
+    # Ignoring = deleting those entries: AP of each class on the kept rows only.
+    for c in range(10):
+        keep = ~difficult[:, c]
+        if labels[keep, c].any():
+            want = metrics.average_precision(logits[keep][:, [c]], labels[keep][:, [c]],
+                                             from_logits=True)[0]
+            assert expected["AP"][c] == pytest.approx(want, abs=1e-12)
+    on_checkpoint = evaluate.evaluate_model(trained["model"], dataset, 10)
+    on_export = evaluate.evaluate_saved_model(trained["export"], path, 10)
+    for result in (on_checkpoint, on_export):
+        for key, value in result.metrics.items():
+            assert value == pytest.approx(expected[key], abs=1e-6), key
 
 
 def test_cli_errors_are_one_line(tmp_path):
