@@ -20,6 +20,7 @@ import tensorflow as tf
 from conftest import REPO, free_port, run_module
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
+from mlcrl_tf import flagfiles
 from mlcrl_tf import progress as progress_lib
 from mlcrl_tf import train_lib
 
@@ -105,18 +106,14 @@ def test_flagfiles_parse():
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.flags"))):
         values = flags.FlagValues()
         config_lib.define_flags(values)
-        cwd = os.getcwd()
-        os.chdir(REPO)
-        try:
-            values(["train", f"--flagfile={path}", "--model_dir=x", "--train_files=y"])
-        finally:
-            os.chdir(cwd)
+        values(flagfiles.expand(
+            ["train", f"--flagfile={path}", "--model_dir=x", "--train_files=y"]))
         config = config_lib.config_from_flags(values)
         config_lib.validate(config)
         if not path.endswith("base.flags"):
             text = open(path).read()
-            assert ("--flagfile=configs/base.flags" in text
-                    or "--flagfile=configs/demo.flags" in text)
+            assert ("--flagfile=base.flags" in text
+                    or "--flagfile=demo.flags" in text)
             assert open(path).read().startswith("#"), "states its command first"
         if path.endswith(("coco.flags", "voc.flags", "base.flags")):
             assert (config.learning_rate, config.backbone_learning_rate) == (0.01, 0.001)
