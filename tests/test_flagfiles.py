@@ -13,7 +13,8 @@ from conftest import REPO
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import flagfiles
 
-SHIPPED = ("ablation.flags", "base.flags", "coco.flags", "demo.flags", "voc.flags")
+SHIPPED = ("ablation.flags", "base.flags", "coco.flags", "coco_keras_hub.flags", "demo.flags",
+           "voc.flags")
 
 
 def _config(argv):
@@ -132,7 +133,8 @@ def test_a_missing_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
         flagfiles.expand(["p", "--flagfile=cocoa.flags"])
     message = str(e.value)
     assert "--flagfile=cocoa.flags" in message and "\n" not in message
-    assert "shipped: ablation.flags, base.flags, coco.flags, demo.flags, voc.flags" in message
+    assert ("shipped: ablation.flags, base.flags, coco.flags, coco_keras_hub.flags, "
+            "demo.flags, voc.flags") in message
     inner = _write(tmp_path / "x.flags", "--flagfile=gone.flags")
     with pytest.raises(flagfiles.FlagfileError, match=r"gone\.flags \(included from .*x\.flags"):
         flagfiles.expand(["p", f"--flagfile={inner}"])
@@ -156,3 +158,14 @@ def test_include_cycles_are_an_error(tmp_path):
     with pytest.raises(flagfiles.FlagfileError,
                        match=r"include cycle: .*a\.flags -> .*b\.flags -> .*a\.flags"):
         flagfiles.expand(["p", f"--flagfile={a}"])
+
+
+def test_coco_keras_hub_is_the_coco_recipe_with_a_keras_hub_backbone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = flagfiles.expand(["train", "--flagfile=coco_keras_hub.flags"])
+    coco = flagfiles.expand(["train", "--flagfile=coco.flags"])
+    assert argv[:len(coco)] == coco  # coco.flags (with base.flags) first
+    assert argv[len(coco):] == ["--backbone=keras_hub:resnet_101_imagenet",
+                                "--backbone_weights=imagenet",
+                                "--model_dir=runs/coco_crl_keras_hub",
+                                "--export_dir=saved_models/coco_crl_keras_hub"]
