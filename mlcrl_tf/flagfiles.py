@@ -58,9 +58,7 @@ def shipped_path(name):
     Returns:
         The absolute path, or None when no shipped flagfile has that name.
     """
-    name = os.path.normpath(name)
-    if name.startswith(_LEGACY_PREFIX):
-        name = name[len(_LEGACY_PREFIX):]
+    name = os.path.normpath(name).removeprefix(_LEGACY_PREFIX)
     if os.sep in name or name in (os.curdir, os.pardir):
         return None
     path = os.path.join(CONFIGS_DIR, name)

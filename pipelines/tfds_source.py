@@ -232,9 +232,11 @@ class TfdsSplit:
             wanted, decoders={"image": tfds.decode.SkipDecoding()})
         shard_files = (input_context is not None and
                        self._num_files() >= input_context.num_input_pipelines)
+        # No TFDS autocache: caching is the input pipeline's decision.
         read_config = tfds.ReadConfig(
             shuffle_seed=seed, add_tfds_id=not self._has_filename,
-            input_context=input_context if shard_files else None)
+            input_context=input_context if shard_files else None,
+            try_autocache=False)
         ds = self._builder.as_dataset(split=self.split, decoders=decoders,
                                       read_config=read_config,
                                       shuffle_files=shuffle_files)

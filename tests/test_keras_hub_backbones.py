@@ -11,15 +11,14 @@ mean/std converter; weights are random (`weights="random"`).
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-keras_hub = pytest.importorskip("keras_hub")
+from mlcrl_tf import keras_hub_backbones as khb
 
-import keras  # noqa: E402  (after the skip: keras_hub pins nothing here)
-
-from mlcrl_tf import keras_hub_backbones as khb  # noqa: E402
+keras_hub = pytest.importorskip("keras_hub")  # optional: docs/ecosystem.md
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # keras_hub/src/models/resnet/resnet_presets.py: "resnet_101_imagenet" params.

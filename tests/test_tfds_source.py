@@ -22,12 +22,12 @@ import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-tfds = pytest.importorskip("tensorflow_datasets")
+from pipelines import coco_to_tfrecord
+from pipelines import tfds_source
+from pipelines import tfrecord_lib as lib
+from pipelines import voc_to_tfrecord
 
-from pipelines import coco_to_tfrecord  # noqa: E402  (after the skip)
-from pipelines import tfds_source  # noqa: E402
-from pipelines import tfrecord_lib as lib  # noqa: E402
-from pipelines import voc_to_tfrecord  # noqa: E402
+tfds = pytest.importorskip("tensorflow_datasets")  # the tfds extra
 
 # The record contract: what input_pipeline parses out of one of our tf.Examples.
 RECORD_SPEC = {
