@@ -144,3 +144,17 @@ def test_names_and_errors(resnet18, tmp_path, monkeypatch):
     monkeypatch.setattr(khb, "keras_hub", None)
     with pytest.raises(ImportError, match="pip install --no-deps 'keras-hub"):
         khb.build("keras_hub:resnet_101_imagenet", 448)
+
+
+def test_saved_model_export_of_the_backbone(resnet18, tmp_path):
+    """The backbone exports and reloads like the rest of the inference model."""
+    model = khb.build(f"keras_hub:{resnet18}", 64, weights="random").model
+    images = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype("float32")
+    expected = model(images, training=False).numpy()
+    module = tf.Module()
+    module.model = model
+    module.serve = tf.function(lambda x: module.model(x, training=False),
+                               input_signature=[tf.TensorSpec([None, 64, 64, 3], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "export"))
+    reloaded = tf.saved_model.load(str(tmp_path / "export"))
+    np.testing.assert_allclose(reloaded.serve(images).numpy(), expected, rtol=1e-5, atol=1e-5)
