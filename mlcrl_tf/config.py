@@ -17,6 +17,7 @@ import os
 
 from absl import flags
 
+from mlcrl_tf import backbones
 from mlcrl_tf.backbones import BACKBONES
 from mlcrl_tf.model import VARIANTS
 
@@ -48,6 +49,11 @@ class Config:
                                          "selected on the test set.")
     labels_file: str | None = _field(None, "Class names, one per line; default: "
                                      "labels.txt beside the training shards.")
+    data_dir: str | None = _field(None, "TensorFlow Datasets data directory for "
+                                  "tfds:NAME:SPLIT sources (default TFDS's own).")
+    tfds_download: bool = _field(False, "Download and prepare a tfds: source that is "
+                                 "not prepared yet (otherwise: an error naming the "
+                                 "command that prepares it).")
     num_classes: int = _field(0, "Number of classes; 0 = the number of lines of the "
                               "labels file.")
     shuffle_buffer: int = _field(2048, "Training shuffle buffer (records).")
@@ -55,7 +61,9 @@ class Config:
     crop_scales: tuple = _field((), "Multi-scale random crop scales, e.g. "
                                 "1.0,0.875,0.75 (off in the paper).", element=float)
     # --- model ---
-    backbone: str = _field("resnet101", "Feature extractor f_cnn.", choices=BACKBONES)
+    backbone: str = _field("resnet101", "Feature extractor f_cnn: "
+                           f"{', '.join(BACKBONES)} or keras_hub:<preset> (e.g. "
+                           "keras_hub:resnet_101_imagenet).")
     backbone_weights: str | None = _field("imagenet", "'imagenet', a local weights file, "
                                           "or empty for random initialisation.")
     variant: str = _field("crl", "Model variant (SPEC §3).", choices=VARIANTS)
@@ -141,7 +149,7 @@ def config_from_flags(flag_values=flags.FLAGS):
         values[field.name] = value
     if values["backbone_weights"] in ("", "none", "None"):
         values["backbone_weights"] = None
-    for name in ("export_dir", "eval_files", "selection_files", "labels_file"):
+    for name in ("export_dir", "eval_files", "selection_files", "labels_file", "data_dir"):
         if not values[name]:
             values[name] = None
     return Config(**values)
@@ -210,9 +218,10 @@ def _validate_names(config):
     if config.variant not in VARIANTS:
         raise ValueError(f"--variant={config.variant!r} is unknown; choose one of "
                          f"{', '.join(VARIANTS)}.")
-    if config.backbone not in BACKBONES:
-        raise ValueError(f"--backbone={config.backbone!r} is unknown; choose one of "
-                         f"{', '.join(BACKBONES)}.")
+    try:
+        backbones.check_backbone_name(config.backbone)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     if config.strategy not in STRATEGIES:
         raise ValueError(f"--strategy={config.strategy!r} is unknown; choose one of "
                          f"{', '.join(STRATEGIES)}.")

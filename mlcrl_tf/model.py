@@ -175,8 +175,12 @@ class MLCRLModel(keras.Model):
     `model.inference_model` is a functional `keras.Model` images → logits
     sharing the same layers, with no co-projector weights; it is what gets
     exported. `model.label_projector(y)` projects multi-hot label vectors
-    (the MSE ablation's target). Images are expected normalised by
-    `mlcrl_tf.backbones.normalize_images` for this backbone.
+    (the MSE ablation's target).
+
+    Input contract: RGB pixels in [0, 255] (float or uint8), (B, S, S, 3).
+    The model normalises them itself with its backbone's
+    `backbones.InputNormalization` layer (float32, no variables), in the
+    training model, the inference model and hence in every export.
 
     Training the Keras way: `model.compile(optimizer, objective=...)` then
     `model.fit(dataset)` trains the paper's objective (`losses.Objective`:
@@ -189,7 +193,8 @@ class MLCRLModel(keras.Model):
 
     Args:
         num_classes: C, number of labels.
-        backbone: a name from `mlcrl_tf.backbones.BACKBONES`.
+        backbone: a name from `mlcrl_tf.backbones.BACKBONES` or
+            `keras_hub:<preset>`.
         image_size: square input side in pixels.
         variant: a name from `VARIANTS`.
         backbone_weights: None, "imagenet" or a local weights file path.
@@ -213,6 +218,7 @@ class MLCRLModel(keras.Model):
         c = self.num_classes
 
         # === Layers ===
+        self.input_normalization = backbones.input_normalization(backbone)
         self.backbone = backbones.build_backbone(backbone, image_size, backbone_weights)
         self.fused_pool = FusedPooling(name="fused_pool")
         self.classifier = layers.Dense(c, name="classifier")
@@ -227,7 +233,7 @@ class MLCRLModel(keras.Model):
         # The inference branch is built from the same layer objects, so it
         # always holds the trained weights.
         images = keras.Input((self.image_size, self.image_size, 3), name="images")
-        features = self.backbone(images)
+        features = self.backbone(self.input_normalization(images))
         fconv = self.f_conv(features) if self.f_conv is not None else None
         logits = self._head(features, fconv)
         self.inference_model = keras.Model(images, logits, name=f"{variant}_inference")
@@ -251,7 +257,7 @@ class MLCRLModel(keras.Model):
         return ops.cast(logits, "float32")
 
     def call(self, images, training=None):
-        features = self.backbone(images, training=training)
+        features = self.backbone(self.input_normalization(images), training=training)
         fconv = self.f_conv(features) if self.f_conv is not None else None
         outputs = {"logits": self._head(features, fconv)}
         if self.image_projector is not None:
@@ -387,8 +393,12 @@ def _check_arguments(num_classes, backbone, image_size, variant):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
     backbones.check_backbone_name(backbone)
     check_variant_name(variant)
+    if not isinstance(image_size, int) or isinstance(image_size, bool):
+        raise ValueError(f"image_size must be an integer, got {image_size!r}.")
+    if backbone not in backbones.BACKBONES:
+        return  # KerasHub: keras_hub_backbones.build checks the size against its stride
     stride = backbones.feature_stride(backbone)
-    if not isinstance(image_size, int) or image_size < stride:
+    if image_size < stride:
         raise ValueError(
             f"image_size must be an integer >= {stride} for backbone={backbone!r}, "
             f"got {image_size!r}.")

@@ -21,7 +21,8 @@ decays both rates together, as PyTorch's `MultiStepLR` decays every group.
 
 `make_optimizer(model, ...)` builds the recipe's optimizer for an
 `MLCRLModel` (backbone multiplier set, loss scaling for float16), the one
-both `model.fit()` and the CLI training loop use.
+both `model.fit()` and the CLI training loop use. `ExponentialMovingAverage`
+keeps the optional EMA weights (`--ema_decay`) used for evaluation and export.
 """
 
 import keras
@@ -173,3 +174,37 @@ def make_optimizer(model, learning_rate, backbone_learning_rate, momentum=0.9,
 def inner_optimizer(optimizer):
     """The `PaperSGD` inside a possible `LossScaleOptimizer`."""
     return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+class ExponentialMovingAverage(tf.Module):
+    """Shadow copies of the trainable weights: ema = d * ema + (1 - d) * w.
+
+    The shadow variables are created in the distribution strategy's scope
+    with ONLY_FIRST_REPLICA aggregation, so `update` can run inside
+    `strategy.run` (every replica computes the same value).
+    """
+
+    def __init__(self, variables, decay):
+        super().__init__(name="ema")
+        self.decay = float(decay)
+        self._model_variables = list(variables)
+        self.shadow = [
+            tf.Variable(v, trainable=False, name=v.name.split(":")[0] + "_ema",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            for v in self._model_variables]
+
+    def update(self):
+        for s, v in zip(self.shadow, self._model_variables):
+            s.assign(self.decay * s + (1.0 - self.decay) * tf.cast(v, s.dtype))
+
+    def copy_to_model(self):
+        """Overwrites the model's weights with the averages (for eval/export)."""
+        for s, v in zip(self.shadow, self._model_variables):
+            v.assign(tf.cast(s, v.dtype))
+
+    def swap(self):
+        """Exchanges model weights and averages (call twice to undo)."""
+        for s, v in zip(self.shadow, self._model_variables):
+            tmp = tf.identity(v)
+            v.assign(tf.cast(s, v.dtype))
+            s.assign(tf.cast(tmp, s.dtype))

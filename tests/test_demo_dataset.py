@@ -84,7 +84,7 @@ def test_tfrecords_carry_the_coco_labels(demo_sets, split):
     ds = input_pipeline.make_dataset(
         tfrecord_lib.split_file_pattern(os.path.join(output_dir, "tfrecords"),
                                         split),
-        batch_size=7, image_size=96, num_classes=10, backbone="small_cnn",
+        batch_size=7, image_size=96, num_classes=10,
         training=False)
     got = {}
     for batch in ds.as_numpy_iterator():

@@ -11,8 +11,8 @@ import tensorflow as tf
 from conftest import run_module
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
-from mlcrl_tf import evaluate
-from mlcrl_tf import export
+from mlcrl_tf import evaluate_lib as evaluate
+from mlcrl_tf import export_lib as export
 from mlcrl_tf import metrics
 from mlcrl_tf import train_lib
 from pipelines import input_pipeline
@@ -31,15 +31,14 @@ def trained(demo_data, tmp_path_factory):
         backbone_weights=None, lr_decay_epochs=())
     train_lib.train_and_evaluate(config)
     model, config, class_names, _ = checkpoints.restore_model(config.model_dir)
-    export_path = export.export_model(model, str(root / "export"), class_names,
-                                      backbone=config.backbone)
+    export_path = export.export_model(model, str(root / "export"), class_names)
     return {"config": config, "model": model, "class_names": class_names,
             "export": export_path, "root": root}
 
 
 def test_evaluate_model_equals_metrics_on_all_predictions(trained, demo_data):
     config, model = trained["config"], trained["model"]
-    dataset = input_pipeline.make_dataset(demo_data["test_files"], 5, 48, 10, "small_cnn",
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 5, 48, 10,
                                           training=False)
     result = evaluate.evaluate_model(model, dataset, 10, num_samples=3)
     batches = list(dataset.as_numpy_iterator())
@@ -84,7 +83,7 @@ def test_undecodable_record_is_skipped_and_counted(trained, demo_data, tmp_path)
         for record in records[:3] + [bad] + records[3:]:
             writer.write(record)
     counter = input_pipeline.SkipCounter()
-    dataset = input_pipeline.make_dataset(path, 4, 48, 10, "small_cnn", training=False,
+    dataset = input_pipeline.make_dataset(path, 4, 48, 10, training=False,
                                           skip_counter=counter)
     result = evaluate.evaluate_model(trained["model"], dataset, 10, skip_counter=counter)
     assert (result.num_examples, result.num_skipped) == (6, 1)
@@ -95,9 +94,9 @@ def test_undecodable_record_is_skipped_and_counted(trained, demo_data, tmp_path)
 
 
 class _SaturatingModel:
-    """The trained model with its output layers scaled x60: logits far beyond 16.6."""
+    """The trained model with its output layers scaled x200: logits far beyond 16.6."""
 
-    def __init__(self, model, factor=60.0):
+    def __init__(self, model, factor=200.0):
         for layer in (model.classifier, model.f_conv):
             for v in layer.weights:
                 v.assign(v * factor)
@@ -111,7 +110,7 @@ def test_checkpoint_and_export_evaluation_rank_saturated_logits(trained, demo_da
     """Logits >= 16.6 saturate float32 probabilities; evaluation must rank the logits."""
     model, config, class_names, _ = checkpoints.restore_model(trained["config"].model_dir)
     model = _SaturatingModel(model).model
-    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10, "small_cnn",
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10,
                                           training=False)
     batches = list(dataset.as_numpy_iterator())
     logits = model.inference_model(np.concatenate([b["images"] for b in batches])).numpy()
@@ -122,8 +121,7 @@ def test_checkpoint_and_export_evaluation_rank_saturated_logits(trained, demo_da
     flattened = metrics.multilabel_metrics(probabilities, labels)
     assert abs(flattened["mAP"] - expected["mAP"]) > 1e-3  # the test can tell them apart
     on_checkpoint = evaluate.evaluate_model(model, dataset, 10)
-    export_path = export.export_model(model, str(tmp_path / "export"), class_names,
-                                      backbone=config.backbone)
+    export_path = export.export_model(model, str(tmp_path / "export"), class_names)
     on_export = evaluate.evaluate_saved_model(export_path, demo_data["test_files"], 10)
     for result in (on_checkpoint, on_export):
         assert result.metrics["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
@@ -142,7 +140,7 @@ def test_output_scores_file(trained, demo_data, tmp_path):
     assert len(set(scores["filenames"])) == 32 and list(scores["class_names"])[8] == "Bag"
     recomputed = metrics.multilabel_metrics(scores["logits"], scores["labels"],
                                             from_logits=True)
-    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10, "small_cnn",
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10,
                                           training=False)
     direct = evaluate.evaluate_model(trained["model"], dataset, 10)
     assert recomputed["mAP"] == pytest.approx(direct.metrics["mAP"], abs=1e-7)
@@ -165,7 +163,7 @@ def test_difficult_labels_are_ignored_by_every_metric(trained, demo_data, tmp_pa
                 feature[tfrecord_lib.FILENAME_KEY].bytes_list.value[0].decode(),
                 labels, difficult).SerializeToString())
     assert marked == 16
-    dataset = input_pipeline.make_dataset(path, 8, 48, 10, "small_cnn", training=False)
+    dataset = input_pipeline.make_dataset(path, 8, 48, 10, training=False)
     batches = list(dataset.as_numpy_iterator())
     logits = trained["model"].inference_model(
         np.concatenate([b["images"] for b in batches])).numpy()

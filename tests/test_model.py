@@ -1,6 +1,9 @@
 """Tests for mlcrl_tf.model: shapes, the inference branch, the D×C + C claim,
 and which weights a real gradient step moves."""
 
+import json
+import pathlib
+
 import numpy as np
 import pytest
 import keras
@@ -29,7 +32,7 @@ def real_batch():
             canvases[b, y:y + 28, x:x + 28, slot] = np.maximum(
                 canvases[b, y:y + 28, x:x + 28, slot], images[idx])
             multi_hot[b, labels[idx]] = 1.0
-    return backbones.normalize_images(canvases, "small_cnn").numpy(), multi_hot
+    return canvases, multi_hot  # RGB in [0, 255]: the model normalises
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -269,3 +272,57 @@ def test_checkpoint_round_trip_restores_every_variable(variant, tmp_path):
     assert len(clone.variables) == len(model.variables)
     for a, b in zip(model.variables, clone.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+# --------------------------------------------------------------------------
+# The model owns its input normalisation.
+# --------------------------------------------------------------------------
+
+def test_input_normalization_is_bit_identical_to_the_old_formulas():
+    """small_cnn: x / 127.5 - 1; caffe: RGB->BGR minus the ImageNet BGR mean."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)
+    small = backbones.input_normalization("small_cnn")(x).numpy()
+    np.testing.assert_array_equal(small, x / np.float32(127.5) - np.float32(1.0))
+    caffe = backbones.input_normalization("resnet101")(x).numpy()
+    mean = np.array([103.939, 116.779, 123.68], np.float32)
+    np.testing.assert_array_equal(caffe, x[..., ::-1] - mean)
+    assert not backbones.input_normalization("vgg16").weights
+
+
+def test_model_normalises_raw_pixels_itself(real_batch):
+    images, _ = real_batch
+    model = build_model(NUM_CLASSES, backbone="small_cnn", image_size=64, variant="crl")
+    by_hand = model.classifier(model.fused_pool(model.backbone(
+        backbones.normalize_images(images, "small_cnn"), training=False)))
+    fconv = model.f_conv(model.backbone(backbones.normalize_images(images, "small_cnn"),
+                                        training=False))
+    expected = by_hand + keras.ops.max(fconv, axis=(1, 2))
+    np.testing.assert_allclose(model.inference_model(images), expected, rtol=1e-5, atol=1e-5)
+    assert model.inference_model.layers[1].name == "input_normalization"
+
+
+def test_normalization_runs_in_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = backbones.input_normalization("small_cnn")
+        out = layer(np.full((1, 2, 2, 3), 200.0, np.float32))
+        assert out.dtype == tf.float32 and layer.compute_dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    config = layer.get_config()
+    clone = backbones.InputNormalization.from_config(config)
+    assert clone.divisor == (127.5,) * 3 and clone.offset == (-1.0,) * 3
+
+
+@pytest.mark.parametrize("variant", ["crl", "baseline"])
+def test_checkpoints_of_earlier_versions_still_restore(variant, tmp_path):
+    """Same checkpoint keys and shapes as version 0.1 (before the model owned
+    its normalisation): old checkpoints restore into the new model."""
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "checkpoint_keys_0.1.json"
+    expected = {key: shape for key, shape in json.loads(fixture.read_text())[variant]}
+    model = build_model(5, backbone="small_cnn", image_size=32, variant=variant)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    got = {key: list(shape) for key, shape in tf.train.list_variables(path)
+           if key.startswith("model/")}
+    assert got == expected

@@ -1,0 +1,137 @@
+"""The data a training run reads: shards (or a TFDS split), classes, sizes.
+
+`resolve_data(config)` checks `--train_files`, `--eval_files` and
+`--selection_files` before any training work, fills `num_classes` from the
+label map, and counts the training records (for steps per epoch). A source
+is a glob of TFRecord shards of our schema or a prepared TensorFlow Datasets
+split `tfds:NAME:SPLIT` (`pipelines.tfds_source`, with `--data_dir` and,
+only when asked, `--tfds_download`).
+"""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import tfds_source
+from pipelines import tfrecord_lib
+
+
+def resolve_data(config):
+    """Checks the data flags; fills num_classes; finds class names and sizes.
+
+    Returns:
+        (config with num_classes set, class_names, number of training records)
+
+    Raises:
+        ValueError: missing/empty/incomplete shards, held-out files shared
+            with training, a labels file that disagrees with --num_classes,
+            or neither of them.
+    """
+    if tfds_source.is_tfds(config.train_files or ""):
+        split = _open_tfds(config.train_files, "train_files", config)
+        class_names, labels_file = split.class_names, f"{config.train_files} (TFDS)"
+        num_records = split.count()["num_records"]
+    else:
+        train_files = find_files(config.train_files, "train_files")
+        class_names, labels_file = _label_map(config, train_files)
+        num_records = None
+    for flag in ("eval_files", "selection_files"):
+        _check_source(config, flag)
+    if config.selection_files and not tfds_source.is_tfds(config.train_files):
+        _check_held_out(config.selection_files, train_files)
+    if config.labels_file:
+        class_names = _read_labels_file(config.labels_file)
+        labels_file = config.labels_file
+    num_classes = _num_classes(config.num_classes, class_names, labels_file)
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    if num_records is None:
+        num_records = count_records(train_files)
+    return config.replace(num_classes=num_classes), class_names, num_records
+
+
+def find_files(pattern, flag):
+    """The shard files of a glob; ValueError naming the flag."""
+    if not pattern:
+        raise ValueError(f"--{flag} is empty: give a glob of TFRecord shards.")
+    try:
+        return tfrecord_lib.find_shards(pattern)
+    except ValueError as e:
+        raise ValueError(f"--{flag}={pattern!r}: {e}") from None
+
+
+def _open_tfds(source, flag, config):
+    try:
+        return tfds_source.open_split(source, data_dir=config.data_dir,
+                                      download=config.tfds_download)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"--{flag}={source!r}: {e}") from None
+
+
+def _check_source(config, flag):
+    source = getattr(config, flag)
+    if not source:
+        return
+    if tfds_source.is_tfds(source):
+        _open_tfds(source, flag, config)
+    else:
+        find_files(source, flag)
+
+
+def _check_held_out(selection_files, train_files):
+    held_out = find_files(selection_files, "selection_files")
+    shared = sorted(set(map(os.path.realpath, held_out))
+                    & set(map(os.path.realpath, train_files)))
+    if shared:
+        raise ValueError(
+            f"--selection_files={selection_files!r} shares {len(shared)} file(s) with "
+            f"--train_files (e.g. {shared[0]}): selection data must be held out of "
+            "training.")
+
+
+def _label_map(config, train_files):
+    """(class names or None, the labels file looked at) beside the shards."""
+    labels_file = os.path.join(os.path.dirname(train_files[0]),
+                               tfrecord_lib.LABELS_FILENAME)
+    if tf.io.gfile.exists(labels_file):
+        return tfrecord_lib.read_class_names(labels_file), labels_file
+    return None, labels_file
+
+
+def _read_labels_file(path):
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"--labels_file={path!r} does not exist.")
+    return tfrecord_lib.read_class_names(path)
+
+
+def _num_classes(num_classes, class_names, labels_file):
+    if num_classes == 0:
+        if class_names is None:
+            raise ValueError(f"--num_classes is 0 and there is no labels file at "
+                             f"{labels_file!r}: give --num_classes or --labels_file.")
+        return len(class_names)
+    if class_names is not None and num_classes != len(class_names):
+        raise ValueError(f"--num_classes={num_classes} disagrees with the data's "
+                         f"label map {labels_file!r} ({len(class_names)} classes).")
+    return num_classes
+
+
+def count_records(files):
+    """Records in the shards: from the converters' reports, else by reading."""
+    by_split = {}
+    for path in files:
+        name = os.path.basename(path)
+        split = name.split("-")[0] if "-" in name else None
+        by_split.setdefault((os.path.dirname(path), split), []).append(path)
+    total = 0
+    for (directory, split), paths in by_split.items():
+        report = tfrecord_lib.report_path(directory, split) if split else None
+        if report and tf.io.gfile.exists(report):
+            with tf.io.gfile.GFile(report) as f:
+                total += int(json.load(f)["num_records"])
+        else:
+            total += int(tf.data.TFRecordDataset(paths).reduce(
+                np.int64(0), lambda n, _: n + 1).numpy())
+    return total
