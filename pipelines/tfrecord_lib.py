@@ -734,9 +734,7 @@ def _check_labels_file(output_dir, class_names, split, overwrite):
     path = os.path.join(output_dir, LABELS_FILENAME)
     if not os.path.exists(path):
         return True
-    with open(path, encoding="utf-8", newline="") as f:
-        existing = f.read()
-    if existing == "\n".join(class_names) + "\n":
+    if read_class_names(path) == class_names:
         return False
     others = sorted(name[:-len(REPORT_SUFFIX)]
                     for name in os.listdir(output_dir)

@@ -808,3 +808,13 @@ def test_write_split_reports_progress(tmp_path, mixed_records):
     assert lines[0] == "train: 0/6 images (0.0%)"
     assert lines[-2].startswith("train: 6/6 images (100.0%)")
     assert lines[-1].startswith("train: 6 images in ")
+
+
+def test_existing_crlf_labels_file_with_the_same_names_is_kept(
+        tmp_path, mixed_records):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "labels.txt").write_bytes(b"cat\r\ndog\r\nperson\r\n")
+    lib.write_split(mixed_records[:1], str(out), "train", CLASSES,
+                    num_shards=1, num_workers=1)
+    assert (out / "labels.txt").read_bytes() == b"cat\r\ndog\r\nperson\r\n"
