@@ -15,6 +15,11 @@ Converts PASCAL VOC 2007 into the mlcrl_tf TFRecord schema (see
 * A missing or malformed annotation XML, or an object of an unknown class,
   is an error (the dataset is broken); a missing or unreadable image is
   skipped and listed in `<split>_report.json`.
+* Ids in the split file must be plain file stems (no path separator, not
+  `.`/`..`) and appear once; `JPEGImages/<id>.jpg` must resolve (symlinks
+  followed) inside `JPEGImages` unless `--allow_paths_outside_image_dir`.
+* Progress (count, rate, ETA) goes to stderr; the summary line to stdout.
+  Limits and guarantees: docs/reliability.md.
 """
 
 import os
@@ -24,6 +29,7 @@ import xml.etree.ElementTree as ElementTree
 from absl import app
 from absl import flags
 
+from pipelines import progress
 from pipelines import tfrecord_lib
 
 VOC_CLASSES = (
@@ -48,13 +54,15 @@ def read_annotation(xml_path):
         ValueError: the file is missing or malformed, or names an unknown
             class.
     """
-    if not os.path.isfile(xml_path):
-        raise ValueError(f"annotation {xml_path} does not exist")
+    tfrecord_lib.check_input_file(xml_path, "annotation")
     try:
         root = ElementTree.parse(xml_path).getroot()
     except ElementTree.ParseError as e:
         raise ValueError(
             f"annotation {xml_path} is not valid XML: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read annotation {xml_path}: "
+                         f"{e.strerror or e}") from None
     # Per class: does a non-difficult object exist?
     has_easy = {}
     num_difficult = 0
@@ -76,25 +84,46 @@ def read_annotation(xml_path):
     return labels, difficult, len(objects), num_difficult
 
 
-def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
-            overwrite=False):
-    """Converts one VOC split to sharded TFRecords.
-
-    Args:
-        voc_dir: `.../VOCdevkit/VOC2007`.
-        split: one of `VOC_SPLITS`; also the output split name.
-        output_dir: where shards, labels.txt and the report go.
-        num_shards: number of shard files.
-        num_workers: writer processes (default: see `write_split`).
-        overwrite: replace an existing split in output_dir.
+def read_split_ids(list_file):
+    """Reads `ImageSets/Main/<split>.txt`: the first word of each line.
 
     Returns:
-        The report dict (also `<output_dir>/<split>_report.json`).
+        List of `(line_number, image_id)`.
 
     Raises:
-        ValueError: bad split, missing VOC folders/files, malformed XML,
-            existing output without overwrite.
+        ValueError: naming the file and line: not UTF-8, an id that is not
+            a plain file stem, a repeated id, or no id at all.
     """
+    tfrecord_lib.check_input_file(list_file, "VOC split file")
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"VOC split file {list_file} is not UTF-8: {e}"
+                         ) from None
+    ids = []
+    first = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        if (image_id in (".", "..") or os.sep in image_id
+                or "/" in image_id or "\0" in image_id):
+            raise ValueError(f"{list_file}, line {number}: image id "
+                             f"{image_id!r} is not a plain file name")
+        if image_id in first:
+            raise ValueError(f"{list_file}, line {number}: image id "
+                             f"{image_id} already listed on line "
+                             f"{first[image_id]}")
+        first[image_id] = number
+        ids.append((number, image_id))
+    if not ids:
+        raise ValueError(f"VOC split file {list_file} lists no image")
+    return ids
+
+
+def _check_voc_dir(voc_dir, split):
+    """Returns the split file and the image folder of a VOC tree."""
     if split not in VOC_SPLITS:
         raise ValueError(f"split {split!r} must be one of {VOC_SPLITS}")
     if not os.path.isdir(voc_dir):
@@ -107,20 +136,45 @@ def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
         if not exists(path):
             raise ValueError(f"VOC {what} {path} does not exist (is voc_dir "
                              "the VOC2007 folder inside VOCdevkit?)")
-    with open(list_file, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
-    if not ids:
-        raise ValueError(f"VOC split file {list_file} lists no image")
+    return list_file, image_dir
 
+
+def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
+            overwrite=False, limits=None, allow_paths_outside_image_dir=False,
+            progress=None):
+    """Converts one VOC split to sharded TFRecords.
+
+    Args:
+        voc_dir: `.../VOCdevkit/VOC2007`.
+        split: one of `VOC_SPLITS`; also the output split name.
+        output_dir: where shards, labels.txt and the report go.
+        num_shards: number of shard files.
+        num_workers: processes reading images (default: see `write_split`).
+        overwrite: replace an existing split in output_dir.
+        limits: `tfrecord_lib.ImageLimits` (default: the defaults).
+        allow_paths_outside_image_dir: accept images whose real path is
+            outside JPEGImages (symlinks).
+        progress: a `pipelines.progress.Progress`, or None (silent).
+
+    Returns:
+        The report dict (also `<output_dir>/<split>_report.json`).
+
+    Raises:
+        ValueError: bad split, missing VOC folders/files, a bad or repeated
+            id, malformed XML, an image outside JPEGImages, existing output
+            without overwrite, or an output that cannot be written.
+    """
+    list_file, image_dir = _check_voc_dir(voc_dir, split)
+    paths = tfrecord_lib.ImagePaths(image_dir, allow_paths_outside_image_dir)
     records = []
     num_objects = num_difficult_objects = 0
-    for image_id in ids:
+    for line, image_id in read_split_ids(list_file):
         labels, difficult, n, n_difficult = read_annotation(
             os.path.join(voc_dir, "Annotations", image_id + ".xml"))
         num_objects += n
         num_difficult_objects += n_difficult
         records.append(tfrecord_lib.ImageRecord(
-            path=os.path.join(image_dir, image_id + ".jpg"),
+            path=paths.resolve(image_id + ".jpg", f"{list_file}, line {line}"),
             filename=image_id + ".jpg",
             labels=tuple(labels), difficult=tuple(difficult)))
     extra = {
@@ -131,7 +185,8 @@ def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
     }
     return tfrecord_lib.write_split(
         records, output_dir, split, list(VOC_CLASSES), num_shards,
-        num_workers=num_workers, overwrite=overwrite, extra_report=extra)
+        num_workers=num_workers, overwrite=overwrite, extra_report=extra,
+        limits=limits, progress=progress)
 
 
 def define_flags():
@@ -146,12 +201,12 @@ def define_flags():
 def main(argv):
     del argv
     f = flags.FLAGS
-    try:
-        report = convert(f.voc_dir, f.split, f.output_dir,
-                         num_shards=f.num_shards, num_workers=f.num_workers,
-                         overwrite=f.overwrite)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    with progress.Progress(unit="images") as bar:
+        try:
+            report = convert(f.voc_dir, f.split, f.output_dir, progress=bar,
+                             **tfrecord_lib.writer_options(f))
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
     print(tfrecord_lib.format_summary(report, f.output_dir))
 
 
