@@ -2,16 +2,17 @@
 
 `resolve_data(config)` checks `--train_files`, `--eval_files` and
 `--selection_files` before any training work, fills `num_classes` from the
-label map, and counts the training records (for steps per epoch). A source
+label map, checks that every `labels.txt` beside the matched shards names
+the same classes in the same order (a shifted label map would score class
+i as class j without any error), and counts the training records of the
+matched shards only (for steps per epoch). A source
 is a glob of TFRecord shards of our schema or a prepared TensorFlow Datasets
 split `tfds:NAME:SPLIT` (`pipelines.tfds_source`, with `--data_dir` and,
 only when asked, `--tfds_download`).
 """
 
-import json
 import os
 
-import numpy as np
 import tensorflow as tf
 
 from pipelines import tfds_source
@@ -35,20 +36,20 @@ def resolve_data(config):
         num_records = split.count()["num_records"]
     else:
         train_files = find_files(config.train_files, "train_files")
-        class_names, labels_file = _label_map(config, train_files)
+        class_names, labels_file = _label_map(train_files)
         num_records = None
-    for flag in ("eval_files", "selection_files"):
-        _check_source(config, flag)
-    if config.selection_files and not tfds_source.is_tfds(config.train_files):
-        _check_held_out(config.selection_files, train_files)
     if config.labels_file:
         class_names = _read_labels_file(config.labels_file)
         labels_file = config.labels_file
+    for flag in ("eval_files", "selection_files"):
+        _check_source(config, flag, class_names, labels_file)
+    if config.selection_files and not tfds_source.is_tfds(config.train_files):
+        _check_held_out(config.selection_files, train_files)
     num_classes = _num_classes(config.num_classes, class_names, labels_file)
     if class_names is None:
         class_names = [f"class_{i}" for i in range(num_classes)]
     if num_records is None:
-        num_records = count_records(train_files)
+        num_records = tfrecord_lib.count_records(train_files)
     return config.replace(num_classes=num_classes), class_names, num_records
 
 
@@ -70,14 +71,43 @@ def _open_tfds(source, flag, config):
         raise ValueError(f"--{flag}={source!r}: {e}") from None
 
 
-def _check_source(config, flag):
+def _check_source(config, flag, class_names, labels_file):
     source = getattr(config, flag)
     if not source:
         return
     if tfds_source.is_tfds(source):
-        _open_tfds(source, flag, config)
+        names = _open_tfds(source, flag, config).class_names
     else:
-        find_files(source, flag)
+        names = _shard_class_names(find_files(source, flag), flag)
+    check_same_classes(names, class_names, f"--{flag}={source!r}", labels_file)
+
+
+def check_same_classes(names, expected, what, expected_from):
+    """Raises ValueError unless two label maps agree (None = unknown: passes).
+
+    Args:
+        names: the class names of the data being read (or None).
+        expected: the class names of the run or export (or None).
+        what: how to name the data in the message.
+        expected_from: where `expected` came from, for the message.
+    """
+    if names is None or expected is None or list(names) == list(expected):
+        return
+    where = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b),
+                 min(len(names), len(expected)))
+    detail = (f"class id {where} is {names[where]!r} there but {expected[where]!r} in "
+              f"{expected_from}" if where < min(len(names), len(expected))
+              else f"{len(names)} classes there, {len(expected)} in {expected_from}")
+    raise ValueError(f"{what}: the label map differs from the run's ({detail}); every "
+                     "class id would be scored as another class. Convert the data with "
+                     "the same class list (--classes=<labels.txt>).")
+
+
+def _shard_class_names(files, flag):
+    try:
+        return tfrecord_lib.class_names_for_shards(files)
+    except ValueError as e:
+        raise ValueError(f"--{flag}: {e}") from None
 
 
 def _check_held_out(selection_files, train_files):
@@ -91,13 +121,14 @@ def _check_held_out(selection_files, train_files):
             "training.")
 
 
-def _label_map(config, train_files):
-    """(class names or None, the labels file looked at) beside the shards."""
+def _label_map(train_files):
+    """(class names or None, the labels file looked at) beside the shards.
+
+    Every directory the training glob spans must have the same labels.txt.
+    """
     labels_file = os.path.join(os.path.dirname(train_files[0]),
                                tfrecord_lib.LABELS_FILENAME)
-    if tf.io.gfile.exists(labels_file):
-        return tfrecord_lib.read_class_names(labels_file), labels_file
-    return None, labels_file
+    return _shard_class_names(train_files, "train_files"), labels_file
 
 
 def _read_labels_file(path):
@@ -116,22 +147,3 @@ def _num_classes(num_classes, class_names, labels_file):
         raise ValueError(f"--num_classes={num_classes} disagrees with the data's "
                          f"label map {labels_file!r} ({len(class_names)} classes).")
     return num_classes
-
-
-def count_records(files):
-    """Records in the shards: from the converters' reports, else by reading."""
-    by_split = {}
-    for path in files:
-        name = os.path.basename(path)
-        split = name.split("-")[0] if "-" in name else None
-        by_split.setdefault((os.path.dirname(path), split), []).append(path)
-    total = 0
-    for (directory, split), paths in by_split.items():
-        report = tfrecord_lib.report_path(directory, split) if split else None
-        if report and tf.io.gfile.exists(report):
-            with tf.io.gfile.GFile(report) as f:
-                total += int(json.load(f)["num_records"])
-        else:
-            total += int(tf.data.TFRecordDataset(paths).reduce(
-                np.int64(0), lambda n, _: n + 1).numpy())
-    return total

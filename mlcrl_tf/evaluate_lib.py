@@ -18,13 +18,13 @@ difficult mask to a NumPy .npz file for further analysis.
 import dataclasses
 import io
 import json
-import os
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from mlcrl_tf import checkpoints
+from mlcrl_tf import data as data_lib
 from mlcrl_tf import metrics as metrics_lib
 from mlcrl_tf import serving
 from pipelines import input_pipeline
@@ -193,11 +193,10 @@ def format_report(result, class_names, name, per_class=False):
 
 
 def class_names_for(eval_files, labels_file=None):
-    """Class names from `labels_file`, else labels.txt beside the shards."""
-    path = labels_file or os.path.join(
-        os.path.dirname(tfrecord_lib.find_shards(eval_files)[0]),
-        tfrecord_lib.LABELS_FILENAME)
-    return tfrecord_lib.read_class_names(path)
+    """Class names from `labels_file`, else labels.txt beside the shards (or None)."""
+    if labels_file:
+        return tfrecord_lib.read_class_names(labels_file)
+    return tfrecord_lib.class_names_for_shards(tfrecord_lib.find_shards(eval_files))
 
 
 def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoint=None,
@@ -233,11 +232,18 @@ def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoin
     if not eval_files:
         raise ValueError("--eval_files is empty and the run has no --eval_files.")
     threshold = threshold or (config.threshold if config else 0.5)
+    data_names = class_names_for(eval_files, labels_file)
     if saved_model:
-        class_names = class_names or class_names_for(eval_files, labels_file)
-        result = evaluate_saved_model(saved_model, eval_files, len(class_names), threshold,
+        exported = serving.ExportClient(saved_model).class_names
+        data_lib.check_same_classes(data_names, exported, f"--eval_files={eval_files!r}",
+                                    f"the export {saved_model}")
+        data_lib.check_same_classes(class_names, exported, f"--model_dir={model_dir!r}",
+                                    f"the export {saved_model}")
+        result = evaluate_saved_model(saved_model, eval_files, len(exported), threshold,
                                       batch_size, max_steps, keep_scores=keep_scores)
-        return result, class_names, saved_model
+        return result, exported, saved_model
+    data_lib.check_same_classes(data_names, class_names, f"--eval_files={eval_files!r}",
+                                f"{model_dir}/run.json")
     model, config, class_names, path = checkpoints.restore_model(
         model_dir, checkpoint, best, use_ema)
     counter = input_pipeline.SkipCounter()

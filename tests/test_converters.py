@@ -4,6 +4,7 @@ Fixture images come from `sklearn.datasets.load_sample_images()`; the COCO
 JSON, VOC tree and CSV are written by the tests into tmp dirs.
 """
 
+import importlib
 import json
 import os
 import re
@@ -17,10 +18,10 @@ import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-from pipelines import coco_to_tfrecord
-from pipelines import csv_to_tfrecord
+from pipelines import coco_lib
+from pipelines import csv_lib
 from pipelines import tfrecord_lib as lib
-from pipelines import voc_to_tfrecord
+from pipelines import voc_lib
 
 W, H = 80, 56
 
@@ -77,13 +78,12 @@ def class_counts(report):
             for c in report["class_counts"]}
 
 
-@pytest.mark.parametrize("module,command", [
-    (coco_to_tfrecord, "python -m pipelines.coco_to_tfrecord "),
-    (voc_to_tfrecord, "python -m pipelines.voc_to_tfrecord "),
-    (csv_to_tfrecord, "python -m pipelines.csv_to_tfrecord "),
-])
-def test_docstring_starts_with_run_command(module, command):
-    assert module.__doc__.startswith(command)
+@pytest.mark.parametrize("name", ["coco", "voc", "csv"])
+def test_docstring_starts_with_run_command(name):
+    command = f"python -m pipelines.{name}_to_tfrecord "
+    cli = importlib.import_module(f"pipelines.{name}_to_tfrecord")
+    assert cli.__doc__.startswith(command)
+    assert command in importlib.import_module(f"pipelines.{name}_lib").__doc__
 
 
 # ----------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def coco(tmp_path, photos):
 def test_coco_round_trip(tmp_path, coco):
     annotations_file, image_dir = coco
     out = str(tmp_path / "out")
-    report = coco_to_tfrecord.convert(annotations_file, image_dir, out,
+    report = coco_lib.convert(annotations_file, image_dir, out,
                                       num_shards=2, num_workers=1)
 
     assert report["split"] == "val2014"
@@ -148,10 +148,10 @@ def test_coco_round_trip(tmp_path, coco):
 
 def test_coco_split_name(tmp_path, coco):
     annotations_file, image_dir = coco
-    assert coco_to_tfrecord.default_split("a/instances_train2014.json") == (
+    assert coco_lib.default_split("a/instances_train2014.json") == (
         "train2014")
-    assert coco_to_tfrecord.default_split("my_coco.json") == "train"
-    report = coco_to_tfrecord.convert(annotations_file, image_dir,
+    assert coco_lib.default_split("my_coco.json") == "train"
+    report = coco_lib.convert(annotations_file, image_dir,
                                       str(tmp_path / "out"), split="minival",
                                       num_shards=1, num_workers=1)
     assert report["split"] == "minival"
@@ -163,18 +163,18 @@ def test_coco_bad_inputs(tmp_path, coco):
     out = str(tmp_path / "out")
     missing = str(tmp_path / "instances_nope.json")
     with pytest.raises(ValueError, match="does not exist") as info:
-        coco_to_tfrecord.convert(missing, image_dir, out)
+        coco_lib.convert(missing, image_dir, out)
     assert missing in str(info.value)
     with pytest.raises(ValueError, match="is not a directory") as info:
-        coco_to_tfrecord.convert(annotations_file, str(tmp_path / "x"), out)
+        coco_lib.convert(annotations_file, str(tmp_path / "x"), out)
     assert str(tmp_path / "x") in str(info.value)
     bad = tmp_path / "instances_bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        coco_to_tfrecord.convert(str(bad), image_dir, out)
+        coco_lib.convert(str(bad), image_dir, out)
     bad.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="not a COCO instances file"):
-        coco_to_tfrecord.convert(str(bad), image_dir, out)
+        coco_lib.convert(str(bad), image_dir, out)
     assert not os.path.exists(out)
 
 
@@ -220,7 +220,7 @@ def voc(tmp_path, photos):
 
 def test_voc_round_trip(tmp_path, voc):
     out = str(tmp_path / "out")
-    report = voc_to_tfrecord.convert(voc, "trainval", out, num_shards=2,
+    report = voc_lib.convert(voc, "trainval", out, num_shards=2,
                                      num_workers=1)
     dog, person, cat, chair = 11, 14, 7, 8
     assert read_split(out, "trainval") == {
@@ -236,11 +236,11 @@ def test_voc_round_trip(tmp_path, voc):
     assert counts["chair"] == (1, 1) and counts["sheep"] == (0, 0)
 
     names = lib.read_class_names(out)
-    assert names == list(voc_to_tfrecord.VOC_CLASSES) and len(names) == 20
+    assert names == list(voc_lib.VOC_CLASSES) and len(names) == 20
     assert names[:3] == ["aeroplane", "bicycle", "bird"]
     assert names[-1] == "tvmonitor"
 
-    report = voc_to_tfrecord.convert(voc, "test", out, num_shards=1,
+    report = voc_lib.convert(voc, "test", out, num_shards=1,
                                      num_workers=1)
     assert read_split(out, "test") == {"000003.jpg": ([2], [], (H, W, 3))}
 
@@ -248,19 +248,19 @@ def test_voc_round_trip(tmp_path, voc):
 def test_voc_bad_inputs(tmp_path, voc):
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match="nowhere"):
-        voc_to_tfrecord.convert(str(tmp_path / "nowhere"), "trainval", out)
+        voc_lib.convert(str(tmp_path / "nowhere"), "trainval", out)
     with pytest.raises(ValueError, match="must be one of"):
-        voc_to_tfrecord.convert(voc, "training", out)
+        voc_lib.convert(voc, "training", out)
     with pytest.raises(ValueError, match=r"ImageSets/Main/val\.txt"):
-        voc_to_tfrecord.convert(voc, "val", out)
+        voc_lib.convert(voc, "val", out)
     with open(os.path.join(voc, "Annotations", "000003.xml"), "w") as f:
         f.write(voc_xml([("unicorn", 0)]))
     with pytest.raises(ValueError, match="unknown class 'unicorn'") as info:
-        voc_to_tfrecord.convert(voc, "test", out)
+        voc_lib.convert(voc, "test", out)
     assert "000003.xml" in str(info.value)
     os.remove(os.path.join(voc, "Annotations", "000003.xml"))
     with pytest.raises(ValueError, match="000003.xml does not exist"):
-        voc_to_tfrecord.convert(voc, "test", out)
+        voc_lib.convert(voc, "test", out)
 
 
 # ----------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def csv_data(tmp_path, photos):
 def test_csv_round_trip_inferred_classes(tmp_path, csv_data):
     csv_path, image_dir = csv_data
     out = str(tmp_path / "out")
-    report = csv_to_tfrecord.convert(csv_path, image_dir, out, num_shards=2,
+    report = csv_lib.convert(csv_path, image_dir, out, num_shards=2,
                                      num_workers=1)
     assert lib.read_class_names(out) == ["cat", "dog", "person"]
     assert read_split(out, "train") == {
@@ -307,7 +307,7 @@ def test_csv_round_trip_inferred_classes(tmp_path, csv_data):
 def test_csv_given_classes(tmp_path, csv_data):
     csv_path, image_dir = csv_data
     classes = ["person", "dog", "cat", "bird"]
-    report = csv_to_tfrecord.convert(csv_path, image_dir, str(tmp_path / "a"),
+    report = csv_lib.convert(csv_path, image_dir, str(tmp_path / "a"),
                                      classes=",".join(classes), split="val",
                                      num_shards=1, num_workers=1)
     assert report["split"] == "val"
@@ -317,7 +317,7 @@ def test_csv_given_classes(tmp_path, csv_data):
     labels.write_text("\n".join(classes) + "\n")
     no_header = tmp_path / "no_header.csv"
     no_header.write_text("c.png,cat\nsub/a.jpg,bird\n")
-    csv_to_tfrecord.convert(str(no_header), image_dir, str(tmp_path / "b"),
+    csv_lib.convert(str(no_header), image_dir, str(tmp_path / "b"),
                             classes=str(labels), num_shards=1, num_workers=1)
     assert read_split(str(tmp_path / "b"), "train") == {
         "c.png": ([2], [], (H, W, 3)), "sub/a.jpg": ([3], [], (H, W, 3))}
@@ -328,16 +328,16 @@ def test_csv_bad_inputs(tmp_path, csv_data):
     csv_path, image_dir = csv_data
     out = str(tmp_path / "out")
     with pytest.raises(ValueError) as info:
-        csv_to_tfrecord.convert(csv_path, image_dir, out, classes="cat,dog")
+        csv_lib.convert(csv_path, image_dir, out, classes="cat,dog")
     message = str(info.value)
     assert "'person'" in message and csv_path in message
     assert "line 2" in message
     missing = str(tmp_path / "nope.csv")
     with pytest.raises(ValueError, match="does not exist") as info:
-        csv_to_tfrecord.convert(missing, image_dir, out)
+        csv_lib.convert(missing, image_dir, out)
     assert missing in str(info.value)
     with pytest.raises(ValueError, match="is not a directory"):
-        csv_to_tfrecord.convert(csv_path, str(tmp_path / "x"), out)
+        csv_lib.convert(csv_path, str(tmp_path / "x"), out)
     bad = tmp_path / "bad.csv"
     for text, match in [("a.jpg;cat\n", "line 1: expected 2 columns"),
                         ("a.jpg,cat\nb.jpg,\na.jpg,dog\n",
@@ -345,7 +345,7 @@ def test_csv_bad_inputs(tmp_path, csv_data):
                         ("/abs/a.jpg,cat\n", "relative to image_dir")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=match):
-            csv_to_tfrecord.convert(str(bad), image_dir, out)
+            csv_lib.convert(str(bad), image_dir, out)
     assert not os.path.exists(out)
 
 
@@ -455,7 +455,7 @@ def test_coco_malformed_entries_are_one_error(tmp_path, coco, kind, match):
         f.write(text)
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match=match) as info:
-        coco_to_tfrecord.convert(annotations_file, image_dir, out,
+        coco_lib.convert(annotations_file, image_dir, out,
                                  num_workers=1)
     assert f"annotations file {annotations_file}: " in str(info.value)
     assert not os.path.exists(out)
@@ -466,7 +466,7 @@ def test_coco_deeply_nested_json_is_one_error(tmp_path, coco):
     with open(annotations_file, "w") as f:
         f.write("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="nested too deeply") as info:
-        coco_to_tfrecord.convert(annotations_file, image_dir,
+        coco_lib.convert(annotations_file, image_dir,
                                  str(tmp_path / "out"), num_workers=1)
     assert annotations_file in str(info.value)
 
@@ -491,15 +491,15 @@ def test_coco_paths_must_stay_inside_image_dir(tmp_path, coco, photos):
     _rewrite_file_name(annotations_file, 1, outside)
     with pytest.raises(ValueError, match=r"images\[1\] \(id 1.*must be "
                                          r"relative to image_dir"):
-        coco_to_tfrecord.convert(annotations_file, image_dir, out,
+        coco_lib.convert(annotations_file, image_dir, out,
                                  num_workers=1)
     _rewrite_file_name(annotations_file, 1, "../outside.jpg")
     with pytest.raises(ValueError, match=r"images\[1\] \(id 1.*outside "
                                          r"image_dir"):
-        coco_to_tfrecord.convert(annotations_file, image_dir, out,
+        coco_lib.convert(annotations_file, image_dir, out,
                                  num_workers=1)
     assert not os.path.exists(out)
-    report = coco_to_tfrecord.convert(annotations_file, image_dir, out,
+    report = coco_lib.convert(annotations_file, image_dir, out,
                                       num_shards=1, num_workers=1,
                                       allow_paths_outside_image_dir=True)
     assert read_split(out, "val2014")["../outside.jpg"][0] == [0, 1]
@@ -511,7 +511,7 @@ def test_coco_two_names_of_one_file_are_one_error(tmp_path, coco):
     _rewrite_file_name(annotations_file, 2, "./COCO_val2014_1.jpg")
     with pytest.raises(ValueError, match=r"images\[2\] \(id 2.*is the same "
                                          r"file .* as .*images\[1\] \(id 1"):
-        coco_to_tfrecord.convert(annotations_file, image_dir,
+        coco_lib.convert(annotations_file, image_dir,
                                  str(tmp_path / "out"), num_workers=1)
 
 
@@ -530,9 +530,9 @@ def test_csv_paths_must_stay_inside_image_dir(tmp_path, csv_data, photos):
                         f"{tmp_path / 'secret.jpg'}, outside image_dir")]:
         bad.write_text("b.jpg,dog\n" + row + "\n")
         with pytest.raises(ValueError, match=match):
-            csv_to_tfrecord.convert(str(bad), image_dir, out, num_workers=1)
+            csv_lib.convert(str(bad), image_dir, out, num_workers=1)
     assert not os.path.exists(out)
-    report = csv_to_tfrecord.convert(str(bad), image_dir, out, num_shards=1,
+    report = csv_lib.convert(str(bad), image_dir, out, num_shards=1,
                                      num_workers=1,
                                      allow_paths_outside_image_dir=True)
     assert read_split(out, "train")["link.jpg"][0] == [0]
@@ -548,7 +548,7 @@ def test_csv_two_names_of_one_file_are_one_error(tmp_path, csv_data, second):
     with pytest.raises(ValueError, match=(
             f"line 3: {re.escape(second)} is the same file .* as "
             f"{re.escape(str(bad))}, line 1")):
-        csv_to_tfrecord.convert(str(bad), image_dir, str(tmp_path / "out"),
+        csv_lib.convert(str(bad), image_dir, str(tmp_path / "out"),
                                 num_workers=1)
 
 
@@ -562,7 +562,7 @@ def test_voc_ids_and_paths_are_checked(tmp_path, voc, photos):
         with open(split_file, "w") as f:
             f.write(text)
         with pytest.raises(ValueError, match=match):
-            voc_to_tfrecord.convert(voc, "test", out, num_workers=1)
+            voc_lib.convert(voc, "test", out, num_workers=1)
     photos[0].save(str(tmp_path / "elsewhere.jpg"))
     image = os.path.join(voc, "JPEGImages", "000003.jpg")
     os.remove(image)
@@ -571,9 +571,9 @@ def test_voc_ids_and_paths_are_checked(tmp_path, voc, photos):
         f.write("000003\n")
     with pytest.raises(ValueError, match="line 1: 000003.jpg resolves to .*"
                                          "elsewhere.jpg, outside image_dir"):
-        voc_to_tfrecord.convert(voc, "test", out, num_workers=1)
+        voc_lib.convert(voc, "test", out, num_workers=1)
     assert not os.path.exists(out)
-    report = voc_to_tfrecord.convert(voc, "test", out, num_shards=1,
+    report = voc_lib.convert(voc, "test", out, num_shards=1,
                                      num_workers=1,
                                      allow_paths_outside_image_dir=True)
     assert report["num_records"] == 1
@@ -589,8 +589,8 @@ def test_csv_special_files_are_counted_skips(tmp_path, csv_data):
                        "zero.jpg,cat\n")
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match="zero.jpg resolves to /dev/zero"):
-        csv_to_tfrecord.convert(str(listing), image_dir, out, num_workers=1)
-    report = csv_to_tfrecord.convert(str(listing), image_dir, out,
+        csv_lib.convert(str(listing), image_dir, out, num_workers=1)
+    report = csv_lib.convert(str(listing), image_dir, out,
                                      num_shards=1, num_workers=1,
                                      allow_paths_outside_image_dir=True)
     assert report["num_records"] == 1
@@ -611,14 +611,14 @@ def test_csv_malformed_text_is_one_error(tmp_path, csv_data):
     bad.write_text("b.jpg,dog\n" + "x" * 200_000 + ".jpg,cat\nc.png,cat\n")
     with pytest.raises(ValueError, match=r"bad.csv, line 2: field larger "
                                          r"than field limit"):
-        csv_to_tfrecord.convert(str(bad), image_dir, out, num_workers=1)
+        csv_lib.convert(str(bad), image_dir, out, num_workers=1)
     bad.write_text('b.jpg,dog\nc.png,"cat|do\rg"\n')
     with pytest.raises(ValueError, match=r"line 2: label 'do\\rg' contains a "
                                          "line break"):
-        csv_to_tfrecord.convert(str(bad), image_dir, out, num_workers=1)
+        csv_lib.convert(str(bad), image_dir, out, num_workers=1)
     bad.write_bytes(b"b.jpg,dog\nc.png,caf\xe9\n")
     with pytest.raises(ValueError, match="is not UTF-8"):
-        csv_to_tfrecord.convert(str(bad), image_dir, out, num_workers=1)
+        csv_lib.convert(str(bad), image_dir, out, num_workers=1)
     assert not os.path.exists(out)
 
 

@@ -2,7 +2,6 @@
 export (same numbers), skipped records, and clear errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest

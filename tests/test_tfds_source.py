@@ -22,10 +22,10 @@ import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-from pipelines import coco_to_tfrecord
+from pipelines import coco_lib
 from pipelines import tfds_source
 from pipelines import tfrecord_lib as lib
-from pipelines import voc_to_tfrecord
+from pipelines import voc_lib
 
 tfds = pytest.importorskip("tensorflow_datasets")  # the tfds extra
 
@@ -137,9 +137,9 @@ def prepared(tmp_path_factory):
     _prepare_with_tfds("voc/2007", voc_src, data_dir)
     _prepare_with_tfds("coco/2014", coco_src, data_dir)
     ours = str(root / "ours")
-    voc_report = voc_to_tfrecord.convert(voc_dir, "trainval", os.path.join(ours, "voc"),
+    voc_report = voc_lib.convert(voc_dir, "trainval", os.path.join(ours, "voc"),
                                          num_shards=1, num_workers=1)
-    coco_report = coco_to_tfrecord.convert(
+    coco_report = coco_lib.convert(
         os.path.join(coco_src, "annotations", "instances_train2014.json"),
         os.path.join(coco_src, "train2014"), os.path.join(ours, "coco"),
         num_shards=1, num_workers=1)
@@ -170,13 +170,13 @@ def _theirs(dataset):
 def test_voc_through_tfds_equals_our_converter(prepared):
     split = tfds_source.open_split("tfds:voc/2007:trainval", data_dir=prepared["data_dir"])
     assert split.split == "train+validation" and split.layout == "labels"
-    assert split.class_names == list(voc_to_tfrecord.VOC_CLASSES)
+    assert split.class_names == list(voc_lib.VOC_CLASSES)
     assert split.class_names == lib.read_class_names(prepared["voc"])
     ds = split.records()
     assert ds.element_spec == RECORD_SPEC
     ours, theirs = _ours(prepared["voc"], "trainval"), _theirs(ds)
     assert theirs == ours  # same bytes, labels and difficult classes per image
-    names = voc_to_tfrecord.VOC_CLASSES
+    names = voc_lib.VOC_CLASSES
     assert theirs["000001.jpg"][1:] == ([names.index("dog"), names.index("person")],
                                         [names.index("person")])
     assert theirs["000003.jpg"][1:] == ([names.index("car")], [names.index("car")])
@@ -280,7 +280,7 @@ def test_mock_voc_difficult_rule():
                        (b"b.jpg", b"jpeg-1", [2], []),
                        (b"c.jpg", b"jpeg-2", [3], [3])]
     assert counts == {"num_records": 3, "num_dropped": 0}
-    assert split.class_names == list(voc_to_tfrecord.VOC_CLASSES)
+    assert split.class_names == list(voc_lib.VOC_CLASSES)
 
 
 def test_mock_coco_labels_from_objects_and_dropped_images():
