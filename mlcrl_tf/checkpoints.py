@@ -90,6 +90,8 @@ def read_run(model_dir):
     values = {k: v for k, v in payload["config"].items() if k in fields}
     for key in ("crop_scales", "lr_decay_epochs"):
         values[key] = tuple(values.get(key, ()))
+    # Runs of format 1 resized with antialiasing (it was not a flag yet).
+    values.setdefault("antialias", payload.get("format", 1) < RUN_FORMAT)
     return config_lib.Config(**values), payload["class_names"]
 
 

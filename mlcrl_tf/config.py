@@ -60,6 +60,10 @@ class Config:
     random_flip: bool = _field(False, "Random horizontal flips (off in the paper).")
     crop_scales: tuple = _field((), "Multi-scale random crop scales, e.g. "
                                 "1.0,0.875,0.75 (off in the paper).", element=float)
+    antialias: bool = _field(False, "Antialiased (PIL-like) bilinear resizing, as the "
+                             "paper's PyTorch preprocessing; about 3x slower input on "
+                             "640x480 photos (docs/performance.md). Stored with the run: "
+                             "evaluation and export use the run's setting.")
     # --- model ---
     backbone: str = _field("resnet101", "Feature extractor f_cnn: "
                            f"{', '.join(BACKBONES)} or keras_hub:<preset> (e.g. "

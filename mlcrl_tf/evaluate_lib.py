@@ -28,6 +28,7 @@ from mlcrl_tf import data as data_lib
 from mlcrl_tf import metrics as metrics_lib
 from mlcrl_tf import serving
 from pipelines import input_pipeline
+from pipelines import record_stream
 from pipelines import tfrecord_lib
 
 
@@ -110,16 +111,15 @@ def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     keeper = _ScoreKeeper() if keep_scores else None
     samples = None
-    for step, batch in enumerate(dataset):
-        if max_steps and step >= max_steps:
-            break
-        logits = predict(batch["images"]).numpy()
-        labels, difficult = batch["labels"].numpy(), batch["difficult"].numpy()
-        accumulator.update(logits, labels, ignore=difficult)
-        if keeper:
-            keeper.add(batch["filename"].numpy(), logits, labels, difficult)
-        if num_samples:
-            samples = _take_samples(samples, batch, logits, num_samples)
+    with record_stream.readable_errors("evaluation data"):
+        for batch in _batches(dataset, max_steps):
+            logits = predict(batch["images"]).numpy()
+            labels, difficult = batch["labels"].numpy(), batch["difficult"].numpy()
+            accumulator.update(logits, labels, ignore=difficult)
+            if keeper:
+                keeper.add(batch["filename"].numpy(), logits, labels, difficult)
+            if num_samples:
+                samples = _take_samples(samples, batch, logits, num_samples)
     result = _result(accumulator, threshold, samples, skip_counter)
     result.scores = keeper.arrays() if keeper else None
     return result
@@ -135,33 +135,36 @@ def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0
         An `EvalResult` (without samples).
     """
     client = serving.ExportClient(saved_model_dir)
-    files = tfrecord_lib.find_shards(file_pattern)
-    dataset = tf.data.TFRecordDataset(files).map(
-        lambda record: input_pipeline.decode_example(record, num_classes),
-        num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    dataset = input_pipeline.make_record_dataset(file_pattern, batch_size, num_classes)
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     keeper = _ScoreKeeper() if keep_scores else None
     skipped = 0
-    for step, batch in enumerate(dataset):
-        if max_steps and step >= max_steps:
-            break
-        labels, ignore = batch["labels"].numpy(), batch["difficult"].numpy()
-        filenames = batch["filename"].numpy()
-        # Undecodable images are skipped and counted, the rest scored.
-        keep, logits, problems = client.score(batch["image_bytes"].numpy())
-        skipped += len(problems)
-        if not keep:
-            continue
-        labels, ignore, filenames = labels[keep], ignore[keep], filenames[keep]
-        accumulator.update(logits, labels, ignore=ignore)
-        if keeper:
-            keeper.add(filenames, logits, labels, ignore)
+    with record_stream.readable_errors("evaluation data"):
+        for batch in _batches(dataset, max_steps):
+            # Undecodable images are skipped and counted, the rest scored.
+            keep, logits, problems = client.score(batch["image_bytes"].numpy())
+            skipped += len(problems)
+            if not keep:
+                continue
+            labels = batch["labels"].numpy()[keep]
+            ignore = batch["difficult"].numpy()[keep]
+            accumulator.update(logits, labels, ignore=ignore)
+            if keeper:
+                keeper.add(batch["filename"].numpy()[keep], logits, labels, ignore)
     result = _result(accumulator, threshold, None, None)
     result.num_skipped = skipped
     result.scores = keeper.arrays() if keeper else None
     if skipped:
         logging.warning("%d undecodable records skipped.", skipped)
     return result
+
+
+def _batches(dataset, max_steps):
+    """The dataset's batches (at most max_steps, 0 = all)."""
+    for step, batch in enumerate(dataset):
+        if max_steps and step >= max_steps:
+            return
+        yield batch
 
 
 def _result(accumulator, threshold, samples, skip_counter):
@@ -249,7 +252,7 @@ def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoin
     counter = input_pipeline.SkipCounter()
     dataset = input_pipeline.make_dataset(
         eval_files, batch_size, config.image_size, config.num_classes, training=False,
-        skip_counter=counter)
+        skip_counter=counter, data_dir=config.data_dir, antialias=config.antialias)
     result = evaluate_model(model, dataset, config.num_classes, threshold, max_steps,
                             skip_counter=counter, keep_scores=keep_scores)
     return result, class_names, f"{config.variant} ({path})"

@@ -43,6 +43,7 @@ from mlcrl_tf import optim
 from mlcrl_tf import progress as progress_lib
 from mlcrl_tf import summaries as summaries_lib
 from pipelines import input_pipeline
+from pipelines import record_stream
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,7 +143,8 @@ class Trainer:
                 c.train_files, c.batch_size, c.image_size, c.num_classes, training=True,
                 shuffle_buffer=c.shuffle_buffer, input_context=input_context,
                 augmentation=augmentation, seed=c.seed * 100003 + epoch,
-                skip_batches=skip_steps, data_dir=c.data_dir)
+                skip_batches=skip_steps, data_dir=c.data_dir, antialias=c.antialias,
+                deterministic=c.deterministic)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -150,7 +152,7 @@ class Trainer:
         c = self.config
         return input_pipeline.make_dataset(source, c.batch_size, c.image_size,
                                            c.num_classes, training=False,
-                                           data_dir=c.data_dir)
+                                           data_dir=c.data_dir, antialias=c.antialias)
 
     # --- checkpoints ------------------------------------------------------------
 
@@ -267,7 +269,9 @@ class Trainer:
         iterator = iter(self.train_dataset(epoch,
                                            skip_steps=step - epoch * self.steps_per_epoch))
         while step < epoch_end:
-            terms = {k: float(v) for k, v in self.train_step(next(iterator)).items()}
+            with record_stream.readable_errors("training data"):
+                batch = next(iterator)
+            terms = {k: float(v) for k, v in self.train_step(batch).items()}
             step = int(self.step.numpy())
             if not math.isfinite(terms["loss"]):
                 raise self._diverged(f"The loss became {terms['loss']} at step {step}")
