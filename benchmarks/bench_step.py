@@ -74,7 +74,8 @@ def steps(trainers, batch, tmp):
     fit_model = trainers["cli"].model  # compiled with the same optimizer setup
     fit_model.compile(optimizer=fit_model.optimizer, objective=fit_model.objective,
                       jit_compile="auto")
-    train_function = fit_model.make_train_function()
+    fit_model.make_train_function()
+    train_function = fit_model.train_function
     data = tf.data.Dataset.from_tensors((batch["images"], batch["labels"])).repeat()
     iterator = iter(data)
     calls["fit"] = lambda: float(train_function(iterator)["loss"])

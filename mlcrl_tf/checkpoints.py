@@ -12,12 +12,14 @@
 weights (the EMA weights when the run kept an EMA), for evaluate/export.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 
 from absl import logging
+import keras
 import tensorflow as tf
 
 from mlcrl_tf import config as config_lib
@@ -125,6 +127,21 @@ def check_resume_compatible(saved, config):
                 f"--{name}={getattr(config, name)!r} differs from the run already in "
                 f"--model_dir={config.model_dir!r} ({getattr(saved, name)!r}); use a "
                 "new --model_dir or the same setting to resume.")
+
+
+@contextlib.contextmanager
+def dtype_policy(policy):
+    """Builds layers under a Keras dtype policy, then restores the global one.
+
+    Layers keep the policy they were built with, so float32 and
+    mixed-precision models can live in one process.
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def build_model_for(config, backbone_weights=None):

@@ -22,6 +22,7 @@ from mlcrl_tf.backbones import BACKBONES
 from mlcrl_tf.model import VARIANTS
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 def _field(default, help_text, choices=None, element=None):
     """A Config field that is also a flag: default and help live here only."""
@@ -99,7 +100,15 @@ class Config:
                            "or multi_worker (from TF_CONFIG).", choices=STRATEGIES)
     num_cpu_devices: int = _field(0, "Split the CPU into this many logical devices "
                                   "(tests of multi-replica runs without GPUs); 0 = off.")
-    mixed_precision: bool = _field(False, "mixed_float16 with dynamic loss scaling.")
+    precision: str = _field("float32", "Compute precision of training: float32, "
+                            "mixed_float16 (dynamic loss scaling; NVIDIA GPUs) or "
+                            "mixed_bfloat16 (no loss scaling; AMX/AVX512-BF16 CPUs, Ampere+ "
+                            "GPUs, TPUs). Variables, losses, CRL and metrics stay float32.",
+                            choices=PRECISIONS)
+    mixed_precision: bool = _field(False, "Deprecated spelling of "
+                                   "--precision=mixed_float16.")
+    jit_compile: bool = _field(False, "Compile the training step with XLA "
+                               "(docs/performance.md has the measured ratio).")
     seed: int = _field(0, "Seed for initialisation and data order.")
     deterministic: bool = _field(False, "Enable TF op determinism (slower); with the "
                                  "seed, a run is bit-reproducible, also across a resume.")
@@ -200,6 +209,17 @@ def _validate_ranges(config):
             raise ValueError(f"--{name} must be >= 0, got {getattr(config, name)}.")
     if any(not 0.0 < s <= 1.0 for s in config.crop_scales):
         raise ValueError(f"--crop_scales must be in (0, 1], got {config.crop_scales}.")
+    if config.mixed_precision and config.precision not in ("float32", "mixed_float16"):
+        raise ValueError(f"--mixed_precision (= mixed_float16) contradicts "
+                         f"--precision={config.precision}; give --precision only.")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"--precision={config.precision!r} is unknown; choose one of "
+                         f"{', '.join(PRECISIONS)}.")
+
+
+def compute_policy(config):
+    """The Keras dtype policy of a run ("float32", "mixed_float16", ...)."""
+    return "mixed_float16" if config.mixed_precision else config.precision
 
 
 def _validate_schedule(config):

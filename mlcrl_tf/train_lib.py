@@ -76,9 +76,8 @@ class Trainer:
         self.steps_per_epoch = config.steps_per_epoch or max(
             1, num_train_records // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        with strategy.scope():
+        self.policy = config_lib.compute_policy(config)
+        with strategy.scope(), checkpoints.dtype_policy(self.policy):
             self._build_state()
         objects = {"model": self.model, "optimizer": self.optimizer, "step": self.step}
         if self.ema is not None:
@@ -87,6 +86,8 @@ class Trainer:
             config.model_dir, objects, config.keep_checkpoints, self.is_chief,
             distribute.worker_name(strategy))
         self.summaries = summaries_lib.TrainingSummaries(config.model_dir, self.is_chief)
+        self._replica_fn = (tf.function(self._replica_step, jit_compile=True)
+                            if config.jit_compile else self._replica_step)
         self.train_step = tf.function(self._distributed_step)
 
     def _build_state(self):
@@ -96,8 +97,9 @@ class Trainer:
         self.optimizer = optim.make_optimizer(
             self.model, c.learning_rate, c.backbone_learning_rate, momentum=c.momentum,
             weight_decay=c.weight_decay, decay_boundaries=self.decay_boundaries(),
-            decay_factor=c.lr_decay_factor, loss_scaling=c.mixed_precision)
-        self.model.compile(optimizer=self.optimizer, objective=objective_from(c))
+            decay_factor=c.lr_decay_factor, loss_scaling=self.policy == "mixed_float16")
+        self.model.compile(optimizer=self.optimizer, objective=objective_from(c),
+                           jit_compile=c.jit_compile)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.ema = (optim.ExponentialMovingAverage(self.model.trainable_variables,
@@ -125,7 +127,9 @@ class Trainer:
         return terms
 
     def _distributed_step(self, batch):
-        per_replica = self.strategy.run(self._replica_step, args=(batch,))
+        # Only what the step needs: XLA cannot take the string filenames.
+        inputs = {"images": batch["images"], "labels": batch["labels"]}
+        per_replica = self.strategy.run(self._replica_fn, args=(inputs,))
         # train_step returns global values from every replica (see
         # MLCRLModel.train_step): their mean is the global batch's value.
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
@@ -283,7 +287,7 @@ class Trainer:
                 self.save()
 
     def _loss_scale(self):
-        if not self.config.mixed_precision:
+        if self.policy != "mixed_float16":
             return None
         return float(self.optimizer.dynamic_scale.numpy())
 
