@@ -2,21 +2,46 @@
 
     model_dir/
       run.json              the Config of the run + class names (written at start)
+      .lock                 held by the run while it trains (`RunLock`)
+      checkpoint            TensorFlow's state file: the latest checkpoints, in order
       ckpt-<n>.*            latest checkpoints (model, optimizer, step, EMA)
       best/ckpt-<n>.*       the checkpoint with the best mAP on --selection_files,
                             else on --eval_files (for COCO/VOC: the test split)
       best/metrics.json     its step, what it was selected on, its metrics
       train/, eval/         TensorBoard event files
+      .corrupt/<time>/      unreadable checkpoints set aside at a resume (never
+                            deleted by mlcrl_tf)
 
 `restore_model` rebuilds the training model from run.json and restores the
 weights (the EMA weights when the run kept an EMA), for evaluate/export.
+
+Decisions (docs/reliability.md, "Training runs and checkpoints"):
+- A resume takes the newest checkpoint that actually loads, found from the
+  files on disk (`ckpt-<n>.index` / `.data-*`) and best/, not only from the
+  `checkpoint` state file, newest first. Newer ones that do not load are
+  moved to `.corrupt/<time>/` (not deleted), and the state file is rebuilt
+  from the files left, in step order, so that the manager's rotation can
+  only delete checkpoints older than the one restored.
+- When checkpoints of the run evidently existed (the state file lists some,
+  or ckpt files are present) and none loads, training refuses to start
+  (`CheckpointError`) and leaves every file where it is.
+- One run at a time per model_dir: `RunLock`, a lock file created with
+  O_CREAT|O_EXCL (works on NFS, unlike fcntl locks) holding host, pid, start
+  time and a heartbeat; a lock whose process is gone (same host) or whose
+  heartbeat is older than `stale_after_secs` is broken with a warning.
 """
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import re
 import shutil
+import socket
+import threading
+import time
+import uuid
 
 from absl import logging
 import keras
@@ -33,16 +58,43 @@ RUN_FILE = "run.json"
 RUN_FORMAT = 2
 BEST_DIR = "best"
 BEST_METRICS_FILE = "metrics.json"
+CHECKPOINT_NAME = "ckpt"
+STATE_FILE = "checkpoint"
+CORRUPT_DIR = ".corrupt"
+LOCK_FILE = ".lock"
+# A lock whose heartbeat is older than this (seconds) is stale; the holder
+# refreshes it every LOCK_STALE_AFTER_SECS / 10 seconds.
+LOCK_STALE_AFTER_SECS = 300
 # Fields that define the network: a resumed run must agree on them.
 MODEL_FIELDS = ("backbone", "variant", "image_size", "num_classes")
+_CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})$")
+_TEMP_DIR = re.compile(r"^ckpt-\d+_temp$")
+# What reading a truncated, corrupt or missing checkpoint raises (measured on
+# truncations and flipped bytes of .index and .data files).
+_UNREADABLE = (tf.errors.OpError, IndexError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or restored, or the run lost its lock."""
+
+
+def _first_line(error):
+    """The first line of an exception's message (TensorFlow's are long)."""
+    text = str(getattr(error, "message", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _write_atomically(path, text):
+    """Writes `text` to a hidden temporary file, then renames it over `path`."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def write_json_atomically(path, payload):
     """Writes JSON to a hidden temporary file, then renames it over `path`."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True, default=float))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    _write_atomically(path, json.dumps(payload, indent=2, sort_keys=True, default=float))
 
 
 def write_run(model_dir, config, class_names):
@@ -111,7 +163,7 @@ def check_resumable(model_dir, config):
     check_resume_compatible(saved, config)
     with tf.io.gfile.GFile(path) as f:
         run_format = json.load(f).get("format", 1)
-    if run_format < RUN_FORMAT and tf.train.latest_checkpoint(model_dir):
+    if run_format < RUN_FORMAT and checkpoints_on_disk(model_dir):
         raise ValueError(
             f"--model_dir={model_dir!r} holds checkpoints of an earlier mlcrl_tf whose "
             "optimizer was Keras SGD (its momentum slots do not mean what PaperSGD's "
@@ -157,8 +209,80 @@ def build_model_for(config, backbone_weights=None):
         variant=config.variant, backbone_weights=backbone_weights)
 
 
+# ---------------------------------------------------------------------------
+# Checkpoints on disk (not only those the `checkpoint` state file lists).
+# ---------------------------------------------------------------------------
+
+def checkpoints_on_disk(directory):
+    """{step: [file names]} of the `ckpt-<step>.index` / `.data-*` files in `directory`."""
+    found = {}
+    if not tf.io.gfile.isdir(directory):
+        return found
+    for name in tf.io.gfile.listdir(directory):
+        match = _CHECKPOINT_FILE.match(name.rstrip("/"))
+        if match:
+            found.setdefault(int(match.group(1)), []).append(name.rstrip("/"))
+    return found
+
+
+def listed_steps(directory):
+    """Steps of the checkpoints `directory`/checkpoint lists (its latest last).
+
+    An absent or unparsable state file lists nothing (TensorFlow logs why).
+    """
+    state = tf.train.get_checkpoint_state(directory)
+    if state is None:
+        return []
+    paths = list(state.all_model_checkpoint_paths) + [state.model_checkpoint_path]
+    steps = []
+    for path in paths:
+        match = re.fullmatch(rf"{CHECKPOINT_NAME}-(\d+)", os.path.basename(path))
+        if match and int(match.group(1)) not in steps:
+            steps.append(int(match.group(1)))
+    return steps
+
+
+def write_checkpoint_state(directory, steps):
+    """Rewrites `directory`/checkpoint to list `ckpt-<step>` for `steps`.
+
+    The order is step order (the newest is the latest), so that
+    tf.train.CheckpointManager's rotation deletes the oldest first. Each
+    entry's timestamp is its .index file's modification time; the "last
+    preserved" time is below all of them, so the manager manages (and may
+    rotate) every listed checkpoint. No steps: the state file is removed.
+    """
+    path = os.path.join(directory, STATE_FILE)
+    steps = sorted(steps)
+    if not steps:
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+        return
+    names = [f"{CHECKPOINT_NAME}-{step}" for step in steps]
+    stamps = []
+    for name in names:
+        index = os.path.join(directory, f"{name}.index")
+        stamps.append(tf.io.gfile.stat(index).mtime_nsec / 1e9
+                      if tf.io.gfile.exists(index) else time.time())
+    lines = [f'model_checkpoint_path: "{names[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{name}"' for name in names]
+    lines += [f"all_model_checkpoint_timestamps: {stamp!r}" for stamp in stamps]
+    lines.append(f"last_preserved_timestamp: {min(stamps) - 1.0!r}")
+    _write_atomically(path, "\n".join(lines) + "\n")
+
+
+def newest_on_disk(directory):
+    """Prefix of the newest `ckpt-<n>` with an .index file in `directory`, or None."""
+    steps = [step for step, names in checkpoints_on_disk(directory).items()
+             if f"{CHECKPOINT_NAME}-{step}.index" in names]
+    return os.path.join(directory, f"{CHECKPOINT_NAME}-{max(steps)}") if steps else None
+
+
 def resolve_checkpoint(model_dir, checkpoint=None, best=False):
     """Path of the checkpoint to load: an explicit prefix, the best or latest.
+
+    The latest is the one the `checkpoint` state file names; when that file
+    is missing or names a checkpoint whose files are gone, it is the newest
+    `ckpt-<n>.index` on disk (logged).
 
     Raises:
         ValueError: no checkpoint found.
@@ -170,6 +294,11 @@ def resolve_checkpoint(model_dir, checkpoint=None, best=False):
         return checkpoint
     directory = os.path.join(model_dir, BEST_DIR) if best else model_dir
     path = tf.train.latest_checkpoint(directory)
+    if path is None:
+        path = newest_on_disk(directory)
+        if path is not None:
+            logging.warning("%s lists no checkpoint whose files exist; using the newest "
+                            "on disk, %s.", os.path.join(directory, STATE_FILE), path)
     if path is None:
         raise ValueError(f"no checkpoint in {directory!r}"
                          + (" (no eval has run yet: try without --best)" if best else ""))
@@ -187,6 +316,10 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
 
     Returns:
         (model, config, class_names, checkpoint_path).
+
+    Raises:
+        ValueError: no run.json, no checkpoint, or the checkpoint cannot be
+            read (truncated, corrupt, files missing): the message names it.
     """
     config, class_names = read_run(model_dir)
     path = resolve_checkpoint(model_dir, checkpoint, best)
@@ -196,7 +329,13 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
     if use_ema and config.ema_decay > 0:
         ema = optim.ExponentialMovingAverage(model.trainable_variables, config.ema_decay)
         objects["ema"] = ema
-    status = tf.train.Checkpoint(**objects).restore(path)
+    try:
+        status = tf.train.Checkpoint(**objects).restore(path)
+    except _UNREADABLE as e:
+        raise ValueError(
+            f"checkpoint {path!r} cannot be read ({type(e).__name__}: {_first_line(e)}); "
+            "it is truncated, corrupt or incomplete. Choose another one with "
+            "--checkpoint=<prefix> (or resume training, which sets it aside).") from None
     # Every variable of the rebuilt model must come from the checkpoint (the
     # optimizer state in it is not needed here).
     status.assert_existing_objects_matched().expect_partial()
@@ -213,7 +352,9 @@ class CheckpointRun:
         objects: what a checkpoint holds, e.g. {"model", "optimizer", "step",
             "ema"} (trackables).
         keep: how many latest checkpoints to keep.
-        is_chief: whether this worker's checkpoints are the run's.
+        is_chief: whether this worker's checkpoints are the run's (only the
+            chief moves unreadable checkpoints aside and rewrites the state
+            file; every worker restores the same, newest loadable one).
         worker: this worker's name; a non-chief worker of
             MultiWorkerMirroredStrategy must take part in every save, into
             `model_dir/.workers/<worker>/`, which is deleted after each save.
@@ -222,33 +363,158 @@ class CheckpointRun:
     def __init__(self, model_dir, objects, keep, is_chief=True, worker="chief"):
         self.model_dir = model_dir
         self.is_chief = is_chief
+        self.keep = keep
         self.checkpoint = tf.train.Checkpoint(**objects)
         self._directory = (model_dir if is_chief
                            else os.path.join(model_dir, ".workers", worker))
+        self._make_managers()
+
+    def _make_managers(self):
+        """(Re)reads the state files: the managers' bookkeeping comes from them."""
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, self._directory, max_to_keep=keep, checkpoint_name="ckpt")
+            self.checkpoint, self._directory, max_to_keep=self.keep,
+            checkpoint_name=CHECKPOINT_NAME)
         self.best_manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self._directory, BEST_DIR), max_to_keep=1,
-            checkpoint_name="ckpt")
+            checkpoint_name=CHECKPOINT_NAME)
 
     @property
     def latest(self):
         """Path of the latest checkpoint of this run, or None."""
         return self.manager.latest_checkpoint
 
+    # --- restore ----------------------------------------------------------------
+
     def restore_latest(self):
-        """Restores the latest checkpoint of model_dir; returns its path or None."""
-        latest = tf.train.latest_checkpoint(self.model_dir)
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            logging.info("Resumed from %s.", latest)
-        return latest
+        """Restores the newest loadable checkpoint of the run; returns its path or None.
+
+        Candidates are every `ckpt-<n>` of model_dir found on disk and
+        best/ckpt-<n>, newest first (model_dir's first at equal steps). The
+        newer ones that do not load are named in a warning with the reason;
+        the chief then moves model_dir's unloadable ones to
+        `.corrupt/<time>/` and rebuilds the state file from the checkpoints
+        left (all older than the one restored).
+
+        Returns:
+            The restored prefix, or None for a new run (no checkpoint files
+            and no state file listing any).
+
+        Raises:
+            CheckpointError: the run had checkpoints but none loads (nothing
+                is moved or rewritten then).
+            ValueError: a readable checkpoint does not hold this run's objects.
+        """
+        listed = listed_steps(self.model_dir)
+        on_disk = checkpoints_on_disk(self.model_dir)
+        skipped = []
+        for step, path, own in self._candidates(on_disk):
+            reason = self._try_restore(path)
+            if reason is None:
+                missing = [s for s in listed if s > step and s not in on_disk]
+                self._report(path, skipped, missing)
+                if self.is_chief:
+                    self._repair(step, [s for s, _, _, mine in skipped if mine])
+                return path
+            skipped.append((step, path, reason, own))
+        missing = [s for s in listed if s not in on_disk]
+        if skipped or missing:
+            raise CheckpointError(self._nothing_loadable(skipped, missing))
+        return None
+
+    def _candidates(self, on_disk):
+        """[(step, prefix, in model_dir)] of model_dir's and best/'s checkpoints,
+        newest first (model_dir's first at equal steps)."""
+        best_dir = os.path.join(self.model_dir, BEST_DIR)
+        found = [(step, True, os.path.join(self.model_dir, f"{CHECKPOINT_NAME}-{step}"))
+                 for step in on_disk]
+        found += [(step, False, os.path.join(best_dir, f"{CHECKPOINT_NAME}-{step}"))
+                  for step in checkpoints_on_disk(best_dir)]
+        return [(step, path, own) for step, own, path in sorted(found, reverse=True)]
+
+    def _try_restore(self, path):
+        """Restores `path`; returns None, or why it cannot be read.
+
+        A failed read assigns nothing (TensorFlow reads every tensor before
+        assigning), so trying an older checkpoint next is safe.
+
+        Raises:
+            ValueError: the checkpoint reads but lacks objects of this run.
+        """
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except _UNREADABLE as e:
+            return f"{type(e).__name__}: {_first_line(e)}"
+        except AssertionError as e:
+            raise ValueError(
+                f"checkpoint {path!r} does not hold what this run saves "
+                f"({_first_line(e)}); was a setting that changes the saved state "
+                "(e.g. --ema_decay, --mixed_precision) changed? Resume with the run's "
+                "settings or use a new --model_dir.") from None
+        return None
+
+    def _report(self, path, skipped, missing):
+        """Says which checkpoint was restored and why newer ones were not."""
+        reasons = [f"{CHECKPOINT_NAME}-{s} (listed in {STATE_FILE} but its files are "
+                   "gone)" for s in missing]
+        reasons += [f"{p} ({reason})" for _, p, reason, _ in skipped]
+        if not reasons:
+            logging.info("Resumed from %s.", path)
+            return
+        aside = ""
+        if self.is_chief and any(own for *_, own in skipped):
+            aside = (f"; the unreadable ones of model_dir are moved to "
+                     f"{os.path.join(self.model_dir, CORRUPT_DIR)}/")
+        logging.warning("Resumed from %s, the newest checkpoint that loads. Skipped "
+                        "newer: %s%s.", path, "; ".join(reasons), aside)
+
+    def _nothing_loadable(self, skipped, missing):
+        """The message of a run whose checkpoints all fail to load."""
+        what = [f"{p} ({reason})" for _, p, reason, _ in skipped]
+        what += [f"{CHECKPOINT_NAME}-{s} (listed in {STATE_FILE}, files gone)"
+                 for s in missing]
+        return (f"--model_dir={self.model_dir!r} holds checkpoints of an earlier run but "
+                f"none loads: {'; '.join(what)}. Refusing to start again at step 0 over "
+                "them (nothing was moved or deleted). Restore the files, or use a new "
+                "--model_dir to start over.")
+
+    def _repair(self, step, own):
+        """Moves model_dir's unloadable checkpoints (steps `own`) aside, removes
+        interrupted saves and rebuilds the state file from what is left."""
+        if own:
+            aside = os.path.join(
+                self.model_dir, CORRUPT_DIR,
+                time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}")
+            tf.io.gfile.makedirs(aside)
+            on_disk = checkpoints_on_disk(self.model_dir)
+            for s in own:
+                for name in on_disk[s]:
+                    tf.io.gfile.rename(os.path.join(self.model_dir, name),
+                                       os.path.join(aside, name))
+        for name in tf.io.gfile.listdir(self.model_dir):
+            if _TEMP_DIR.match(name.rstrip("/")):  # a save interrupted by a kill
+                tf.io.gfile.rmtree(os.path.join(self.model_dir, name.rstrip("/")))
+        kept = sorted(s for s in checkpoints_on_disk(self.model_dir) if s <= step)
+        if own or listed_steps(self.model_dir) != kept:
+            write_checkpoint_state(self.model_dir, kept)
+            self._make_managers()
+
+    # --- save ---------------------------------------------------------------------
 
     def save(self, step):
-        """Saves the state of `step` (once per step); returns the path."""
+        """Saves the state of `step` (once per step); returns the path.
+
+        Raises:
+            CheckpointError: the save failed (e.g. the disk is full) or the
+                run lost its lock; the message names the directory and the
+                last good checkpoint.
+        """
         if self.latest and self.latest.endswith(f"-{step}"):
             return self.latest
-        path = self.manager.save(checkpoint_number=step)
+        self._check_lock()
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as e:
+            raise self._save_failed(self._directory, step, e) from None
         self._clean_worker_dir()
         return path
 
@@ -257,13 +523,278 @@ class CheckpointRun:
         return read_best_metrics(os.path.join(self.model_dir, BEST_DIR, BEST_METRICS_FILE))
 
     def save_best(self, step, payload):
-        """Keeps the state of `step` as best/ with `payload` as its metrics.json."""
-        self.best_manager.save(checkpoint_number=step)
+        """Keeps the state of `step` as best/ with `payload` as its metrics.json.
+
+        Raises:
+            CheckpointError: as `save`.
+        """
+        self._check_lock()
+        best_dir = os.path.join(self._directory, BEST_DIR)
+        try:
+            self.best_manager.save(checkpoint_number=step)
+            if self.is_chief:
+                write_json_atomically(os.path.join(best_dir, BEST_METRICS_FILE), payload)
+        except (OSError, tf.errors.OpError) as e:
+            raise self._save_failed(best_dir, step, e) from None
         self._clean_worker_dir()
+
+    def _save_failed(self, directory, step, error):
+        """The error of a failed save; removes the save's temporary directory."""
+        temp = os.path.join(directory, f"{CHECKPOINT_NAME}-{step}_temp")
+        if tf.io.gfile.isdir(temp):
+            tf.io.gfile.rmtree(temp)
+        reason = (os.strerror(error.errno) if isinstance(error, OSError) and error.errno
+                  else f"{type(error).__name__}: {_first_line(error)}")
+        return CheckpointError(
+            f"could not save the checkpoint of step {step} in {directory!r} ({reason}); "
+            f"training stopped. The last good checkpoint is {self.latest or '(none yet)'}: "
+            "free space (or fix the directory) and rerun the same command to resume "
+            "from it.")
+
+    def _check_lock(self):
         if self.is_chief:
-            write_json_atomically(
-                os.path.join(self.model_dir, BEST_DIR, BEST_METRICS_FILE), payload)
+            check_lock(self.model_dir)
 
     def _clean_worker_dir(self):
         if not self.is_chief:
             shutil.rmtree(self._directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# One run at a time per model_dir.
+# ---------------------------------------------------------------------------
+
+# The locks this process holds, by real path of their model_dir (see check_lock).
+_HELD_LOCKS = {}
+
+
+def _process_alive(pid):
+    """Whether process `pid` runs on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _format_time(seconds):
+    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class RunLock:
+    """An exclusive lock on a model_dir for the lifetime of one training run.
+
+    The lock is the file `model_dir/.lock`, created with O_CREAT|O_EXCL (atomic
+    on local filesystems and on NFS, where fcntl/flock locks often are not),
+    holding JSON {host, pid, started, heartbeat, token}. While held, a thread
+    rewrites the heartbeat every `stale_after_secs / 10` seconds; it also
+    notices when the file is no longer this lock's (another run broke it),
+    after which `check_lock` (called before every save) stops training.
+
+    A lock that exists is stale, and is broken with a warning, when its
+    holder's process is gone (same host) or its heartbeat is older than
+    `stale_after_secs` (any host: clocks must agree to well within it).
+
+    Use as a context manager; the lock is released on normal exit and on
+    exceptions (a SIGKILLed run leaves a stale lock, broken by the next run).
+
+    Args:
+        model_dir: an existing directory (not an object-store URL).
+        stale_after_secs: heartbeat age after which a lock is stale.
+
+    Raises (on entering):
+        ValueError: the model_dir is in use by a live run (named).
+    """
+
+    def __init__(self, model_dir, stale_after_secs=LOCK_STALE_AFTER_SECS):
+        self.model_dir = model_dir
+        self.path = os.path.join(model_dir, LOCK_FILE)
+        self.stale_after_secs = float(stale_after_secs)
+        self.token = uuid.uuid4().hex
+        self.lost = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._holder = {}
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def acquire(self):
+        """Takes the lock (breaking a stale one) and starts the heartbeat."""
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                text, holder = self._read()
+                reason = self._stale_reason(holder)
+                if reason is None:
+                    raise ValueError(self._in_use(holder)) from None
+                self._break(text, reason)
+                continue
+            now = time.time()
+            self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                            "started": now, "heartbeat": now, "token": self.token}
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._holder))
+                f.flush()
+                os.fsync(f.fileno())
+            _HELD_LOCKS[os.path.realpath(self.model_dir)] = self
+            self._thread = threading.Thread(target=self._beat, daemon=True,
+                                            name=f"lock-heartbeat {self.path}")
+            self._thread.start()
+            return
+        raise ValueError(f"--model_dir={self.model_dir!r}: could not take {self.path} "
+                         "(other runs are taking it at the same time).")
+
+    def release(self):
+        """Stops the heartbeat and removes the lock file if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        _HELD_LOCKS.pop(os.path.realpath(self.model_dir), None)
+        _, holder = self._read()
+        if holder.get("token") == self.token:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _read(self):
+        """(text, holder dict) of the lock file; ("", {}) when gone or unparsable."""
+        try:
+            with open(self.path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return "", {}
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = {}
+        return text, holder if isinstance(holder, dict) else {}
+
+    def _stale_reason(self, holder):
+        """Why the lock `holder` describes is stale, or None if it is live."""
+        heartbeat = holder.get("heartbeat")
+        if not isinstance(heartbeat, (int, float)):
+            # Unreadable or just being written: judge by the file's age.
+            try:
+                heartbeat = os.stat(self.path).st_mtime
+            except FileNotFoundError:
+                return "it is gone"
+        age = time.time() - heartbeat
+        pid = holder.get("pid")
+        if (holder.get("host") == socket.gethostname() and isinstance(pid, int)
+                and not _process_alive(pid)):
+            return f"its process (pid {pid}) is gone"
+        if age > self.stale_after_secs:
+            return (f"its heartbeat is {age:.0f} s old, older than "
+                    f"{self.stale_after_secs:.0f} s")
+        return None
+
+    def _in_use(self, holder):
+        started = holder.get("started")
+        since = f" since {_format_time(started)}" if isinstance(started, (int, float)) else ""
+        heartbeat = holder.get("heartbeat")
+        beat = (f", last heartbeat {time.time() - heartbeat:.0f} s ago"
+                if isinstance(heartbeat, (int, float)) else "")
+        return (f"--model_dir={self.model_dir!r} is in use by pid {holder.get('pid', '?')} "
+                f"on host {holder.get('host', '?')}{since}{beat} (lock file {self.path}). "
+                "Wait for that run to end or stop it, or use another --model_dir. A lock "
+                "is broken automatically once its process is gone (same host) or its "
+                f"heartbeat is older than {self.stale_after_secs:.0f} s.")
+
+    def _break(self, text, reason):
+        """Removes the stale lock whose content was `text` (and only that one)."""
+        aside = f"{self.path}.stale-{self.token}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another run broke it first
+        with open(aside) as f:
+            moved = f.read()
+        if moved != text:  # a new lock was taken meanwhile: put it back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            os.remove(aside)
+            return
+        os.remove(aside)
+        logging.warning("Breaking the stale lock %s (%s): %s", self.path, reason,
+                        text.strip() or "(empty)")
+
+    def _beat(self):
+        interval = max(0.05, self.stale_after_secs / 10)
+        while not self._stop.wait(interval):
+            _, holder = self._read()
+            if holder.get("token") != self.token:
+                self.lost = (f"the lock {self.path} was taken by pid {holder.get('pid', '?')}"
+                             f" on host {holder.get('host', '?')}" if holder
+                             else f"the lock {self.path} was removed")
+                logging.error("Lost the lock of --model_dir=%r: %s.", self.model_dir,
+                              self.lost)
+                return
+            self._holder["heartbeat"] = time.time()
+            tmp = f"{self.path}.beat-{self.token}"
+            try:
+                with open(tmp, "w") as f:
+                    f.write(json.dumps(self._holder))
+                os.replace(tmp, self.path)
+            except OSError as e:  # e.g. a full disk: try again at the next beat
+                logging.warning("Could not refresh the heartbeat of %s: %s", self.path, e)
+
+
+def run_lock(model_dir, is_chief, stale_after_secs=LOCK_STALE_AFTER_SECS):
+    """The lock a training run holds on `model_dir` (a context manager).
+
+    Only the chief locks (the workers of one run share its model_dir); an
+    object-store model_dir (`gs://...`) cannot hold an O_EXCL lock file and is
+    not locked (logged).
+    """
+    if not is_chief:
+        return contextlib.nullcontext()
+    if "://" in model_dir:
+        logging.warning("--model_dir=%r is not a filesystem path: it is not locked "
+                        "against a second run.", model_dir)
+        return contextlib.nullcontext()
+    return RunLock(model_dir, stale_after_secs)
+
+
+def check_lock(model_dir):
+    """Raises CheckpointError if this process's lock on `model_dir` was lost.
+
+    A no-op when this process holds no lock on it (e.g. a non-chief worker,
+    or a library user running a Trainer without `RunLock`).
+    """
+    lock = _HELD_LOCKS.get(os.path.realpath(model_dir))
+    if lock is not None and lock.lost:
+        raise CheckpointError(
+            f"--model_dir={model_dir!r} is no longer this run's: {lock.lost} (its "
+            "heartbeat was judged stale). Training stopped without saving, so that two "
+            "runs never write the same checkpoints.")
+
+
+def ensure_writable_dir(path, flag):
+    """Creates directory `path` if needed and checks a file can be written in it.
+
+    Raises:
+        ValueError: it cannot be created or written (names `flag`).
+    """
+    try:
+        tf.io.gfile.makedirs(path)
+        probe = os.path.join(path, f".write_test-{uuid.uuid4().hex}")
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("ok")
+        tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        raise ValueError(f"{flag}={path!r} is not writable: {_first_line(e)}") from None

@@ -12,6 +12,7 @@ import sys
 from absl import app
 from absl import logging
 
+from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import flagfiles
 from mlcrl_tf import train_lib
@@ -23,9 +24,7 @@ def main(argv):
     config = config_lib.config_from_flags()
     try:
         result = train_lib.train_and_evaluate(config)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    except train_lib.NonFiniteLossError as e:
+    except (ValueError, train_lib.NonFiniteLossError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
     logging.info("Done: %s", result)
     print(f"Finished at step {result['step']}; weights fingerprint {result['fingerprint']}")

@@ -306,8 +306,11 @@ def train_and_evaluate(config):
         `export_path` (or None) and `fingerprint`.
 
     Raises:
-        ValueError: bad flags or data (message names the flag).
+        ValueError: bad flags or data (message names the flag), an unwritable
+            --model_dir or --export_dir, a --model_dir in use by another run.
         NonFiniteLossError: the loss diverged.
+        checkpoints.CheckpointError: a checkpoint could not be saved (e.g. a
+            full disk), none of the run's checkpoints loads, or the lock was lost.
     """
     config_lib.validate(config)
     for message in config_lib.warnings_for(config):
@@ -317,7 +320,17 @@ def train_and_evaluate(config):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     config, class_names, num_records = data_lib.resolve_data(config)
-    _prepare_model_dir(config, class_names, distribute.is_chief(strategy))
+    chief = distribute.is_chief(strategy)
+    checkpoints.ensure_writable_dir(config.model_dir, "--model_dir")
+    if config.export_dir and chief:  # checked before the first step, not after the last
+        checkpoints.ensure_writable_dir(config.export_dir, "--export_dir")
+    with checkpoints.run_lock(config.model_dir, chief):
+        _prepare_model_dir(config, class_names, chief)
+        return _train_and_export(config, class_names, strategy, num_records)
+
+
+def _train_and_export(config, class_names, strategy, num_records):
+    """Trains, exports (chief); returns train_and_evaluate's dict."""
     trainer = Trainer(config, class_names, strategy, num_records)
     logging.info("Training %s/%s on %d records, %d steps/epoch x %d epochs, %d replicas.",
                  config.variant, config.backbone, num_records, trainer.steps_per_epoch,
@@ -336,15 +349,7 @@ def train_and_evaluate(config):
 
 
 def _prepare_model_dir(config, class_names, chief):
-    """Creates model_dir, checks a resumed run is the same network, writes run.json."""
-    try:
-        tf.io.gfile.makedirs(config.model_dir)
-        probe = f"{config.model_dir}/.write_test"
-        with tf.io.gfile.GFile(probe, "w") as f:
-            f.write("ok")
-        tf.io.gfile.remove(probe)
-    except (OSError, tf.errors.OpError) as e:
-        raise ValueError(f"--model_dir={config.model_dir!r} is not writable: {e}") from None
+    """Checks a resumed run is the same network, writes run.json (under the lock)."""
     checkpoints.check_resumable(config.model_dir, config)
     if chief:
         checkpoints.write_run(config.model_dir, config, class_names)
