@@ -115,6 +115,9 @@ class Config:
     checkpoint_every_steps: int = _field(500, "Checkpoint period (also at each epoch "
                                          "end).")
     keep_checkpoints: int = _field(3, "Latest checkpoints kept.")
+    lock_timeout_secs: int = _field(300, "A model_dir lock whose heartbeat is older than "
+                                    "this is stale (its run died on another host) and is "
+                                    "broken; the holder refreshes it every tenth of it.")
     log_every_steps: int = _field(50, "Progress line and TensorBoard period.")
     eval_steps: int = _field(0, "Cap on evaluation batches; 0 = all.")
     num_summary_images: int = _field(4, "Eval images with predictions and CAMs logged "
@@ -186,7 +189,7 @@ def _validate_ranges(config):
         if not getattr(config, name):
             raise ValueError(f"--{name} is required.")
     positive = ("image_size", "batch_size", "epochs", "checkpoint_every_steps",
-                "keep_checkpoints", "log_every_steps")
+                "keep_checkpoints", "log_every_steps", "lock_timeout_secs")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}.")

@@ -41,6 +41,7 @@ from mlcrl_tf import export_lib
 from mlcrl_tf import losses
 from mlcrl_tf import optim
 from mlcrl_tf import progress as progress_lib
+from mlcrl_tf import run_lock
 from mlcrl_tf import summaries as summaries_lib
 from pipelines import input_pipeline
 from pipelines import record_stream
@@ -321,10 +322,10 @@ def train_and_evaluate(config):
         tf.config.experimental.enable_op_determinism()
     config, class_names, num_records = data_lib.resolve_data(config)
     chief = distribute.is_chief(strategy)
-    checkpoints.ensure_writable_dir(config.model_dir, "--model_dir")
+    run_lock.ensure_writable_dir(config.model_dir, "--model_dir")
     if config.export_dir and chief:  # checked before the first step, not after the last
-        checkpoints.ensure_writable_dir(config.export_dir, "--export_dir")
-    with checkpoints.run_lock(config.model_dir, chief):
+        run_lock.ensure_writable_dir(config.export_dir, "--export_dir")
+    with run_lock.run_lock(config.model_dir, chief, config.lock_timeout_secs):
         _prepare_model_dir(config, class_names, chief)
         return _train_and_export(config, class_names, strategy, num_records)
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 from conftest import REPO, run_module
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
+from mlcrl_tf import run_lock
 from mlcrl_tf import train_lib
 
 SMALL = ["--backbone=small_cnn", "--backbone_weights=", "--image_size=48", "--lr_decay_epochs=",
@@ -393,17 +394,17 @@ def _dead_pid():
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
-    with checkpoints.RunLock(str(tmp_path)) as lock:
+    with run_lock.RunLock(str(tmp_path)) as lock:
         holder = json.loads((tmp_path / ".lock").read_text())
         assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
         assert holder["token"] == lock.token
         assert holder["started"] <= holder["heartbeat"] <= time.time()
         with pytest.raises(ValueError, match=rf"is in use by pid {os.getpid()} on host "
                                              rf"{socket.gethostname()} since 20"):
-            checkpoints.RunLock(str(tmp_path)).acquire()
+            run_lock.RunLock(str(tmp_path)).acquire()
     assert not (tmp_path / ".lock").exists()
     with pytest.raises(KeyError):
-        with checkpoints.RunLock(str(tmp_path)):
+        with run_lock.RunLock(str(tmp_path)):
             raise KeyError("boom")
     assert not (tmp_path / ".lock").exists()  # released on an exception too
 
@@ -418,7 +419,7 @@ def test_stale_locks_are_broken_live_ones_refused(tmp_path, caplog, fields, stal
     if fields.get("pid") == "dead":
         fields = dict(fields, pid=_dead_pid())
     _write_lock(tmp_path, **fields)
-    lock = checkpoints.RunLock(str(tmp_path), stale_after_secs=60)
+    lock = run_lock.RunLock(str(tmp_path), stale_after_secs=60)
     if not stale:
         with pytest.raises(ValueError, match="in use by pid 1 on host elsewhere"):
             lock.acquire()
@@ -430,7 +431,7 @@ def test_stale_locks_are_broken_live_ones_refused(tmp_path, caplog, fields, stal
 
 def test_heartbeat_is_refreshed_and_a_lost_lock_stops_saving(tmp_path):
     run, _ = _run(tmp_path)
-    with checkpoints.RunLock(str(tmp_path), stale_after_secs=1) as lock:
+    with run_lock.RunLock(str(tmp_path), stale_after_secs=1) as lock:
         first = json.loads((tmp_path / ".lock").read_text())["heartbeat"]
         time.sleep(0.5)
         assert json.loads((tmp_path / ".lock").read_text())["heartbeat"] > first
@@ -448,8 +449,8 @@ def test_heartbeat_is_refreshed_and_a_lost_lock_stops_saving(tmp_path):
 
 _HOLDER = """
 import sys, time
-from mlcrl_tf import checkpoints
-with checkpoints.RunLock(sys.argv[1]):
+from mlcrl_tf import run_lock
+with run_lock.RunLock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
 """
