@@ -17,9 +17,7 @@ import pytest
 
 from conftest import REPO
 from mlcrl_tf import checkpoints
-from mlcrl_tf import config as config_lib
 from mlcrl_tf import evaluate_lib
-from mlcrl_tf import train_lib
 from pipelines import console
 from pipelines import input_pipeline
 
@@ -126,20 +124,8 @@ def test_converter_is_quiet_unless_verbosity(tiny_csv, tmp_path, verbose):
         assert "Writing 3 images" not in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_run(demo_data, tmp_path_factory):
-    """A crl run of two real steps on the demo set."""
-    config = config_lib.Config(
-        model_dir=str(tmp_path_factory.mktemp("console") / "run"),
-        train_files=demo_data["train_files"], eval_files=demo_data["test_files"],
-        backbone="small_cnn", image_size=48, batch_size=8, epochs=1, steps_per_epoch=2,
-        num_summary_images=0, backbone_weights=None, lr_decay_epochs=())
-    train_lib.train_and_evaluate(config)
-    return config
-
-
-def test_evaluate_prints_progress_lines_without_a_tty(tiny_run):
-    proc = _run("mlcrl_tf.evaluate", [f"--model_dir={tiny_run.model_dir}",
+def test_evaluate_prints_progress_lines_without_a_tty(crl_run):
+    proc = _run("mlcrl_tf.evaluate", [f"--model_dir={crl_run.model_dir}",
                                       "--batch_size=4"])
     _assert_quiet(proc.stderr)
     lines = proc.stderr.splitlines()
@@ -157,8 +143,8 @@ class _Counter:
         self.updates.append(n)
 
 
-def test_evaluate_model_reports_every_batch(tiny_run):
-    model, config, _, _ = checkpoints.restore_model(tiny_run.model_dir)
+def test_evaluate_model_reports_every_batch(crl_run):
+    model, config, _, _ = checkpoints.restore_model(crl_run.model_dir)
     dataset = input_pipeline.make_dataset(config.eval_files, 5, 48, 10, training=False)
     counter = _Counter()
     result = evaluate_lib.evaluate_model(model, dataset, 10, progress=counter)
