@@ -7,6 +7,7 @@ include `configs/base.flags` (the paper's recipe). Rerunning the same command
 resumes from the latest checkpoint in --model_dir.
 """
 
+import functools
 import sys
 
 from absl import app
@@ -16,6 +17,7 @@ from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import flagfiles
 from mlcrl_tf import train_lib
+from pipelines import console
 
 
 def main(argv):
@@ -37,4 +39,6 @@ def main(argv):
 
 if __name__ == "__main__":
     config_lib.define_flags()
-    app.run(main, flags_parser=flagfiles.parse_flags_with_usage)
+    # --verbosity defaults to WARNING (absl's app.run would raise it to INFO).
+    app.run(main, flags_parser=functools.partial(
+        console.parse_flags, parser=flagfiles.parse_flags_with_usage))

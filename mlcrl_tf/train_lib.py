@@ -217,6 +217,8 @@ class Trainer:
         """Evaluates after an epoch, keeps best/; returns the --eval_files result."""
         c = self.config
         step = int(self.step.numpy())
+        self.summaries.write_label_embeddings(step, self.model, self.class_names,
+                                              c.train_files, c.data_dir)
         reported = selection = None
         if c.eval_files:
             reported = self.evaluate(c.eval_files, c.num_summary_images)
