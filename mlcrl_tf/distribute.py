@@ -66,3 +66,12 @@ def worker_name(strategy):
     if resolver is None or not resolver.task_type:
         return "chief"
     return f"{resolver.task_type}_{resolver.task_id}"
+
+
+def num_workers(strategy):
+    """Workers (input pipelines) of the strategy: 1 unless multi-worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    spec = resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)

@@ -130,6 +130,73 @@ def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
     return result
 
 
+def evaluate_distributed(model, strategy, dataset_fn, steps, num_classes, threshold=0.5,
+                         num_samples=0, progress=None):
+    """Evaluation on every replica of `strategy` (and every worker).
+
+    Each replica scores its share of the data (`dataset_fn` gives each input
+    pipeline its files, padded with empty batches so that every replica runs
+    `steps` steps; see `input_pipeline.eval_batches_per_pipeline`); the
+    logits, labels and difficult masks are gathered with `strategy.gather`,
+    so every worker accumulates every image exactly once and all compute the
+    same metrics.
+
+    Args:
+        model: an `MLCRLModel` built in `strategy`'s scope.
+        strategy: a `tf.distribute.Strategy`.
+        dataset_fn: input_context -> dataset (`input_pipeline.padded_eval_dataset`).
+        steps: steps per replica.
+        num_classes, threshold: as `evaluate_model`.
+        num_samples: keep this many images (of the first local replica) for
+            TensorBoard.
+        progress: optional `pipelines.progress.Progress`.
+
+    Returns:
+        An `EvalResult`.
+    """
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+
+    def replica(batch):
+        # A padding batch has a static batch size of 0 on some replicas; keep
+        # the traced shapes general (Keras folds some ops on static shapes).
+        images = tf.compat.v1.placeholder_with_default(
+            batch["images"], [None, *batch["images"].shape[1:]])
+        return {"logits": tf.cast(model.inference_model(images, training=False),
+                                  tf.float32),
+                "labels": batch["labels"], "difficult": tf.cast(batch["difficult"], tf.float32)}
+
+    @tf.function
+    def gathered(batch):
+        out = strategy.run(replica, args=(batch,))
+        return {key: strategy.gather(value, axis=0) for key, value in out.items()}
+
+    accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
+    samples = None
+    iterator = iter(dataset)
+    with record_stream.readable_errors("evaluation data"):
+        for _ in range(steps):
+            batch = next(iterator)
+            out = {key: value.numpy() for key, value in gathered(batch).items()}
+            accumulator.update(out["logits"], out["labels"], ignore=out["difficult"] > 0)
+            if num_samples:
+                samples = _local_samples(samples, model, batch, strategy, num_samples)
+            if progress is not None:
+                progress.update(len(out["labels"]))
+    return _result(accumulator, threshold, samples, None)
+
+
+def _local_samples(samples, model, batch, strategy, count):
+    """A few images of this worker's first replica, with their logits."""
+    if samples is not None and len(samples["logits"]) >= count:
+        return samples
+    local = {key: strategy.experimental_local_results(value)[0]
+             for key, value in batch.items()}
+    if len(local["images"]) == 0:
+        return samples
+    logits = model.inference_model(local["images"][:count], training=False).numpy()
+    return _take_samples(samples, local, logits, count)
+
+
 def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0.5,
                          batch_size=32, max_steps=0, keep_scores=False, progress=None):
     """Evaluates an export's `serving_default` on the records' image bytes.

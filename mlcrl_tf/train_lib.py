@@ -45,6 +45,7 @@ from mlcrl_tf import run_lock
 from mlcrl_tf import summaries as summaries_lib
 from pipelines import input_pipeline
 from pipelines import record_stream
+from pipelines import tfds_source
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,10 +202,18 @@ class Trainer:
     # --- evaluation -------------------------------------------------------------
 
     def evaluate(self, source, num_samples=0):
-        """Evaluates the (EMA) weights on `source`; returns the EvalResult."""
+        """Evaluates the (EMA) weights on `source`; returns the EvalResult.
+
+        With several replicas (or workers) every replica scores its share
+        (`evaluate_lib.evaluate_distributed`); a TFDS source, whose shares
+        are not known in advance, is scored on one device per worker.
+        """
         if self.ema is not None:
             self.ema.swap()
         try:
+            if (self.strategy.num_replicas_in_sync > 1
+                    and not tfds_source.is_tfds(source)):
+                return self._evaluate_distributed(source, num_samples)
             return evaluate_lib.evaluate_model(
                 self.model, self.eval_dataset(source), self.config.num_classes,
                 threshold=self.config.threshold, max_steps=self.config.eval_steps,
@@ -212,6 +221,25 @@ class Trainer:
         finally:
             if self.ema is not None:
                 self.ema.swap()
+
+    def _evaluate_distributed(self, source, num_samples):
+        c = self.config
+        replicas = self.strategy.num_replicas_in_sync
+        pipelines = distribute.num_workers(self.strategy)
+        batches, steps = input_pipeline.eval_batches_per_pipeline(
+            source, c.batch_size, replicas, pipelines)
+        if c.eval_steps:
+            steps = min(steps, c.eval_steps)
+            batches = steps * max(1, replicas // pipelines)
+
+        def dataset_fn(input_context):
+            return input_pipeline.padded_eval_dataset(
+                source, c.batch_size, c.image_size, c.num_classes, input_context, batches,
+                data_dir=c.data_dir, antialias=c.antialias)
+
+        return evaluate_lib.evaluate_distributed(
+            self.model, self.strategy, dataset_fn, steps, c.num_classes,
+            threshold=c.threshold, num_samples=num_samples)
 
     def _evaluate_epoch(self, epoch, progress):
         """Evaluates after an epoch, keeps best/; returns the --eval_files result."""

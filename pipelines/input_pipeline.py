@@ -397,6 +397,52 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def eval_batches_per_pipeline(source, batch_size, num_replicas, num_pipelines=1):
+    """Batches each input pipeline must give so every replica runs as many steps.
+
+    Distributed evaluation needs every replica (every worker) to run the same
+    number of steps; `padded_eval_dataset` pads a pipeline that runs out
+    with empty batches. Counted from the converters' per-shard record counts
+    of the files each pipeline reads (`tfrecord_lib.expected_records`).
+
+    Args:
+        source: glob of shards (not a TFDS split: its per-pipeline sizes are
+            not known here).
+        batch_size: GLOBAL batch size.
+        num_replicas: replicas in sync (all workers).
+        num_pipelines: input pipelines (workers).
+
+    Returns:
+        (batches per pipeline, steps per replica).
+    """
+    files = tfrecord_lib.find_shards(source)
+    counts = record_stream.expected_counts(files, count_unreported=True)
+    per_replica = max(1, batch_size // num_replicas)
+    replicas_per_pipeline = max(1, num_replicas // num_pipelines)
+    if len(files) >= num_pipelines:  # files sharded: pipeline p reads files[p::n]
+        sizes = [sum(counts[p::num_pipelines]) for p in range(num_pipelines)]
+    else:  # records sharded
+        sizes = [_ceil_div(sum(counts), num_pipelines)] * num_pipelines
+    steps = max(_ceil_div(_ceil_div(size, per_replica), replicas_per_pipeline)
+                for size in sizes)
+    return steps * replicas_per_pipeline, steps
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def padded_eval_dataset(source, batch_size, image_size, num_classes, input_context,
+                        num_batches, **kwargs):
+    """`make_dataset(training=False)` for one pipeline, padded with empty
+    batches to exactly `num_batches` (see `eval_batches_per_pipeline`)."""
+    ds = make_dataset(source, batch_size, image_size, num_classes, training=False,
+                      input_context=input_context, **kwargs)
+    empty = tf.nest.map_structure(
+        lambda spec: tf.zeros([0] + spec.shape[1:].as_list(), spec.dtype), ds.element_spec)
+    return ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
+
+
 def make_record_dataset(source, batch_size, num_classes, data_dir=None):
     """Evaluation records NOT decoded here (an export decodes them itself).
 
