@@ -103,7 +103,7 @@ def _multi_hot(ids, num_classes, filename, what):
     message = (f"{what}: a class id is outside [0, num_classes={num_classes}); "
                "wrong num_classes or label map? (filename, ids):")
     in_range = tf.reduce_all((ids >= 0) & (ids < num_classes))
-    check = tf.debugging.Assert(in_range, [message, filename, ids])
+    check = tf.debugging.Assert(in_range, [record_stream.ERROR_TAG, message, filename, ids])
     with tf.control_dependencies([check]):
         one_hot = tf.one_hot(ids, num_classes, dtype=tf.float32)
     # Sum then clip: a repeated id stays 1 and no id gives all zeros.
