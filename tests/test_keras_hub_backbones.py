@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mlcrl_tf import backbones
+from mlcrl_tf import export_lib
 from mlcrl_tf import keras_hub_backbones as khb
+from mlcrl_tf import model as model_lib
+from mlcrl_tf import optim
 
 keras_hub = pytest.importorskip("keras_hub")  # optional: docs/ecosystem.md
 
@@ -158,3 +162,31 @@ def test_saved_model_export_of_the_backbone(resnet18, tmp_path):
     tf.saved_model.save(module, str(tmp_path / "export"))
     reloaded = tf.saved_model.load(str(tmp_path / "export"))
     np.testing.assert_allclose(reloaded.serve(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_with_a_keras_hub_backbone_trains_exports_and_adds_d_times_c_plus_c(
+        tmp_path):
+    """End to end through MLCRLModel: the model normalises with the preset's
+    converter, f_conv adds D x C + C weights to the inference branch, a real
+    training step runs, and an export reloads with the live model's logits."""
+    preset = _write_preset(str(tmp_path / "tiny"), blocks=(1, 1, 1, 1),
+                           filters=(64, 16, 16, 16), block_type="basic_block")
+    name = f"keras_hub:{preset}"
+    baseline = model_lib.build_model(5, name, 64, "baseline", backbone_weights="random")
+    crl = model_lib.build_model(5, name, 64, "crl", backbone_weights="random")
+    d = crl.backbone.output_shape[-1]
+    extra = crl.inference_model.count_params() - baseline.inference_model.count_params()
+    assert extra == d * 5 + 5
+    spec = backbones.normalization_spec(name)
+    np.testing.assert_allclose(np.array(spec["divisor"]), 255.0 * np.array(STD), rtol=1e-6)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    labels = (rng.random((4, 5)) < 0.4).astype(np.float32)
+    crl.compile(optimizer=optim.make_optimizer(crl, 0.01, 0.001))
+    before = crl.f_conv.kernel.numpy().copy()
+    crl.train_step((images, labels))
+    assert not np.allclose(before, crl.f_conv.kernel.numpy())
+    path = export_lib.export_model(crl, str(tmp_path / "export"), list("abcde"))
+    served = tf.saved_model.load(path).signatures["serve_tensor"](images=tf.constant(images))
+    np.testing.assert_allclose(served["logits"].numpy(),
+                               crl.inference_model(images).numpy(), rtol=1e-4, atol=1e-4)
