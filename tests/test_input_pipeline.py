@@ -130,6 +130,16 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(out.dtype, tf.float32)
         self.assertAllClose(out, photo.astype(np.float32), atol=1e-4)
 
+    def test_antialias_changes_nothing_at_the_model_size(self):
+        """The demo's canvases are already S x S: with or without antialiasing
+        the model sees the same pixels (so the demo's numbers cannot move)."""
+        photo = _photo(96, 96)
+        self.assertAllEqual(input_pipeline.preprocess_eval(photo, 96, antialias=True),
+                            input_pipeline.preprocess_eval(photo, 96, antialias=False))
+        smaller = [input_pipeline.preprocess_eval(_photo(96, 96), 64, antialias=a)
+                   for a in (True, False)]
+        self.assertGreater(float(tf.reduce_max(tf.abs(smaller[0] - smaller[1]))), 1.0)
+
     def test_eval_resizes_without_keeping_aspect(self):
         out = input_pipeline.preprocess_eval(_photo(60, 80), 32)
         self.assertEqual(out.shape, (32, 32, 3))
