@@ -9,7 +9,7 @@ the same pixels.
 |-------------|------|----------|-------------------------------------|----------|
 | resnet101   | 2048 | 32       | caffe: RGB->BGR, minus ImageNet mean | yes      |
 | resnet50    | 2048 | 32       | caffe                               | yes      |
-| vgg16       | 512  | 32       | caffe                               | yes      |
+| vgg16       | 512  | 16       | caffe                               | yes      |
 | small_cnn   | 256  | 8        | [0, 255] -> [-1, 1]                 | no       |
 """
 
@@ -24,7 +24,11 @@ BACKBONES = ("resnet101", "resnet50", "vgg16", "small_cnn")
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 _FEATURE_DIMS = {"resnet101": 2048, "resnet50": 2048, "vgg16": 512, "small_cnn": 256}
-_STRIDES = {"resnet101": 32, "resnet50": 32, "vgg16": 32, "small_cnn": 8}
+_STRIDES = {"resnet101": 32, "resnet50": 32, "vgg16": 16, "small_cnn": 8}
+# The layer whose output is `Fx`. VGG-16 drops its last pooling layer (paper
+# §3.1: "we remove the last pooling layer"): Fx is block5_conv3, 28x28x512 at
+# 448 px. The ResNets end at their last block (conv5_block3_out, 14x14x2048).
+_FEATURE_LAYERS = {"vgg16": "block5_conv3"}
 
 
 def check_backbone_name(name):
@@ -114,9 +118,14 @@ def build_backbone(name, image_size, weights=None):
                     input_shape=shape)
     if weights not in (None, "imagenet"):
         model.load_weights(weights)
+    features = model.outputs[0]
+    if name in _FEATURE_LAYERS:
+        # Weights load into the whole keras.applications network (a local
+        # file is that network without top); Fx is then an inner layer.
+        features = model.get_layer(_FEATURE_LAYERS[name]).output
     # One name for every backbone: the training loop gives the variables
     # under this layer the backbone learning rate.
-    return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
+    return keras.Model(model.inputs[0], features, name="backbone")
 
 
 def _small_cnn(shape):

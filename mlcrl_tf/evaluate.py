@@ -2,7 +2,8 @@
 
     python -m mlcrl_tf.evaluate --model_dir=runs/demo \
         --eval_files='data/demo/tfrecords/test-*.tfrecord' [--best | --checkpoint=PREFIX] \
-        [--saved_model=saved_models/demo/1] [--per_class] [--output_json=eval.json]
+        [--saved_model=saved_models/demo/1] [--per_class] [--output_json=eval.json] \
+        [--output_scores=scores.npz]
 
 Prints the Table 1 row (mAP, CF1, CP, CR, OF1, OP, OR and their top-3
 versions) and, with --per_class, the Table 2 row of per-class AP. Metrics
@@ -10,9 +11,15 @@ are `mlcrl_tf.metrics` with the conventions of SPEC §6; VOC "difficult"
 labels are ignored. With --saved_model the export's `serving_default`
 signature is evaluated on the records' original image bytes, i.e. exactly
 what a TF Serving client would get.
+
+Scores are ranked and thresholded as LOGITS (`metrics.*(from_logits=True)`):
+float32 probabilities saturate at 1.0 for logits >= 16.6 and would flatten
+the ranking. `--output_scores` writes every image's filename, logits, labels
+and difficult mask to a NumPy .npz file for further analysis.
 """
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -39,6 +46,9 @@ class EvalResult:
         num_examples: images evaluated.
         num_skipped: undecodable records skipped by the input pipeline.
         samples: the first few images for TensorBoard (dict of arrays) or None.
+        scores: with keep_scores, every image's `filenames` (N,), `logits`
+            (N, C) float32, `labels` (N, C) float32 and `difficult` (N, C)
+            bool; else None.
     """
 
     metrics: dict
@@ -46,23 +56,44 @@ class EvalResult:
     num_examples: int
     num_skipped: int = 0
     samples: dict | None = None
+    scores: dict | None = None
 
 
-def _take_samples(samples, batch, probabilities, count):
+class _ScoreKeeper:
+    """Collects per-image filenames, logits, labels and difficult masks."""
+
+    def __init__(self):
+        self.parts = {"filenames": [], "logits": [], "labels": [], "difficult": []}
+
+    def add(self, filenames, logits, labels, difficult):
+        for key, value in zip(self.parts, (filenames, logits, labels, difficult)):
+            self.parts[key].append(np.asarray(value))
+
+    def arrays(self):
+        arrays = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in self.parts.items()}
+        arrays["filenames"] = np.array([f.decode("utf-8", "replace") if isinstance(f, bytes)
+                                        else str(f) for f in arrays["filenames"]])
+        arrays["logits"] = arrays["logits"].astype(np.float32)
+        arrays["labels"] = arrays["labels"].astype(np.float32)
+        arrays["difficult"] = arrays["difficult"].astype(bool)
+        return arrays
+
+
+def _take_samples(samples, batch, logits, count):
     """Keeps the first `count` images with their predictions."""
-    have = 0 if samples is None else len(samples["probabilities"])
+    have = 0 if samples is None else len(samples["logits"])
     if have >= count:
         return samples
     n = count - have
     new = {"images": batch["images"][:n].numpy(), "labels": batch["labels"][:n].numpy(),
-           "probabilities": probabilities[:n], "filename": batch["filename"][:n].numpy()}
+           "logits": logits[:n], "filename": batch["filename"][:n].numpy()}
     if samples is None:
         return new
     return {k: np.concatenate([samples[k], new[k]]) for k in samples}
 
 
 def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
-                   num_samples=0, skip_counter=None):
+                   num_samples=0, skip_counter=None, keep_scores=False):
     """Runs the inference branch over `dataset` and computes every metric.
 
     Args:
@@ -73,29 +104,37 @@ def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
         max_steps: evaluate at most this many batches (0 = all).
         num_samples: keep this many images with predictions for summaries.
         skip_counter: the dataset's `SkipCounter`, to report skipped records.
+        keep_scores: also return every image's logits (`EvalResult.scores`).
 
     Returns:
         An `EvalResult`.
     """
     predict = tf.function(
-        lambda images: tf.sigmoid(model.inference_model(images, training=False)),
+        lambda images: tf.cast(model.inference_model(images, training=False), tf.float32),
         reduce_retracing=True)
-    accumulator = metrics_lib.MetricAccumulator(num_classes)
+    accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
+    keeper = _ScoreKeeper() if keep_scores else None
     samples = None
     for step, batch in enumerate(dataset):
         if max_steps and step >= max_steps:
             break
-        probabilities = predict(batch["images"]).numpy()
-        accumulator.update(probabilities, batch["labels"].numpy(),
-                           ignore=batch["difficult"].numpy())
+        logits = predict(batch["images"]).numpy()
+        labels, difficult = batch["labels"].numpy(), batch["difficult"].numpy()
+        accumulator.update(logits, labels, ignore=difficult)
+        if keeper:
+            keeper.add(batch["filename"].numpy(), logits, labels, difficult)
         if num_samples:
-            samples = _take_samples(samples, batch, probabilities, num_samples)
-    return _result(accumulator, threshold, samples, skip_counter)
+            samples = _take_samples(samples, batch, logits, num_samples)
+    result = _result(accumulator, threshold, samples, skip_counter)
+    result.scores = keeper.arrays() if keeper else None
+    return result
 
 
 def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0.5,
-                         batch_size=32, max_steps=0):
+                         batch_size=32, max_steps=0, keep_scores=False):
     """Evaluates an export's `serving_default` on the records' image bytes.
+
+    Ranks its `logits` output (not the saturating float32 `probabilities`).
 
     Returns:
         An `EvalResult` (without samples).
@@ -106,31 +145,36 @@ def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0
     dataset = tf.data.TFRecordDataset(files).map(
         lambda record: input_pipeline.decode_example(record, num_classes),
         num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-    accumulator = metrics_lib.MetricAccumulator(num_classes)
+    accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
+    keeper = _ScoreKeeper() if keep_scores else None
     skipped = 0
     for step, batch in enumerate(dataset):
         if max_steps and step >= max_steps:
             break
         labels, ignore = batch["labels"].numpy(), batch["difficult"].numpy()
+        filenames = batch["filename"].numpy()
         try:
-            probabilities = serve(image_bytes=batch["image_bytes"])["probabilities"].numpy()
+            logits = serve(image_bytes=batch["image_bytes"])["logits"].numpy()
         except tf.errors.InvalidArgumentError:
             # The export refuses a whole request with an undecodable image:
             # score this batch image by image and skip (and count) the bad ones.
             keep, rows = [], []
             for i, image_bytes in enumerate(batch["image_bytes"]):
                 try:
-                    rows.append(serve(image_bytes=image_bytes[None])["probabilities"][0])
+                    rows.append(serve(image_bytes=image_bytes[None])["logits"][0])
                     keep.append(i)
                 except tf.errors.InvalidArgumentError:
                     skipped += 1
             if not keep:
                 continue
-            probabilities = np.stack([r.numpy() for r in rows])
-            labels, ignore = labels[keep], ignore[keep]
-        accumulator.update(probabilities, labels, ignore=ignore)
+            logits = np.stack([r.numpy() for r in rows])
+            labels, ignore, filenames = labels[keep], ignore[keep], filenames[keep]
+        accumulator.update(logits, labels, ignore=ignore)
+        if keeper:
+            keeper.add(filenames, logits, labels, ignore)
     result = _result(accumulator, threshold, None, None)
     result.num_skipped = skipped
+    result.scores = keeper.arrays() if keeper else None
     if skipped:
         logging.warning("%d undecodable records skipped.", skipped)
     return result
@@ -186,6 +230,8 @@ def define_flags():
     flags.DEFINE_float("threshold", None, "Probability threshold; default the run's (0.5).")
     flags.DEFINE_bool("per_class", False, "Also print per-class AP (Table 2 layout).")
     flags.DEFINE_string("output_json", None, "Write metrics and per-class AP here.")
+    flags.DEFINE_string("output_scores", None, "Write every image's filename, logits, "
+                        "labels and difficult mask here (NumPy .npz).")
 
 
 FLAGS = flags.FLAGS
@@ -213,7 +259,8 @@ def run(argv):
     if FLAGS.saved_model:
         class_names = class_names or _class_names_for(eval_files)
         result = evaluate_saved_model(FLAGS.saved_model, eval_files, len(class_names),
-                                      threshold, FLAGS.batch_size, FLAGS.max_steps)
+                                      threshold, FLAGS.batch_size, FLAGS.max_steps,
+                                      keep_scores=bool(FLAGS.output_scores))
         return result, class_names, FLAGS.saved_model
     model, config, class_names, path = checkpoints.restore_model(
         FLAGS.model_dir, FLAGS.checkpoint, FLAGS.best, FLAGS.use_ema)
@@ -222,7 +269,8 @@ def run(argv):
         eval_files, FLAGS.batch_size, config.image_size, config.num_classes,
         config.backbone, training=False, skip_counter=counter)
     result = evaluate_model(model, dataset, config.num_classes, threshold,
-                            FLAGS.max_steps, skip_counter=counter)
+                            FLAGS.max_steps, skip_counter=counter,
+                            keep_scores=bool(FLAGS.output_scores))
     return result, class_names, f"{config.variant} ({path})"
 
 
@@ -241,6 +289,12 @@ def main(argv):
         with tf.io.gfile.GFile(FLAGS.output_json, "w") as f:
             f.write(json.dumps(payload, indent=2))
         logging.info("Wrote %s", FLAGS.output_json)
+    if FLAGS.output_scores:
+        buffer = io.BytesIO()
+        np.savez(buffer, class_names=np.array(class_names), **result.scores)
+        with tf.io.gfile.GFile(FLAGS.output_scores, "wb") as f:
+            f.write(buffer.getvalue())
+        logging.info("Wrote %s", FLAGS.output_scores)
 
 
 if __name__ == "__main__":

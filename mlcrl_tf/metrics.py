@@ -5,9 +5,18 @@ Pure NumPy (no TensorFlow): per-class average precision, mAP, the per-class
 top-k labels, a streaming `MetricAccumulator`, and Markdown tables in the
 paper's Table 1 / Table 2 layouts.
 
-Inputs are `scores` (N, C) probabilities in [0, 1] (sigmoid of the logits),
-`labels` (N, C) in {0, 1} (bool, int or float) and an optional boolean
-`ignore` (N, C) mask (VOC "difficult").
+Inputs are `scores` (N, C), `labels` (N, C) in {0, 1} (bool, int or float)
+and an optional boolean `ignore` (N, C) mask (VOC "difficult"). Scores are
+probabilities in [0, 1] by default, or the model's logits with
+`from_logits=True`.
+
+**Rank on logits.** In float32, `sigmoid(x) == 1.0` for every logit
+x >= 16.6 (float64: x >= 36.7), so ranking probabilities ties confident
+positives with confident false positives and flattens AP and top-k. Every
+evaluation in mlcrl_tf therefore accumulates the logits and passes
+`from_logits=True`: ranks (AP, top-k) use the logits themselves and the
+probability threshold t becomes the logit threshold log(t / (1 - t)) (0 for
+t = 0.5), the same decision as `sigmoid(logit) >= t` without the rounding.
 
 Conventions (ML-GCN's code, the field's reference; decided here where the paper
 and SPEC leave them open):
@@ -40,7 +49,8 @@ and SPEC leave them open):
 * Per-class AP is returned by `average_precision` (a float64 array) and by
   `multilabel_metrics` under the key ``"AP"`` as a list of Python floats
   (JSON-friendly; NaN for classes without positives).
-* `MetricAccumulator` stores scores as float32: its result equals
+* `MetricAccumulator` stores scores as float32 (the model's logits are
+  float32, so nothing is lost): its result equals
   `multilabel_metrics(scores.astype(np.float32), ...)` on the concatenated data.
 """
 
@@ -84,7 +94,8 @@ def _as_binary(value, name, what):
     return value != 0
 
 
-def _check_inputs(scores, labels, ignore, num_classes=None, allow_empty=False):
+def _check_inputs(scores, labels, ignore, num_classes=None, allow_empty=False,
+                  from_logits=False):
     """Validates and converts (scores, labels, ignore).
 
     Returns:
@@ -124,11 +135,12 @@ def _check_inputs(scores, labels, ignore, num_classes=None, allow_empty=False):
         raise ValueError(f"scores must be a float array, got dtype {scores.dtype}.")
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores contains non-finite values (NaN or inf).")
-    if scores.size and (scores.min() < 0 or scores.max() > 1):
+    if not from_logits and scores.size and (scores.min() < 0 or scores.max() > 1):
         raise ValueError(
             f"scores must be probabilities in [0, 1], got values in "
-            f"[{scores.min():g}, {scores.max():g}]; apply a sigmoid to the logits "
-            f"first.")
+            f"[{scores.min():g}, {scores.max():g}]; pass logits with "
+            f"from_logits=True (ranking saturated float32 probabilities loses "
+            f"information).")
     labels = _as_binary(labels, "labels", "multi-hot")
     if ignore is not None:
         ignore = _as_binary(ignore, "ignore", "a boolean mask")
@@ -204,8 +216,20 @@ def _average_precision(scores, labels, ignore):
     return ap
 
 
+def _score_threshold(threshold, from_logits):
+    """The probability threshold in score space: log(t / (1 - t)) for logits."""
+    if not from_logits:
+        return threshold
+    if threshold >= 1.0:
+        return math.inf
+    return math.log(threshold) - math.log1p(-threshold)
+
+
 def _counts(scores, labels, ignore, threshold, top_k):
-    """TP, #predicted and #positive per class, for all labels and top-k."""
+    """TP, #predicted and #positive per class, for all labels and top-k.
+
+    `threshold` is in score space (see `_score_threshold`).
+    """
     n, c = scores.shape
     k = min(top_k, c)
     tp = np.zeros(c, np.int64)
@@ -255,11 +279,12 @@ def _scores_from_counts(tp, npred, npos):
             "OP": op, "OR": or_, "OF1": _f1(op, or_)}
 
 
-def _metrics(scores, labels, ignore, threshold, top_k):
+def _metrics(scores, labels, ignore, threshold, top_k, from_logits):
     ap = _average_precision(scores, labels, ignore)
     valid_ap = ap[~np.isnan(ap)]
     result = {"mAP": float(valid_ap.mean()) if valid_ap.size else math.nan}
-    all_counts, top_counts = _counts(scores, labels, ignore, threshold, top_k)
+    all_counts, top_counts = _counts(scores, labels, ignore,
+                                     _score_threshold(threshold, from_logits), top_k)
     result.update(_scores_from_counts(*all_counts))
     for key, value in _scores_from_counts(*top_counts).items():
         result[f"{key}_top{top_k}"] = value
@@ -271,7 +296,7 @@ def _metrics(scores, labels, ignore, threshold, top_k):
 # Public API
 # --------------------------------------------------------------------------
 
-def average_precision(scores, labels, ignore=None):
+def average_precision(scores, labels, ignore=None, from_logits=False):
     """Per-class non-interpolated average precision.
 
     Images are ranked by descending score; AP is the mean over the class's
@@ -281,10 +306,12 @@ def average_precision(scores, labels, ignore=None):
     result does not depend on the input order.
 
     Args:
-        scores: (N, C) probabilities in [0, 1].
+        scores: (N, C) probabilities in [0, 1], or logits with from_logits.
         labels: (N, C) multi-hot labels in {0, 1} (bool, int or float).
         ignore: optional (N, C) boolean mask; ignored entries are removed from
             their class's ranking (neither positive nor negative).
+        from_logits: scores are logits (any finite value); the ranking is
+            theirs (see the module docstring).
 
     Returns:
         float64 array (C,); NaN for a class without any non-ignored positive.
@@ -292,22 +319,27 @@ def average_precision(scores, labels, ignore=None):
     Raises:
         ValueError: on malformed input (the message names the argument).
     """
-    scores, labels, ignore = _check_inputs(scores, labels, ignore)
+    scores, labels, ignore = _check_inputs(scores, labels, ignore,
+                                           from_logits=from_logits)
     return _average_precision(scores, labels, ignore)
 
 
-def multilabel_metrics(scores, labels, threshold=0.5, top_k=3, ignore=None):
+def multilabel_metrics(scores, labels, threshold=0.5, top_k=3, ignore=None,
+                       from_logits=False):
     """mAP and the per-class / overall precision, recall and F1 (Eq. 11-13).
 
     Args:
-        scores: (N, C) probabilities in [0, 1] (sigmoid of the logits).
+        scores: (N, C) probabilities in [0, 1] (sigmoid of the logits), or
+            the logits themselves with from_logits=True (what evaluation
+            does: see the module docstring).
         labels: (N, C) multi-hot labels in {0, 1} (bool, int or float).
         threshold: a label is predicted iff its probability >= threshold;
-            in (0, 1].
+            in (0, 1]. With logits: iff logit >= log(t / (1 - t)).
         top_k: for the ``_top{k}`` metrics a label must also be among the
             image's k highest scores (ties: lower class id wins).
         ignore: optional (N, C) boolean mask of entries that count neither way
             (VOC difficult). The top-k ranking still uses all classes.
+        from_logits: scores are logits.
 
     Returns:
         dict with the Python floats ``mAP, CP, CR, CF1, OP, OR, OF1`` and
@@ -320,8 +352,9 @@ def multilabel_metrics(scores, labels, threshold=0.5, top_k=3, ignore=None):
     """
     threshold = _check_threshold(threshold)
     top_k = _check_top_k(top_k)
-    scores, labels, ignore = _check_inputs(scores, labels, ignore)
-    return _metrics(scores, labels, ignore, threshold, top_k)
+    scores, labels, ignore = _check_inputs(scores, labels, ignore,
+                                           from_logits=from_logits)
+    return _metrics(scores, labels, ignore, threshold, top_k, from_logits)
 
 
 class MetricAccumulator:
@@ -335,12 +368,14 @@ class MetricAccumulator:
     Args:
         num_classes: C, the number of columns of every batch.
         initial_capacity: rows allocated by the first `update`.
+        from_logits: the scores are logits (what every evaluation in mlcrl_tf
+            accumulates: float32 probabilities saturate at 1.0).
 
     Raises:
         ValueError: if num_classes or initial_capacity is not a positive int.
     """
 
-    def __init__(self, num_classes, initial_capacity=1024):
+    def __init__(self, num_classes, initial_capacity=1024, from_logits=False):
         for name, value in (("num_classes", num_classes),
                             ("initial_capacity", initial_capacity)):
             if (isinstance(value, (bool, np.bool_))
@@ -348,6 +383,7 @@ class MetricAccumulator:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         self._num_classes = int(num_classes)
         self._initial_capacity = int(initial_capacity)
+        self._from_logits = bool(from_logits)
         self._scores = np.empty((0, self._num_classes), dtype=np.float32)
         self._labels = np.empty((0, self._num_classes), dtype=bool)
         self._ignore = None
@@ -392,7 +428,8 @@ class MetricAccumulator:
         """Appends a batch.
 
         Args:
-            scores: (B, C) probabilities in [0, 1].
+            scores: (B, C) probabilities in [0, 1] (logits if the
+                accumulator was built with from_logits=True).
             labels: (B, C) multi-hot labels in {0, 1}.
             ignore: optional (B, C) boolean mask (see `multilabel_metrics`).
 
@@ -400,7 +437,8 @@ class MetricAccumulator:
             ValueError: on malformed input or C != num_classes.
         """
         scores, labels, ignore = _check_inputs(
-            scores, labels, ignore, num_classes=self._num_classes, allow_empty=True)
+            scores, labels, ignore, num_classes=self._num_classes, allow_empty=True,
+            from_logits=self._from_logits)
         batch = scores.shape[0]
         if batch == 0:
             return
@@ -426,7 +464,8 @@ class MetricAccumulator:
             raise ValueError("MetricAccumulator has no examples; call update() first.")
         n = self._size
         ignore = None if self._ignore is None else self._ignore[:n]
-        return _metrics(self._scores[:n], self._labels[:n], ignore, threshold, top_k)
+        return _metrics(self._scores[:n], self._labels[:n], ignore, threshold, top_k,
+                        self._from_logits)
 
 
 # --------------------------------------------------------------------------

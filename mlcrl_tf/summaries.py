@@ -51,10 +51,12 @@ def eval_image_panels(samples, model, backbone, class_names, max_images=4,
     images = np.asarray(samples["images"][:max_images], np.float32)
     if len(images) == 0:
         return np.zeros((0, 1, 1, 3), np.uint8)
-    probabilities = np.asarray(samples["probabilities"][:len(images)], np.float32)
+    logits = np.asarray(samples["logits"][:len(images)], np.float64)
+    # Ranked on the logits; probabilities (float64) only for display.
+    probabilities = 1.0 / (1.0 + np.exp(-logits))
     labels = np.asarray(samples["labels"][:len(images)])
     names = samples.get("filename")
-    top = np.argsort(-probabilities, axis=1, kind="stable")
+    top = np.argsort(-logits, axis=1, kind="stable")
     maps = visualize.compute_cams(model, images, top[:, :1])
     shown = np.clip(np.round(backbones.denormalize_images(images, backbone).numpy()),
                     0, 255).astype(np.uint8)
@@ -82,7 +84,7 @@ def write_eval_images(samples, model, backbone, class_names, max_images=4):
     Args:
         samples: dict of NumPy arrays for a few eval images: `images`
             normalised float32 (N, S, S, 3), `labels` (N, C) multi-hot,
-            `probabilities` (N, C), optionally `filename` (N,) bytes.
+            `logits` (N, C), optionally `filename` (N,) bytes.
         model: the `MLCRLModel` (for the class maps).
         backbone: its backbone name (to undo the normalisation).
         class_names: the C class names.

@@ -44,8 +44,8 @@ def test_evaluate_model_equals_metrics_on_all_predictions(trained, demo_data):
     batches = list(dataset.as_numpy_iterator())
     images = np.concatenate([b["images"] for b in batches])
     labels = np.concatenate([b["labels"] for b in batches])
-    probabilities = tf.sigmoid(model.inference_model(images)).numpy()
-    expected = metrics.multilabel_metrics(probabilities, labels)
+    logits = model.inference_model(images).numpy()
+    expected = metrics.multilabel_metrics(logits, labels, from_logits=True)
     assert result.num_examples == 32 == len(labels)
     for key, value in result.metrics.items():
         assert value == pytest.approx(expected[key], abs=1e-6), key
@@ -93,6 +93,60 @@ def test_undecodable_record_is_skipped_and_counted(trained, demo_data, tmp_path)
         assert exported.metrics[key] == pytest.approx(result.metrics[key], abs=1e-5), key
 
 
+class _SaturatingModel:
+    """The trained model with its output layers scaled x60: logits far beyond 16.6."""
+
+    def __init__(self, model, factor=60.0):
+        for layer in (model.classifier, model.f_conv):
+            for v in layer.weights:
+                v.assign(v * factor)
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_checkpoint_and_export_evaluation_rank_saturated_logits(trained, demo_data, tmp_path):
+    """Logits >= 16.6 saturate float32 probabilities; evaluation must rank the logits."""
+    model, config, class_names, _ = checkpoints.restore_model(trained["config"].model_dir)
+    model = _SaturatingModel(model).model
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10, "small_cnn",
+                                          training=False)
+    batches = list(dataset.as_numpy_iterator())
+    logits = model.inference_model(np.concatenate([b["images"] for b in batches])).numpy()
+    labels = np.concatenate([b["labels"] for b in batches])
+    probabilities = tf.sigmoid(logits).numpy()
+    assert np.mean(probabilities == 1.0) > 0.05 and np.abs(logits).max() > 40
+    expected = metrics.multilabel_metrics(logits.astype(np.float64), labels, from_logits=True)
+    flattened = metrics.multilabel_metrics(probabilities, labels)
+    assert abs(flattened["mAP"] - expected["mAP"]) > 1e-3  # the test can tell them apart
+    on_checkpoint = evaluate.evaluate_model(model, dataset, 10)
+    export_path = export.export_model(model, str(tmp_path / "export"), class_names,
+                                      backbone=config.backbone)
+    on_export = evaluate.evaluate_saved_model(export_path, demo_data["test_files"], 10)
+    for result in (on_checkpoint, on_export):
+        assert result.metrics["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+        np.testing.assert_allclose(result.per_class_ap, expected["AP"], atol=1e-6)
+        for key in ("CF1_top3", "OF1_top3", "CF1", "OF1"):
+            assert result.metrics[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_output_scores_file(trained, demo_data, tmp_path):
+    out = tmp_path / "scores.npz"
+    run_module("mlcrl_tf.evaluate", [f"--model_dir={trained['config'].model_dir}",
+                                     f"--output_scores={out}"])
+    scores = np.load(out)
+    assert scores["logits"].shape == scores["labels"].shape == (32, 10)
+    assert scores["logits"].dtype == np.float32 and scores["difficult"].dtype == bool
+    assert len(set(scores["filenames"])) == 32 and list(scores["class_names"])[8] == "Bag"
+    recomputed = metrics.multilabel_metrics(scores["logits"], scores["labels"],
+                                            from_logits=True)
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10, "small_cnn",
+                                          training=False)
+    direct = evaluate.evaluate_model(trained["model"], dataset, 10)
+    assert recomputed["mAP"] == pytest.approx(direct.metrics["mAP"], abs=1e-7)
+
+
 def test_cli_errors_are_one_line(tmp_path):
     proc = run_module("mlcrl_tf.evaluate", [f"--model_dir={tmp_path}"], check=False)
     assert proc.returncode != 0 and "run.json" in proc.stderr
@@ -108,9 +162,18 @@ def test_missing_checkpoint_is_a_clear_error(trained, tmp_path):
 
 
 def test_format_report_has_table_rows(trained):
-    result = evaluate.EvalResult(metrics={k: 0.5 for k in (
-        "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3",
-        "OP_top3", "OR_top3", "OF1_top3")}, per_class_ap=[0.25] * 10, num_examples=1)
-    text = evaluate.format_report(result, trained["class_names"], "crl", per_class=True)
-    assert "| crl |" in text and "50.0" in text and "25.0" in text
-    assert os.linesep in text or "\n" in text
+    keys = ("mAP", "CF1", "CP", "CR", "OF1", "OP", "OR", "CF1_top3", "CP_top3", "CR_top3",
+            "OF1_top3", "OP_top3", "OR_top3")
+    result = evaluate.EvalResult(metrics={k: (i + 1) / 100 for i, k in enumerate(keys)},
+                                 per_class_ap=[0.25] * 9 + [float("nan")], num_examples=1)
+    names = trained["class_names"]
+    text = evaluate.format_report(result, names, "crl", per_class=True)
+    lines = text.splitlines()
+    # Table 1: header, rule, one row with the 13 values in the paper's column order.
+    assert lines[0] == "| method | " + " | ".join(keys) + " |"
+    assert lines[2] == "| crl | " + " | ".join(f"{i + 1}.0" for i in range(13)) + " |"
+    # Table 2: one column per class, then mAP over the classes with an AP.
+    assert lines[4] == "| method | " + " | ".join(names) + " | mAP |"
+    assert lines[6] == "| crl | " + " | ".join(["25.0"] * 9 + ["nan"]) + " | 25.0 |"
+    assert len(lines) == 7
+    assert "\n\n" not in evaluate.format_report(result, names, "crl")

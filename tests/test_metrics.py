@@ -485,6 +485,54 @@ def test_format_per_class_ap():
 
 
 # --------------------------------------------------------------------------
+# Ranking on logits (float32 probabilities saturate at 1.0 for logits >= 16.6)
+# --------------------------------------------------------------------------
+
+def _saturating_case(seed=0, n=60, c=5):
+    """Logits in [17, 40]: every float32 sigmoid of them is exactly 1.0."""
+    rng = np.random.default_rng(seed)
+    logits = rng.uniform(17.0, 40.0, (n, c)).astype(np.float32)
+    labels = (rng.random((n, c)) < 0.4).astype(np.int64)
+    labels[0] = 1  # every class has a positive
+    return logits, labels
+
+
+def test_logits_17_to_40_give_the_exact_ap_of_the_logit_ranking():
+    logits, labels = _saturating_case()
+    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+    assert np.all(probabilities == 1.0)  # the trap: float32 flattens the ranking
+    expected = ref_average_precision(logits.tolist(), labels.tolist())
+    np.testing.assert_allclose(average_precision(logits, labels, from_logits=True),
+                               expected, rtol=0, atol=1e-12)
+    got = multilabel_metrics(logits, labels, from_logits=True)
+    # Logit >= 0 <=> probability >= 0.5: every label is predicted; top-3 by logit.
+    assert_metrics_close(got, ref_metrics(logits.tolist(), labels.tolist(), threshold=0.0))
+    flat = multilabel_metrics(probabilities, labels)
+    assert abs(flat["mAP"] - got["mAP"]) > 0.01, "ranking probabilities must lose here"
+
+
+def test_accumulator_from_logits_equals_one_shot():
+    logits, labels = _saturating_case(seed=1, n=50, c=4)
+    ignore = np.random.default_rng(2).random(logits.shape) < 0.1
+    acc = MetricAccumulator(4, initial_capacity=8, from_logits=True)
+    for start in range(0, 50, 7):
+        acc.update(logits[start:start + 7], labels[start:start + 7],
+                   ignore=ignore[start:start + 7])
+    assert_metrics_close(acc.result(), multilabel_metrics(logits, labels, ignore=ignore,
+                                                          from_logits=True))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.9])
+def test_logit_threshold_is_the_probability_threshold(threshold):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (40, 6))
+    labels = (rng.random((40, 6)) < 0.3).astype(int)
+    probabilities = 1.0 / (1.0 + np.exp(-logits))  # float64: no saturation here
+    assert_metrics_close(multilabel_metrics(logits, labels, threshold, from_logits=True),
+                         multilabel_metrics(probabilities, labels, threshold), tol=1e-12)
+
+
+# --------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------
 
@@ -503,7 +551,7 @@ BAD_CALLS = [
     ("labels str", lambda: average_precision(S, np.array([["a", "b"], ["c", "d"]])), "labels"),
     ("nan scores", lambda: multilabel_metrics(np.where(L, np.nan, S), L), "scores.*non-finite"),
     ("inf scores", lambda: average_precision(np.where(L, np.inf, S), L), "scores.*non-finite"),
-    ("logits", lambda: multilabel_metrics(S * 4 - 2, L), "scores.*probabilities.*sigmoid"),
+    ("logits", lambda: multilabel_metrics(S * 4 - 2, L), "scores.*probabilities.*from_logits"),
     ("str scores", lambda: average_precision(np.array([["a", "b"], ["c", "d"]]), L), "scores"),
     ("empty", lambda: multilabel_metrics(np.zeros((0, 2)), np.zeros((0, 2))), "scores"),
     ("threshold 0", lambda: multilabel_metrics(S, L, threshold=0.0), "threshold"),

@@ -45,6 +45,19 @@ def test_output_shapes_small_cnn(variant):
     np.testing.assert_allclose(inference, out["logits"], atol=1e-6)
 
 
+@pytest.mark.parametrize("backbone, layer, shape", [
+    ("vgg16", "block5_conv3", (28, 28, 512)),       # paper §3.1: pool5 removed
+    ("resnet101", "conv5_block3_out", (14, 14, 2048)),
+])
+def test_feature_map_is_the_papers_layer_at_448(backbone, layer, shape):
+    """Fx is the last convolution's map, not a pooled one (stride 16 for VGG)."""
+    net = backbones.build_backbone(backbone, 448)
+    assert net.output_shape == (None, *shape)
+    assert net.layers[-1].name == layer
+    assert 448 // backbones.feature_stride(backbone) == shape[0]
+    assert backbones.feature_dim(backbone) == shape[2]
+
+
 @pytest.mark.parametrize("backbone", ["resnet101", "resnet50", "vgg16", "small_cnn"])
 def test_inference_adds_exactly_d_times_c_plus_c(backbone):
     """The paper's efficiency claim: crl's test-time model = baseline + f_conv."""

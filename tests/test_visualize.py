@@ -154,8 +154,8 @@ def test_visualize_files_from_a_training_run(models, data, tmp_path):
 def test_write_eval_images_is_readable_from_the_event_file(models, data, tmp_path):
     _, labels, x = data
     model = models["crl"]
-    probabilities = tf.sigmoid(model.inference_model(x)).numpy()
-    samples = {"images": x, "labels": labels, "probabilities": probabilities,
+    logits = model.inference_model(x).numpy()
+    samples = {"images": x, "labels": labels, "logits": logits,
                "filename": np.array([b"a.jpg", b"b.jpg", b"dir/c.jpg"])}
     writer = tf.summary.create_file_writer(str(tmp_path / "eval"))
     with writer.as_default(step=7):
