@@ -90,25 +90,12 @@ def hidden_label_masks(max_visible, hidden_below=HIDDEN_BELOW):
     return positives, present & ~positives
 
 
-def rank_scores(logits):
-    """Per column, the rank of each logit mapped to [0, 1] (ties kept).
-
-    AP depends only on the order of the scores and their ties, so ranking on
-    these equals ranking on the logits, with no sigmoid saturation ties.
-    """
-    logits = np.asarray(logits, np.float64)
-    out = np.empty_like(logits)
-    for c in range(logits.shape[1]):
-        values, inverse = np.unique(logits[:, c], return_inverse=True)
-        out[:, c] = inverse.reshape(-1) / max(len(values) - 1, 1)
-    return out
-
-
 def hidden_label_ap(logits, positives, ignore, min_positives):
     """Hidden-label AP per class and its mean over the eligible classes.
 
     Args:
-        logits: (N, C) scores (ranked per class).
+        logits: (N, C) logits, ranked as they are (no sigmoid: float32
+            probabilities saturate and would tie).
         positives, ignore: from `hidden_label_masks`.
         min_positives: a class counts only with at least this many positives.
 
@@ -119,7 +106,7 @@ def hidden_label_ap(logits, positives, ignore, min_positives):
     """
     counts = positives.sum(axis=0)
     enough = counts >= max(min_positives, 1)
-    ap = metrics_lib.average_precision(rank_scores(logits), positives, ignore=ignore)
+    ap = metrics_lib.average_precision(logits, positives, ignore=ignore, from_logits=True)
     eligible = np.flatnonzero(enough)
     ap = np.where(enough, ap, np.nan)
     return {"per_class": ap, "num_positives": counts.astype(int),

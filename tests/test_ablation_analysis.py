@@ -126,17 +126,6 @@ def test_hidden_label_ap_skips_classes_with_few_positives():
     assert result["num_positives"].tolist() == [20, 3]
 
 
-def test_rank_scores_keep_order_and_ties():
-    logits = np.array([[40.0, 1.0], [41.0, 1.0], [-3.0, 2.0], [41.0, 0.5]])
-    ranks = analysis.rank_scores(logits)
-    assert ranks.min() >= 0 and ranks.max() <= 1
-    for c in range(2):
-        for i in range(4):
-            for j in range(4):
-                assert np.sign(ranks[i, c] - ranks[j, c]) == np.sign(
-                    logits[i, c] - logits[j, c])
-
-
 # ---------------------------------------------------------------------------
 # Label projector analysis.
 # ---------------------------------------------------------------------------
