@@ -113,10 +113,25 @@ def current_commit():
     return head + ("+dirty" if dirty else "")
 
 
-def make_data(c, setting):
-    """Generates the setting's demo set once; returns its root directory."""
-    root = c.path(f"data_{setting}")
+def _data_is_current(c, setting, root):
+    """Whether `root` holds this campaign's demo set (same sizes, seed, mode)."""
     if not os.path.exists(os.path.join(root, "tfrecords", "test_report.json")):
+        return False
+    for split, count in (("train", c.num_train), ("test", c.num_test)):
+        with open(os.path.join(root, "annotations", f"instances_{split}.json"),
+                  encoding="utf-8") as f:
+            coco = json.load(f)
+        info = coco["info"]
+        if (len(coco["images"]), info["seed"], info["canvas_size"], info["occlusion"]) != (
+                count, c.data_seed, c.canvas_size, setting == "occluded"):
+            return False
+    return True
+
+
+def make_data(c, setting):
+    """Generates the setting's demo set unless current; returns its root directory."""
+    root = c.path(f"data_{setting}")
+    if not _data_is_current(c, setting, root):
         os.makedirs(c.work_dir, exist_ok=True)
         run_command([sys.executable, "-m", "pipelines.demo_dataset", f"--output_dir={root}",
                      f"--canvas_size={c.canvas_size}", f"--num_train={c.num_train}",

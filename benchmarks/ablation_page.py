@@ -24,6 +24,7 @@ from mlcrl_tf import visualize
 from pipelines import input_pipeline
 from pipelines import tfrecord_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("baseline", "tbc", "mse")
 PER_SEED = ("mAP", "CF1", "OF1")
 
@@ -132,8 +133,14 @@ def pretraining_lines(report):
     ]
 
 
+def _flagfile_comments(path):
+    """The comment lines of a flagfile (its recorded rationale), without '#'."""
+    with open(path, encoding="utf-8") as f:
+        return [line[1:].strip() for line in f if line.startswith("#")]
+
+
 def budget_lines(c, runs):
-    """Data, budget and the convergence count."""
+    """Data, budget (and how it was chosen) and the convergence count."""
     cfg = _run_config(c, runs)
     converged = sum(r["converged"] for r in runs)
     rises = [r["last_rise"] for r in runs]
@@ -150,7 +157,10 @@ def budget_lines(c, runs):
         f"decay {cfg['weight_decay']}, head learning rate {cfg['learning_rate']}, "
         f"backbone {cfg['backbone_learning_rate']} (the paper's ratio 1/10), ×"
         f"{cfg['lr_decay_factor']} after epoch(s) "
-        f"{', '.join(map(str, cfg['lr_decay_epochs']))}; the paper's losses.",
+        f"{', '.join(map(str, cfg['lr_decay_epochs']))}; the paper's losses. How this "
+        f"budget was chosen (the comments of `{c.flagfile}`):",
+        "",
+        *("> " + line for line in _flagfile_comments(os.path.join(REPO, c.flagfile))),
         "",
         f"Convergence: **{converged} of {len(runs)} runs converged** "
         f"({100 * converged / len(runs):.0f} %); last-epoch rise of the eval mAP "
@@ -273,6 +283,13 @@ def setting_lines(c, setting, runs, facts, figures):
     return lines + per_seed_lines(by_variant)
 
 
+def _paired_text(interval):
+    if np.isnan(interval["half_width"]):
+        return f"{interval['mean']:+.1f}, one seed: no interval"
+    return (f"{interval['mean']:+.1f}, 95 % CI [{interval['low']:+.1f}, "
+            f"{interval['high']:+.1f}]")
+
+
 def headline_lines(c, runs):
     """A paragraph for the README: every headline number with its spread."""
     parts = []
@@ -281,28 +298,21 @@ def headline_lines(c, runs):
         if "crl" not in by_variant or "baseline" not in by_variant:
             continue
         crl, base = by_variant["crl"], by_variant["baseline"]
-        pairs = {}
+        text = [f"{setting} setting:"]
         for key, get in (("mAP", lambda r: r["metrics"]["mAP"]),
                          ("hidden-label AP", lambda r: r["hidden"]["mean"])):
-            pairs[key] = analysis.paired_t_interval(
-                {r["seed"]: 100 * get(r) for r in crl},
-                {r["seed"]: 100 * get(r) for r in base})
-        parts.append(
-            f"{setting} setting: crl mAP {_pm([r['metrics']['mAP'] for r in crl])} vs "
-            f"baseline {_pm([r['metrics']['mAP'] for r in base])} (paired difference "
-            f"{pairs['mAP']['mean']:+.1f}, 95 % CI [{pairs['mAP']['low']:+.1f}, "
-            f"{pairs['mAP']['high']:+.1f}]); hidden-label AP "
-            f"{_pm([r['hidden']['mean'] for r in crl])} vs "
-            f"{_pm([r['hidden']['mean'] for r in base])} (paired "
-            f"{pairs['hidden-label AP']['mean']:+.1f}, 95 % CI "
-            f"[{pairs['hidden-label AP']['low']:+.1f}, "
-            f"{pairs['hidden-label AP']['high']:+.1f}])")
+            interval = analysis.paired_t_interval({r["seed"]: 100 * get(r) for r in crl},
+                                                  {r["seed"]: 100 * get(r) for r in base})
+            text.append(f"{key} crl {_pm([get(r) for r in crl])} vs baseline "
+                        f"{_pm([get(r) for r in base])} (paired difference "
+                        f"{_paired_text(interval)})")
+        parts.append(" ".join(text[:2]) + "; " + text[2])
     if not parts:
         return []
-    seeds = len(c.seeds)
     return ["## Headline (for the README)", "",
-            f"Pretrained small CNN fine-tuned to convergence, {seeds} seeds per variant, "
-            "mean ± std over seeds: " + "; ".join(parts) + ".", ""]
+            f"Small CNN pretrained on single Fashion-MNIST items, fine-tuned to "
+            f"convergence on the outfits set, {len(c.seeds)} seed(s) per variant, mean ± "
+            "std over seeds: " + "; ".join(parts) + ".", ""]
 
 
 def write(c, runs, facts, pretrain_report, seconds, figures, commit):
