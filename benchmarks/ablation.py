@@ -200,7 +200,7 @@ def train_and_evaluate(c, setting, data_root, weights, variant, seed):
     if os.path.exists(record_path) and os.path.exists(c.path(f"{name}.scores.npz")):
         with open(record_path, encoding="utf-8") as f:
             return json.load(f)
-    start = time.time()
+    start, commit = time.time(), current_commit()
     _train(c, name, os.path.join(data_root, "tfrecords"), weights, variant, seed)
     train_seconds = time.time() - start
     evaluation = _evaluate(c, name)
@@ -209,7 +209,7 @@ def train_and_evaluate(c, setting, data_root, weights, variant, seed):
     with open(os.path.join(c.path(name), "run.json"), encoding="utf-8") as f:
         decay = json.load(f)["config"]["lr_decay_epochs"]
     record = {"setting": setting, "variant": variant, "seed": seed,
-              "commit": current_commit(), "metrics": evaluation["metrics"],
+              "commit": commit, "metrics": evaluation["metrics"],
               "per_class_ap": evaluation["per_class_ap"],
               "eval_maps": read_eval_curve(c.path(name)),
               "decay_epoch": max(decay) if decay else 0,
@@ -338,7 +338,7 @@ def define_flags():
     flags.DEFINE_integer("data_seed", 0, "Seed of the demo data generator.")
     flags.DEFINE_integer("pretrain_canvases", 30000, "Single-item pretraining canvases.")
     flags.DEFINE_integer("pretrain_epochs", 6, "Pretraining epochs.")
-    flags.DEFINE_integer("min_positives", 30, "Hidden-label AP: a class counts only with "
+    flags.DEFINE_integer("min_positives", 50, "Hidden-label AP: a class counts only with "
                          "at least this many mostly-hidden test positives.")
 
 

@@ -60,7 +60,7 @@ def _run_config(c, runs):
 # Page sections.
 # --------------------------------------------------------------------------
 
-def header_lines(c, runs, seconds, commit):
+def header_lines(c, runs, seconds, commit, pretrain_seconds):
     """Title, command, machine, wall time and commits (`commit`: the page's)."""
     total = sum(r["total_seconds"] for r in runs)
     commits = ", ".join(sorted({r.get("commit", "unknown") for r in runs}))
@@ -72,9 +72,10 @@ def header_lines(c, runs, seconds, commit):
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}; page written "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Wall time: "
-        f"{total / 60:.0f} min of fine-tuning and evaluation over {len(runs)} runs "
-        f"({seconds / 60:.0f} min in the last invocation of the driver, which reuses "
-        "finished runs).",
+        f"{total / 60:.0f} min of fine-tuning and evaluation over {len(runs)} runs, plus "
+        f"{pretrain_seconds / 60:.0f} min of pretraining ({seconds / 60:.0f} min in the "
+        "last invocation of the driver, which reuses finished runs and the pretrained "
+        "weights).",
         "",
         f"Code: runs trained at commit(s) {commits}; page written at commit {commit}.",
         "",
@@ -330,7 +331,8 @@ def write(c, runs, facts, pretrain_report, seconds, figures, commit):
     settings = [s for s in c.settings if any(r["setting"] == s for r in runs)]
     compared = [v for v in COMPARED if v in c.variants]
     # The rule comes before any result.
-    lines = header_lines(c, runs, seconds, commit) + rule_lines(c, compared)
+    lines = header_lines(c, runs, seconds, commit, pretrain_report["seconds"])
+    lines += rule_lines(c, compared)
     lines += headline_lines(c, runs) + pretraining_lines(pretrain_report)
     lines += budget_lines(c, runs)
     for setting in settings:
