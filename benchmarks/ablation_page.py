@@ -30,12 +30,19 @@ PER_SEED = ("mAP", "CF1", "OF1")
 
 
 def _pct(x):
-    return "nan" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
 def _pm(values):
     mean, std = analysis.mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _has_hidden(runs):
+    """Whether the hidden-label AP is defined in these runs (enough positives)."""
+    return any(not math.isnan(r["hidden"]["mean"]) for r in runs)
 
 
 def _by_variant(c, runs, setting):
@@ -198,6 +205,10 @@ def hidden_positive_lines(c, facts):
     counts = facts["hidden_counts"]
     names = facts["class_names"]
     eligible = [n for n, k in zip(names, counts) if k >= c.min_positives]
+    if not eligible:
+        return [f"Hidden-label AP: n/a in this setting: no class has {c.min_positives} test "
+                f"images whose every item is < {100 * analysis.HIDDEN_BELOW:.0f} % visible "
+                f"(most: {int(max(counts))}).", ""]
     return [
         f"Hidden-label positives per class (test images where every item of the class is "
         f"< {100 * analysis.HIDDEN_BELOW:.0f} % visible); the AP averages the "
@@ -211,8 +222,10 @@ def verdict_lines(by_variant):
     if "crl" not in by_variant:
         return []
     lines = ["Verdicts (the rule above; points of mAP / hidden-label AP):", ""]
-    for unit, get in (("mAP", lambda r: r["metrics"]["mAP"]),
-                      ("hidden-label AP", lambda r: r["hidden"]["mean"])):
+    measures = [("mAP", lambda r: r["metrics"]["mAP"])]
+    if _has_hidden(by_variant["crl"]):
+        measures.append(("hidden-label AP", lambda r: r["hidden"]["mean"]))
+    for unit, get in measures:
         crl = {r["seed"]: 100 * get(r) for r in by_variant["crl"]}
         for other in COMPARED:
             if other in by_variant:
@@ -300,14 +313,16 @@ def headline_lines(c, runs):
             continue
         crl, base = by_variant["crl"], by_variant["baseline"]
         text = [f"{setting} setting:"]
-        for key, get in (("mAP", lambda r: r["metrics"]["mAP"]),
-                         ("hidden-label AP", lambda r: r["hidden"]["mean"])):
+        measures = [("mAP", lambda r: r["metrics"]["mAP"])]
+        if _has_hidden(crl):
+            measures.append(("hidden-label AP", lambda r: r["hidden"]["mean"]))
+        for key, get in measures:
             interval = analysis.paired_t_interval({r["seed"]: 100 * get(r) for r in crl},
                                                   {r["seed"]: 100 * get(r) for r in base})
             text.append(f"{key} crl {_pm([get(r) for r in crl])} vs baseline "
                         f"{_pm([get(r) for r in base])} (paired difference "
                         f"{_paired_text(interval)})")
-        parts.append(" ".join(text[:2]) + "; " + text[2])
+        parts.append(text[0] + " " + "; ".join(text[1:]))
     if not parts:
         return []
     return ["## Headline (for the README)", "",

@@ -38,14 +38,14 @@ def _campaign(tmp_path, **changes):
     return ablation.Campaign(**values)
 
 
-def _data(rng):
+def _data(rng, lowest_visible=0.25):
     """Test COCO dict with visible fractions, and train/test labels."""
     images, annotations, test = [], [], np.zeros((N_TEST, C), np.float32)
     for i in range(N_TEST):
         images.append({"id": i + 1, "file_name": f"test_{i:06d}.jpg"})
         for c in rng.choice(C, size=int(rng.integers(1, 4)), replace=False):
             annotations.append({"image_id": i + 1, "category_id": int(c) + 1,
-                                "visible_fraction": float(rng.uniform(0.25, 1.0))})
+                                "visible_fraction": float(rng.uniform(lowest_visible, 1.0))})
             test[i, c] = 1
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": k + 1, "name": f"class{k}"} for k in range(C)]}
@@ -53,9 +53,9 @@ def _data(rng):
     return coco, train, test
 
 
-def _fake_run(c, rng, variant, seed, test, boost):
+def _fake_run(c, rng, variant, seed, test, boost, setting="occluded"):
     """Writes what a finished run leaves behind; returns its record."""
-    name = c.run_name("occluded", variant, seed)
+    name = c.run_name(setting, variant, seed)
     model_dir = c.path(name)
     os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
     logits = rng.normal(0, 1, test.shape) + (1.0 + boost) * test
@@ -70,7 +70,7 @@ def _fake_run(c, rng, variant, seed, test, boost):
     if variant in ("mse", "crl"):
         np.save(c.path(f"{name}.embeddings.npy"), rng.normal(size=(C, C)))
     maps = [0.5, 0.6, 0.65, 0.651 if seed else 0.66]  # seed 0 still rising
-    return {"setting": "occluded", "variant": variant, "seed": seed, "commit": "abc1234",
+    return {"setting": setting, "variant": variant, "seed": seed, "commit": "abc1234",
             "metrics": {"mAP": 0.6 + 0.01 * boost + 0.001 * seed, "CF1": 0.5, "OF1": 0.55,
                         "CP": 0.5, "CR": 0.5, "OP": 0.5, "OR": 0.5},
             "per_class_ap": {}, "eval_maps": maps, "decay_epoch": 2,
@@ -107,6 +107,26 @@ def test_page_from_synthetic_runs(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "docs", figures["embeddings_occluded"]))
     hidden = runs[0]["hidden"]
     assert hidden["num_positives"].tolist() == facts["occluded"]["hidden_counts"].tolist()
+
+
+def test_page_without_hidden_items(tmp_path):
+    """The standard setting has no mostly-hidden items: hidden-label AP is n/a,
+    with no verdict on it."""
+    rng = np.random.default_rng(2)
+    c = _campaign(tmp_path, settings=("standard",), seeds=(0, 1))
+    coco, train, test = _data(rng, lowest_visible=0.9)
+    facts = {"standard": ablation.facts_from(train, test, coco, c.min_positives)}
+    runs = [ablation.analyse_run(c, _fake_run(c, rng, variant, seed, test, 0.0, "standard"),
+                                 facts["standard"])
+            for seed in (0, 1) for variant in VARIANTS]
+    ablation_page.write(c, runs, facts, {"settings": {
+        "num_train": 100, "canvas_size": 64, "epochs": 1, "learning_rate": 0.05,
+        "batch_size": 64, "num_test": 50}, "seconds": 60, "test_accuracy": 0.8,
+        "train_accuracy_per_epoch": [0.7]}, 100.0, {}, "def5678")
+    text = open(c.output, encoding="utf-8").read()
+    assert "Hidden-label AP: n/a in this setting" in text
+    assert "hidden-label AP, 95 %" not in text and "nan" not in text
+    assert text.count("\n- crl − ") == 3  # mAP verdicts only
 
 
 def test_hidden_ap_refuses_scores_of_other_data(tmp_path):
