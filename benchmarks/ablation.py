@@ -162,7 +162,8 @@ def read_eval_curve(model_dir):
     """
     by_step = {}
     for path in sorted(glob.glob(os.path.join(model_dir, "eval", "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for raw in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
             for value in event.summary.value:
                 if value.tag == "metrics/mAP":
                     by_step[event.step] = float(tf.make_ndarray(value.tensor))
@@ -308,9 +309,10 @@ def run_campaign(c):
                 record = train_and_evaluate(c, setting, roots[setting], weights, variant, seed)
                 runs.append(analyse_run(c, record, facts[setting]))
                 print(f"{setting:9s} {variant:8s} seed {seed}: mAP "
-                      f"{100 * record['metrics']['mAP']:.1f}, hidden AP "
-                      f"{100 * runs[-1]['hidden']['mean']:.1f} "
-                      f"({record['total_seconds'] / 60:.1f} min)", flush=True)
+                      f"{100 * record['metrics']['mAP']:.1f}, hidden-label AP "
+                      f"{100 * runs[-1]['hidden']['mean']:.1f}, converged "
+                      f"{runs[-1]['converged']} ({record['total_seconds'] / 60:.1f} min)",
+                      flush=True)
                 page.write(c, runs, facts, pretrain_report, time.time() - start, {},
                            current_commit())
     figures = {}
