@@ -28,11 +28,10 @@ are cached. Each run records the git commit it ran on.
 """
 
 import dataclasses
-import datetime
 import glob
 import json
 import os
-import platform
+import resource
 import subprocess
 import sys
 import time
@@ -194,6 +193,11 @@ def _evaluate(c, name):
         return json.load(f)
 
 
+def _children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def train_and_evaluate(c, setting, data_root, weights, variant, seed):
     """One run (reused if finished): train, evaluate, record. Returns its record."""
     name = c.run_name(setting, variant, seed)
@@ -201,7 +205,7 @@ def train_and_evaluate(c, setting, data_root, weights, variant, seed):
     if os.path.exists(record_path) and os.path.exists(c.path(f"{name}.scores.npz")):
         with open(record_path, encoding="utf-8") as f:
             return json.load(f)
-    start, commit = time.time(), current_commit()
+    start, cpu_start, commit = time.time(), _children_cpu_seconds(), current_commit()
     _train(c, name, os.path.join(data_root, "tfrecords"), weights, variant, seed)
     train_seconds = time.time() - start
     evaluation = _evaluate(c, name)
@@ -215,7 +219,8 @@ def train_and_evaluate(c, setting, data_root, weights, variant, seed):
               "eval_maps": read_eval_curve(c.path(name)),
               "decay_epoch": max(decay) if decay else 0,
               "train_seconds": round(train_seconds, 1),
-              "total_seconds": round(time.time() - start, 1)}
+              "total_seconds": round(time.time() - start, 1),
+              "cpu_seconds": round(_children_cpu_seconds() - cpu_start, 1)}
     with open(record_path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     return record

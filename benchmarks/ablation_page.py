@@ -264,7 +264,7 @@ def per_seed_lines(by_variant):
     """One row per run."""
     lines = ["Per seed:", "",
              "| variant | seed | " + " | ".join(PER_SEED) + " | hidden AP | eval mAP, "
-             "last 3 epochs | last rise | converged | ρ | train time | commit |",
+             "last 3 epochs | last rise | converged | ρ | wall (CPU) time | commit |",
              "|---|---:|" + "---:|" * (len(PER_SEED) + 1) + "---|---:|---|---:|---:|---|"]
     for variant, chosen in by_variant.items():
         for r in chosen:
@@ -275,7 +275,8 @@ def per_seed_lines(by_variant):
                 + " | ".join(_pct(r["metrics"][k]) for k in PER_SEED)
                 + f" | {_pct(r['hidden']['mean'])} | {curve} | {r['last_rise']:+.2f} | "
                 f"{'yes' if r['converged'] else 'no'} | {rho} | "
-                f"{r['train_seconds'] / 60:.1f} min | {r.get('commit', '?')} |")
+                f"{r['total_seconds'] / 60:.1f} min ({r.get('cpu_seconds', 0) / 60:.1f}) | "
+                f"{r.get('commit', '?')} |")
     return lines + [""]
 
 
