@@ -70,6 +70,7 @@ def _run_config(c, runs):
 def header_lines(c, runs, seconds, commit, pretrain_seconds):
     """Title, command, machine, wall time and commits (`commit`: the page's)."""
     total = sum(r["total_seconds"] for r in runs)
+    cpu = sum(r.get("cpu_seconds", 0) for r in runs)
     commits = ", ".join(sorted({r.get("commit", "unknown") for r in runs}))
     return [
         "# Results: the paper's ablation in a miniature of its regime",
@@ -79,7 +80,8 @@ def header_lines(c, runs, seconds, commit, pretrain_seconds):
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}; page written "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Wall time: "
-        f"{total / 60:.0f} min of fine-tuning and evaluation over {len(runs)} runs, plus "
+        f"{total / 60:.0f} min ({cpu / 60:.0f} CPU-min) of fine-tuning and evaluation over "
+        f"{len(runs)} runs, plus "
         f"{pretrain_seconds / 60:.0f} min of pretraining ({seconds / 60:.0f} min in the "
         "last invocation of the driver, which reuses finished runs and the pretrained "
         "weights).",
