@@ -6,7 +6,7 @@ Measures the input side against what training consumes:
    photos (scikit-learn's `china.jpg` and `flower.jpg`, randomly rescaled,
    cropped, flipped and colour-jittered) plus a COCO instances file with 80
    categories and 1-4 random labels per image, in a temporary directory.
-2. Times the real COCO converter (`pipelines.coco_to_tfrecord.convert`,
+2. Times the real COCO converter (`pipelines.coco_lib.convert`,
    8 shards) with 1 and 2 worker processes: images/s, process start-up
    included.
 3. Times `pipelines.input_pipeline.make_dataset` over those shards at
@@ -90,11 +90,11 @@ def make_coco_like(directory, num_images, seed=0):
 
 
 def time_converter(annotations, image_dir, output_dir, num_workers):
-    from pipelines import coco_to_tfrecord  # pylint: disable=import-outside-toplevel
+    from pipelines import coco_lib  # pylint: disable=import-outside-toplevel
     start = time.perf_counter()
-    report = coco_to_tfrecord.convert(annotations, image_dir, output_dir,
-                                      split="bench", num_shards=8,
-                                      num_workers=num_workers, overwrite=True)
+    report = coco_lib.convert(annotations, image_dir, output_dir,
+                              split="bench", num_shards=8,
+                              num_workers=num_workers, overwrite=True)
     seconds = time.perf_counter() - start
     return report["num_records"] / seconds
 
@@ -103,8 +103,9 @@ def time_pipeline(pattern, image_size, num_classes, backbone, training,
                   batch_size, warmup, batches):
     """Images/s of make_dataset after `warmup` batches."""
     from pipelines import input_pipeline  # pylint: disable=import-outside-toplevel
+    del backbone  # the pipeline no longer depends on it (the model normalises)
     ds = input_pipeline.make_dataset(pattern, batch_size, image_size,
-                                     num_classes, backbone, training, seed=0)
+                                     num_classes, training, seed=0)
     if not training:
         ds = ds.repeat()  # enough batches to time, whatever the set size
     iterator = iter(ds)

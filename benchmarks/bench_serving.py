@@ -5,7 +5,7 @@ at test time crl = baseline + one 1x1 conv `f_conv` of D x C weights).
 
 In one run it builds a `crl` and a `baseline` model (same backbone, size and
 class count, random init: only the cost matters), exports both with
-`mlcrl_tf.export.export_model`, reloads them with `tf.saved_model.load` and
+`mlcrl_tf.export_lib.export_model`, reloads them with `tf.saved_model.load` and
 times their signatures:
 
 - `serve_tensor` on float images already at model size (the model alone,
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mlcrl_tf import export  # noqa: E402
+from mlcrl_tf import export_lib  # noqa: E402
 from mlcrl_tf.model import build_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -106,7 +106,7 @@ def main(argv):
     for variant in VARIANTS:
         model = build_model(FLAGS.num_classes, FLAGS.backbone, FLAGS.image_size, variant)
         start = time.perf_counter()
-        path = export.export_model(model, os.path.join(root, variant), names, FLAGS.backbone)
+        path = export_lib.export_model(model, os.path.join(root, variant), names)
         print(f"exported {variant} to {path} in {time.perf_counter() - start:.1f} s")
         del model
         loaded[variant] = tf.saved_model.load(path)

@@ -38,7 +38,7 @@ def make_trainer(variant, backbone, image_size, batch_size, model_dir):
     config = config_lib.Config(
         model_dir=model_dir, train_files="unused", variant=variant, backbone=backbone,
         image_size=image_size, batch_size=batch_size, num_classes=FLAGS.num_classes,
-        steps_per_epoch=1)
+        steps_per_epoch=1, backbone_weights=None, lr_decay_epochs=())
     class_names = [f"c{i}" for i in range(FLAGS.num_classes)]
     return train_lib.Trainer(config, class_names, tf.distribute.get_strategy(), batch_size)
 
@@ -54,7 +54,7 @@ def synthetic_batch(image_size, batch_size, seed=0):
 
 def time_step(trainer, batch):
     start = time.perf_counter()
-    terms = trainer._train_step(batch)  # pylint: disable=protected-access
+    terms = trainer.train_step(batch)
     float(terms["loss"])  # wait for the result
     return time.perf_counter() - start
 

@@ -1,22 +1,30 @@
 """Backbones `f_cnn` by name, and each backbone's own input normalisation.
 
-Every backbone maps float RGB images (B, H, W, 3) to a feature map
-`Fx` (B, H/s, W/s, D). The input pipeline and the serving signatures both
-call `normalize_images` so that training, evaluation and serving see exactly
-the same pixels.
+Every backbone maps normalised images (B, H, W, 3) to a feature map
+`Fx` (B, H/s, W/s, D). The normalisation belongs to the model: the
+`InputNormalization` layer chosen by the backbone (`input_normalization`)
+sits inside `MLCRLModel` and its inference model, so the data pipeline and
+the serving signatures deliver plain RGB pixels in [0, 255] and training,
+evaluation and serving cannot disagree about it.
 
-| name        | D    | stride s | normalisation                       | imagenet |
-|-------------|------|----------|-------------------------------------|----------|
-| resnet101   | 2048 | 32       | caffe: RGB->BGR, minus ImageNet mean | yes      |
-| resnet50    | 2048 | 32       | caffe                               | yes      |
-| vgg16       | 512  | 16       | caffe                               | yes      |
-| small_cnn   | 256  | 8        | [0, 255] -> [-1, 1]                 | no       |
+| name               | D    | stride s | normalisation                        | imagenet |
+|--------------------|------|----------|--------------------------------------|----------|
+| resnet101          | 2048 | 32       | caffe: RGB->BGR, minus ImageNet mean | yes      |
+| resnet50           | 2048 | 32       | caffe                                | yes      |
+| vgg16              | 512  | 16       | caffe                                | yes      |
+| small_cnn          | 256  | 8        | [0, 255] -> [-1, 1]                  | no       |
+| keras_hub:<preset> | read from the built network | the preset's converter | the preset's |
+
+`keras_hub:<preset>` backbones come from `mlcrl_tf.keras_hub_backbones`
+(optional dependency); their D and stride are discovered, not tabulated.
 """
 
 import os
 
 import keras
-import tensorflow as tf
+from keras import layers, ops
+
+from mlcrl_tf import keras_hub_backbones
 
 BACKBONES = ("resnet101", "resnet50", "vgg16", "small_cnn")
 
@@ -32,57 +40,134 @@ _FEATURE_LAYERS = {"vgg16": "block5_conv3"}
 
 
 def check_backbone_name(name):
-    """Raises ValueError unless `name` is a known backbone."""
+    """Raises ValueError unless `name` is a known backbone or `keras_hub:<preset>`."""
+    if keras_hub_backbones.is_keras_hub(name):
+        keras_hub_backbones.preset_of(name)
+        return
     if name not in BACKBONES:
         raise ValueError(
-            f"backbone={name!r} is unknown; choose one of {', '.join(BACKBONES)}.")
+            f"backbone={name!r} is unknown; choose one of {', '.join(BACKBONES)} "
+            "or keras_hub:<preset>.")
+
+
+def _builtin(name, table):
+    check_backbone_name(name)
+    if keras_hub_backbones.is_keras_hub(name):
+        raise ValueError(f"backbone={name!r}: a KerasHub backbone's D and stride are "
+                         "read from the built network (keras_hub_backbones.build).")
+    return table[name]
 
 
 def feature_dim(name):
-    """Channels D of the backbone's last feature map."""
-    check_backbone_name(name)
-    return _FEATURE_DIMS[name]
+    """Channels D of a built-in backbone's last feature map."""
+    return _builtin(name, _FEATURE_DIMS)
 
 
 def feature_stride(name):
-    """Spatial reduction of the backbone (448 -> 448 / stride)."""
+    """Spatial reduction of a built-in backbone (448 -> 448 / stride)."""
+    return _builtin(name, _STRIDES)
+
+
+@keras.saving.register_keras_serializable(package="mlcrl_tf")
+class InputNormalization(layers.Layer):
+    """RGB pixels in [0, 255] -> the backbone's input, in float32, no variables.
+
+    `y = (x[..., ::-1] if reverse_channels else x) / divisor + offset`, per
+    channel. keras.applications' "caffe" mode is reverse_channels=True,
+    divisor=1, offset=-(BGR ImageNet mean); small_cnn's [-1, 1] is
+    divisor=127.5, offset=-1. It always computes in float32 (also under a
+    mixed-precision policy); the next layer casts to its compute dtype.
+
+    Args:
+        divisor: 3 floats (or one for all channels).
+        offset: 3 floats (or one).
+        reverse_channels: RGB -> BGR first.
+
+    Example:
+    >>> layer = InputNormalization(divisor=127.5, offset=-1.0)
+    >>> [round(float(v), 4) for v in layer(keras.ops.full((1, 1, 1, 3), 255.0))[0, 0, 0]]
+    [1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, divisor=1.0, offset=0.0, reverse_channels=False, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.divisor = _per_channel(divisor, "divisor")
+        self.offset = _per_channel(offset, "offset")
+        self.reverse_channels = bool(reverse_channels)
+
+    def call(self, images):
+        x = ops.cast(images, "float32")
+        if self.reverse_channels:
+            x = ops.flip(x, axis=-1)
+        divisor = ops.convert_to_tensor(self.divisor, "float32")
+        return x / divisor + ops.convert_to_tensor(self.offset, "float32")
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "divisor": list(self.divisor),
+                "offset": list(self.offset), "reverse_channels": self.reverse_channels}
+
+
+def _per_channel(value, name):
+    """One float per RGB channel from a number or 3 numbers."""
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3:
+        raise ValueError(f"{name} must be one number or 3 (one per RGB channel), "
+                         f"got {value!r}.")
+    values = tuple(float(v) for v in values)
+    if name == "divisor" and 0.0 in values:
+        raise ValueError(f"divisor must be non-zero, got {value!r}.")
+    return values
+
+
+_CAFFE = {"divisor": 1.0, "offset": tuple(-m for m in _CAFFE_BGR_MEAN),
+          "reverse_channels": True}
+_NORMALIZATION = {"resnet101": _CAFFE, "resnet50": _CAFFE, "vgg16": _CAFFE,
+                  "small_cnn": {"divisor": 127.5, "offset": -1.0,
+                                "reverse_channels": False}}
+
+
+def normalization_spec(name):
+    """The backbone's normalisation as `InputNormalization` arguments.
+
+    A KerasHub preset's converter (`x * scale + offset`) becomes
+    divisor = 1 / scale.
+    """
     check_backbone_name(name)
-    return _STRIDES[name]
+    if keras_hub_backbones.is_keras_hub(name):
+        spec = keras_hub_backbones.normalization(keras_hub_backbones.preset_of(name))
+        return {"divisor": tuple(1.0 / s for s in spec["scale"]),
+                "offset": spec["offset"], "reverse_channels": spec["reverse_channels"]}
+    return dict(_NORMALIZATION[name])
+
+
+def input_normalization(name):
+    """The `InputNormalization` layer of backbone `name`."""
+    return InputNormalization(**normalization_spec(name), name="input_normalization")
 
 
 def normalize_images(images, backbone):
-    """Applies the backbone's own input normalisation.
+    """Applies backbone `backbone`'s normalisation to RGB images in [0, 255].
 
-    Args:
-        images: float tensor (..., H, W, 3), RGB in [0, 255].
-        backbone: a name from `BACKBONES`.
+    The model does this itself; this is for code that feeds a bare
+    `build_backbone` network (e.g. pretraining it).
 
     Returns:
-        float32 tensor of the same shape, ready for the backbone.
+        float32 tensor of the same shape.
     """
-    check_backbone_name(backbone)
-    images = tf.cast(images, tf.float32)
-    if backbone == "small_cnn":
-        return images / 127.5 - 1.0
-    bgr = images[..., ::-1]
-    return bgr - tf.constant(_CAFFE_BGR_MEAN, dtype=tf.float32)
-
-
-def denormalize_images(images, backbone):
-    """Inverse of `normalize_images`: back to RGB in [0, 255] (for display)."""
-    check_backbone_name(backbone)
-    images = tf.cast(images, tf.float32)
-    if backbone == "small_cnn":
-        return (images + 1.0) * 127.5
-    bgr = images + tf.constant(_CAFFE_BGR_MEAN, dtype=tf.float32)
-    return bgr[..., ::-1]
+    return input_normalization(backbone)(images)
 
 
 def build_backbone(name, image_size, weights=None):
     """Builds the feature extractor `f_cnn` without its pooling and top.
 
+    It takes NORMALISED images (see `input_normalization`).
+
     Args:
-        name: a name from `BACKBONES`.
+        name: a name from `BACKBONES` or `keras_hub:<preset>`.
         image_size: input side in pixels (square images).
         weights: None (random init), "imagenet" (keras.applications download,
             resnet/vgg only) or a path to a local `.h5`/`.weights.h5` file of
@@ -96,6 +181,8 @@ def build_backbone(name, image_size, weights=None):
             path that does not exist.
     """
     check_backbone_name(name)
+    if keras_hub_backbones.is_keras_hub(name):
+        return keras_hub_backbones.build(name, image_size, weights).model
     if weights not in (None, "imagenet") and not os.path.exists(weights):
         raise ValueError(f"backbone_weights={weights!r}: no such file.")
     if weights == "imagenet" and name == "small_cnn":

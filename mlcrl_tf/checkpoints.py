@@ -3,8 +3,9 @@
     model_dir/
       run.json              the Config of the run + class names (written at start)
       ckpt-<n>.*            latest checkpoints (model, optimizer, step, EMA)
-      best/ckpt-<n>.*       the checkpoint with the best eval mAP
-      best/metrics.json     its metrics and step
+      best/ckpt-<n>.*       the checkpoint with the best mAP on --selection_files,
+                            else on --eval_files (for COCO/VOC: the test split)
+      best/metrics.json     its step, what it was selected on, its metrics
       train/, eval/         TensorBoard event files
 
 `restore_model` rebuilds the training model from run.json and restores the
@@ -14,60 +15,63 @@ weights (the EMA weights when the run kept an EMA), for evaluate/export.
 import dataclasses
 import json
 import os
+import shutil
 
+from absl import logging
 import tensorflow as tf
 
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import model as model_lib
+from mlcrl_tf import optim
 
 RUN_FILE = "run.json"
+# run.json "format": 2 = trained with PaperSGD (PyTorch's momentum rule). Runs
+# without it used Keras SGD, whose momentum slots mean something else: their
+# checkpoints evaluate and export, but training cannot resume from them.
+RUN_FORMAT = 2
 BEST_DIR = "best"
 BEST_METRICS_FILE = "metrics.json"
 # Fields that define the network: a resumed run must agree on them.
 MODEL_FIELDS = ("backbone", "variant", "image_size", "num_classes")
 
 
-class ExponentialMovingAverage(tf.Module):
-    """Shadow copies of the trainable weights: ema = d * ema + (1 - d) * w.
-
-    The shadow variables are created in the distribution strategy's scope
-    with ONLY_FIRST_REPLICA aggregation, so `update` can run inside
-    `strategy.run` (every replica computes the same value).
-    """
-
-    def __init__(self, variables, decay):
-        super().__init__(name="ema")
-        self.decay = float(decay)
-        self._model_variables = list(variables)
-        self.shadow = [
-            tf.Variable(v, trainable=False, name=v.name.split(":")[0] + "_ema",
-                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            for v in self._model_variables]
-
-    def update(self):
-        for s, v in zip(self.shadow, self._model_variables):
-            s.assign(self.decay * s + (1.0 - self.decay) * tf.cast(v, s.dtype))
-
-    def copy_to_model(self):
-        """Overwrites the model's weights with the averages (for eval/export)."""
-        for s, v in zip(self.shadow, self._model_variables):
-            v.assign(tf.cast(s, v.dtype))
-
-    def swap(self):
-        """Exchanges model weights and averages (call twice to undo)."""
-        for s, v in zip(self.shadow, self._model_variables):
-            tmp = tf.identity(v)
-            v.assign(tf.cast(s, v.dtype))
-            s.assign(tf.cast(tmp, s.dtype))
+def write_json_atomically(path, payload):
+    """Writes JSON to a hidden temporary file, then renames it over `path`."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True, default=float))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def write_run(model_dir, config, class_names):
     """Writes run.json (atomically) so evaluate/export can rebuild the model."""
-    payload = {"config": dataclasses.asdict(config), "class_names": list(class_names)}
-    tmp = os.path.join(model_dir, f".{RUN_FILE}.tmp")
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True))
-    tf.io.gfile.rename(tmp, os.path.join(model_dir, RUN_FILE), overwrite=True)
+    payload = {"config": dataclasses.asdict(config), "class_names": list(class_names),
+               "format": RUN_FORMAT}
+    write_json_atomically(os.path.join(model_dir, RUN_FILE), payload)
+
+
+def read_best_metrics(path):
+    """best/metrics.json as a dict; None if absent or unreadable (logged).
+
+    An unreadable file (e.g. truncated by a crash of an older version that
+    wrote it in place) is not fatal: the next evaluation rewrites it.
+    """
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            payload = json.load(f)
+        best_selection_score(payload)
+        return payload
+    except (ValueError, KeyError, TypeError) as e:
+        logging.warning("Ignoring unreadable %s (%s); the next evaluation rewrites it.",
+                        path, e)
+        return None
+
+
+def best_selection_score(best):
+    """The mAP best/ was selected on (older files: their eval mAP)."""
+    return float(best.get("selection_mAP", best["metrics"]["mAP"]))
 
 
 def read_run(model_dir):
@@ -87,6 +91,28 @@ def read_run(model_dir):
     for key in ("crop_scales", "lr_decay_epochs"):
         values[key] = tuple(values.get(key, ()))
     return config_lib.Config(**values), payload["class_names"]
+
+
+def check_resumable(model_dir, config):
+    """Raises ValueError if training cannot resume the run in `model_dir`.
+
+    A run.json of another network, or checkpoints of a run trained with the
+    old (Keras SGD) optimizer state, are refused with a message saying what
+    to do; a model_dir without run.json is a new run.
+    """
+    path = os.path.join(model_dir, RUN_FILE)
+    if not tf.io.gfile.exists(path):
+        return
+    saved, _ = read_run(model_dir)
+    check_resume_compatible(saved, config)
+    with tf.io.gfile.GFile(path) as f:
+        run_format = json.load(f).get("format", 1)
+    if run_format < RUN_FORMAT and tf.train.latest_checkpoint(model_dir):
+        raise ValueError(
+            f"--model_dir={model_dir!r} holds checkpoints of an earlier mlcrl_tf whose "
+            "optimizer was Keras SGD (its momentum slots do not mean what PaperSGD's "
+            "do), so training cannot resume from them exactly. They still evaluate "
+            "and export; to train, use a new --model_dir.")
 
 
 def check_resume_compatible(saved, config):
@@ -149,7 +175,7 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
     objects = {"model": model}
     ema = None
     if use_ema and config.ema_decay > 0:
-        ema = ExponentialMovingAverage(model.trainable_variables, config.ema_decay)
+        ema = optim.ExponentialMovingAverage(model.trainable_variables, config.ema_decay)
         objects["ema"] = ema
     status = tf.train.Checkpoint(**objects).restore(path)
     # Every variable of the rebuilt model must come from the checkpoint (the
@@ -158,3 +184,67 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
     if ema is not None:
         ema.copy_to_model()
     return model, config, class_names, path
+
+
+class CheckpointRun:
+    """The checkpoints of one training run in `model_dir` (layout above).
+
+    Args:
+        model_dir: the run's directory.
+        objects: what a checkpoint holds, e.g. {"model", "optimizer", "step",
+            "ema"} (trackables).
+        keep: how many latest checkpoints to keep.
+        is_chief: whether this worker's checkpoints are the run's.
+        worker: this worker's name; a non-chief worker of
+            MultiWorkerMirroredStrategy must take part in every save, into
+            `model_dir/.workers/<worker>/`, which is deleted after each save.
+    """
+
+    def __init__(self, model_dir, objects, keep, is_chief=True, worker="chief"):
+        self.model_dir = model_dir
+        self.is_chief = is_chief
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self._directory = (model_dir if is_chief
+                           else os.path.join(model_dir, ".workers", worker))
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, self._directory, max_to_keep=keep, checkpoint_name="ckpt")
+        self.best_manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self._directory, BEST_DIR), max_to_keep=1,
+            checkpoint_name="ckpt")
+
+    @property
+    def latest(self):
+        """Path of the latest checkpoint of this run, or None."""
+        return self.manager.latest_checkpoint
+
+    def restore_latest(self):
+        """Restores the latest checkpoint of model_dir; returns its path or None."""
+        latest = tf.train.latest_checkpoint(self.model_dir)
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            logging.info("Resumed from %s.", latest)
+        return latest
+
+    def save(self, step):
+        """Saves the state of `step` (once per step); returns the path."""
+        if self.latest and self.latest.endswith(f"-{step}"):
+            return self.latest
+        path = self.manager.save(checkpoint_number=step)
+        self._clean_worker_dir()
+        return path
+
+    def best_metrics(self):
+        """best/metrics.json (see `read_best_metrics`)."""
+        return read_best_metrics(os.path.join(self.model_dir, BEST_DIR, BEST_METRICS_FILE))
+
+    def save_best(self, step, payload):
+        """Keeps the state of `step` as best/ with `payload` as its metrics.json."""
+        self.best_manager.save(checkpoint_number=step)
+        self._clean_worker_dir()
+        if self.is_chief:
+            write_json_atomically(
+                os.path.join(self.model_dir, BEST_DIR, BEST_METRICS_FILE), payload)
+
+    def _clean_worker_dir(self):
+        if not self.is_chief:
+            shutil.rmtree(self._directory, ignore_errors=True)

@@ -1,9 +1,15 @@
 """Training configuration: the absl flags and the frozen `Config` built from them.
 
 This is the only module that reads the training FLAGS (`config_from_flags`);
-everything below it takes a `Config`. Defaults are the paper's recipe
-(SPEC §4); `configs/base.flags` spells them out and the dataset flagfiles
-include it.
+everything below it takes a `Config`.
+
+The defaults are the paper's COCO recipe (SPEC §4, paper §5.1, with
+ML-GCN's schedule where the paper is silent): ResNet-101 from ImageNet
+weights at 448 px, SGD momentum 0.9 with coupled weight decay 1e-4, learning
+rate 0.01 for the head and 0.001 for the backbone, batch 16, 40 epochs with
+both rates multiplied by 0.1 after epoch 30, CRL with δ = λ1 = λ2 = 0.5 and
+α = β = 1, no augmentation. `configs/base.flags` spells the recipe out and
+the dataset flagfiles include it and set data, batch and epochs.
 """
 
 import dataclasses
@@ -11,6 +17,7 @@ import os
 
 from absl import flags
 
+from mlcrl_tf import backbones
 from mlcrl_tf.backbones import BACKBONES
 from mlcrl_tf.model import VARIANTS
 
@@ -31,9 +38,22 @@ class Config:
                             "go. A rerun with the same model_dir resumes.")
     train_files: str = _field(None, "Glob of training TFRecord shards, e.g. "
                               "data/coco/train2014-*.tfrecord.")
-    eval_files: str | None = _field(None, "Glob of evaluation TFRecord shards.")
+    eval_files: str | None = _field(None, "Glob of evaluation TFRecord shards, evaluated "
+                                    "after every epoch. Unless --selection_files is given, "
+                                    "best/ is chosen by mAP on these files, which for "
+                                    "COCO/VOC are the split the paper reports on.")
+    selection_files: str | None = _field(None, "Glob of held-out shards (e.g. a few "
+                                         "training shards left out of --train_files) on "
+                                         "which best/ is chosen instead of --eval_files, "
+                                         "so that the reported test metrics are not "
+                                         "selected on the test set.")
     labels_file: str | None = _field(None, "Class names, one per line; default: "
                                      "labels.txt beside the training shards.")
+    data_dir: str | None = _field(None, "TensorFlow Datasets data directory for "
+                                  "tfds:NAME:SPLIT sources (default TFDS's own).")
+    tfds_download: bool = _field(False, "Download and prepare a tfds: source that is "
+                                 "not prepared yet (otherwise: an error naming the "
+                                 "command that prepares it).")
     num_classes: int = _field(0, "Number of classes; 0 = the number of lines of the "
                               "labels file.")
     shuffle_buffer: int = _field(2048, "Training shuffle buffer (records).")
@@ -41,23 +61,25 @@ class Config:
     crop_scales: tuple = _field((), "Multi-scale random crop scales, e.g. "
                                 "1.0,0.875,0.75 (off in the paper).", element=float)
     # --- model ---
-    backbone: str = _field("resnet101", "Feature extractor f_cnn.", choices=BACKBONES)
-    backbone_weights: str | None = _field(None, "Empty, 'imagenet' or a local weights "
-                                          "file.")
+    backbone: str = _field("resnet101", "Feature extractor f_cnn: "
+                           f"{', '.join(BACKBONES)} or keras_hub:<preset> (e.g. "
+                           "keras_hub:resnet_101_imagenet).")
+    backbone_weights: str | None = _field("imagenet", "'imagenet', a local weights file, "
+                                          "or empty for random initialisation.")
     variant: str = _field("crl", "Model variant (SPEC §3).", choices=VARIANTS)
     image_size: int = _field(448, "Square input size.")
     # --- optimisation ---
     batch_size: int = _field(16, "Global batch size (all replicas).")
-    epochs: int = _field(20, "Training epochs.")
+    epochs: int = _field(40, "Training epochs.")
     steps_per_epoch: int = _field(0, "Cap on steps per epoch; 0 = one pass over the "
                                   "training set.")
     learning_rate: float = _field(0.01, "Learning rate of every non-backbone layer.")
     backbone_learning_rate: float = _field(0.001, "Learning rate of the backbone.")
     momentum: float = _field(0.9, "SGD momentum.")
     weight_decay: float = _field(1e-4, "L2 weight decay (PyTorch SGD semantics).")
-    lr_decay_epochs: tuple = _field((), "Epochs after which both learning rates are "
-                                    "multiplied by lr_decay_factor (step decay).",
-                                    element=int)
+    lr_decay_epochs: tuple = _field((30,), "Epochs after which both learning rates are "
+                                    "multiplied by lr_decay_factor (step decay); each "
+                                    "in [1, epochs); empty = no decay.", element=int)
     lr_decay_factor: float = _field(0.1, "Step decay factor.")
     ema_decay: float = _field(0.0, "EMA of weights for eval/export; 0 = off.")
     # --- losses ---
@@ -83,7 +105,7 @@ class Config:
     log_every_steps: int = _field(50, "Progress line and TensorBoard period.")
     eval_steps: int = _field(0, "Cap on evaluation batches; 0 = all.")
     num_summary_images: int = _field(4, "Eval images with predictions and CAMs logged "
-                                     "to TensorBoard per epoch.")
+                                     "to TensorBoard per epoch (0 = none).")
     export_dir: str | None = _field(None, "Export the inference model here at the end "
                                     "(TF Serving layout <export_dir>/<version>/); empty "
                                     "= no export.")
@@ -127,13 +149,26 @@ def config_from_flags(flag_values=flags.FLAGS):
         values[field.name] = value
     if values["backbone_weights"] in ("", "none", "None"):
         values["backbone_weights"] = None
-    if not values["export_dir"]:
-        values["export_dir"] = None
+    for name in ("export_dir", "eval_files", "selection_files", "labels_file", "data_dir"):
+        if not values[name]:
+            values[name] = None
     return Config(**values)
 
 
 def validate(config):
-    """Checks values that flags alone cannot; raises ValueError naming the flag."""
+    """Checks values that flags alone cannot; raises ValueError naming the flag.
+
+    Everything is checked before any work starts (no data is read here).
+    """
+    _validate_ranges(config)
+    _validate_schedule(config)
+    _validate_names(config)
+    if config.model_dir and os.path.exists(config.model_dir) and not os.path.isdir(
+            config.model_dir):
+        raise ValueError(f"--model_dir={config.model_dir!r} exists and is not a directory.")
+
+
+def _validate_ranges(config):
     for name in REQUIRED_FLAGS:
         if not getattr(config, name):
             raise ValueError(f"--{name} is required.")
@@ -153,17 +188,63 @@ def validate(config):
         raise ValueError(f"--ema_decay must be in [0, 1), got {config.ema_decay}.")
     if not 0.0 < config.threshold < 1.0:
         raise ValueError(f"--threshold must be in (0, 1), got {config.threshold}.")
+    if not 0.0 <= config.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1), got {config.momentum}.")
+    for name in ("crl_margin", "cls_weight", "aux_weight", "crl_image_weight",
+                 "crl_label_weight"):
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(config, name)}.")
+    if any(not 0.0 < s <= 1.0 for s in config.crop_scales):
+        raise ValueError(f"--crop_scales must be in (0, 1], got {config.crop_scales}.")
+
+
+def _validate_schedule(config):
+    if not 0.0 < config.lr_decay_factor <= 1.0:
+        raise ValueError(f"--lr_decay_factor must be in (0, 1], got "
+                         f"{config.lr_decay_factor}.")
+    decay = config.lr_decay_epochs
+    if len(set(decay)) != len(decay):
+        raise ValueError(f"--lr_decay_epochs lists an epoch twice: {list(decay)}.")
+    for epoch in decay:
+        if not 1 <= epoch < config.epochs:
+            raise ValueError(
+                f"--lr_decay_epochs={','.join(map(str, decay))}: every decay epoch must be "
+                f"in [1, --epochs) = [1, {config.epochs}); {epoch} is not (a decay at or "
+                "after the last epoch never happens). Set --lr_decay_epochs to fit "
+                "--epochs, or empty for no decay.")
+
+
+def _validate_names(config):
     if config.variant not in VARIANTS:
         raise ValueError(f"--variant={config.variant!r} is unknown; choose one of "
                          f"{', '.join(VARIANTS)}.")
-    if config.backbone not in BACKBONES:
-        raise ValueError(f"--backbone={config.backbone!r} is unknown; choose one of "
-                         f"{', '.join(BACKBONES)}.")
+    try:
+        backbones.check_backbone_name(config.backbone)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     if config.strategy not in STRATEGIES:
         raise ValueError(f"--strategy={config.strategy!r} is unknown; choose one of "
                          f"{', '.join(STRATEGIES)}.")
-    if any(not 0.0 < s <= 1.0 for s in config.crop_scales):
-        raise ValueError(f"--crop_scales must be in (0, 1], got {config.crop_scales}.")
-    if config.model_dir and os.path.exists(config.model_dir) and not os.path.isdir(
-            config.model_dir):
-        raise ValueError(f"--model_dir={config.model_dir!r} exists and is not a directory.")
+
+
+RANDOM_INIT_BACKBONES = ("resnet101", "resnet50", "vgg16")
+
+
+def warnings_for(config):
+    """Legal but probably unintended settings, as one message each.
+
+    Returns:
+        A list of warning strings (empty when the setting is the recipe's).
+    """
+    messages = []
+    if (config.backbone in RANDOM_INIT_BACKBONES and config.backbone_weights is None
+            and config.backbone_learning_rate < config.learning_rate):
+        messages.append(
+            f"--backbone={config.backbone} is trained from random initialisation "
+            f"(--backbone_weights is empty) with a backbone learning rate "
+            f"({config.backbone_learning_rate:g}) "
+            f"{config.learning_rate / config.backbone_learning_rate:g}x smaller than "
+            f"the head's ({config.learning_rate:g}): the paper's two rates "
+            "assume an ImageNet-pretrained backbone. Use --backbone_weights=imagenet "
+            "(or a file), or give the backbone the head's rate.")
+    return messages

@@ -22,8 +22,10 @@ loss).
 
 import keras
 from keras import layers, ops
+import tensorflow as tf
 
 from mlcrl_tf import backbones
+from mlcrl_tf import losses
 
 VARIANTS = ("baseline", "tba", "tbc", "mse", "crl")
 # Variants whose training model carries the image and label projectors.
@@ -173,12 +175,26 @@ class MLCRLModel(keras.Model):
     `model.inference_model` is a functional `keras.Model` images → logits
     sharing the same layers, with no co-projector weights; it is what gets
     exported. `model.label_projector(y)` projects multi-hot label vectors
-    (the MSE ablation's target). Images are expected normalised by
-    `mlcrl_tf.backbones.normalize_images` for this backbone.
+    (the MSE ablation's target).
+
+    Input contract: RGB pixels in [0, 255] (float or uint8), (B, S, S, 3).
+    The model normalises them itself with its backbone's
+    `backbones.InputNormalization` layer (float32, no variables), in the
+    training model, the inference model and hence in every export.
+
+    Training the Keras way: `model.compile(optimizer, objective=...)` then
+    `model.fit(dataset)` trains the paper's objective (`losses.Objective`:
+    soft margin + the variant's CRL or MSE) with the model's own
+    `train_step`; the dataset yields `(images, labels)` pairs or the dicts
+    of `pipelines.input_pipeline.make_dataset`. Use
+    `mlcrl_tf.optim.make_optimizer(model, ...)` for the paper's SGD with
+    its two learning rates. The CLI training loop calls the same
+    `train_step`, so both optimise one definition of the objective.
 
     Args:
         num_classes: C, number of labels.
-        backbone: a name from `mlcrl_tf.backbones.BACKBONES`.
+        backbone: a name from `mlcrl_tf.backbones.BACKBONES` or
+            `keras_hub:<preset>`.
         image_size: square input side in pixels.
         variant: a name from `VARIANTS`.
         backbone_weights: None, "imagenet" or a local weights file path.
@@ -202,6 +218,7 @@ class MLCRLModel(keras.Model):
         c = self.num_classes
 
         # === Layers ===
+        self.input_normalization = backbones.input_normalization(backbone)
         self.backbone = backbones.build_backbone(backbone, image_size, backbone_weights)
         self.fused_pool = FusedPooling(name="fused_pool")
         self.classifier = layers.Dense(c, name="classifier")
@@ -216,7 +233,7 @@ class MLCRLModel(keras.Model):
         # The inference branch is built from the same layer objects, so it
         # always holds the trained weights.
         images = keras.Input((self.image_size, self.image_size, 3), name="images")
-        features = self.backbone(images)
+        features = self.backbone(self.input_normalization(images))
         fconv = self.f_conv(features) if self.f_conv is not None else None
         logits = self._head(features, fconv)
         self.inference_model = keras.Model(images, logits, name=f"{variant}_inference")
@@ -240,7 +257,7 @@ class MLCRLModel(keras.Model):
         return ops.cast(logits, "float32")
 
     def call(self, images, training=None):
-        features = self.backbone(images, training=training)
+        features = self.backbone(self.input_normalization(images), training=training)
         fconv = self.f_conv(features) if self.f_conv is not None else None
         outputs = {"logits": self._head(features, fconv)}
         if self.image_projector is not None:
@@ -248,6 +265,70 @@ class MLCRLModel(keras.Model):
             outputs["image_embeddings"] = ops.cast(embeddings, "float32")
             outputs["label_embeddings"] = self.label_embeddings()
         return outputs
+
+    # --- the objective (Keras training) ------------------------------------
+
+    @property
+    def aux_loss(self):
+        """The variant's auxiliary loss: "crl", "mse" or None."""
+        return self.variant if self.variant in CO_PROJECTOR_VARIANTS else None
+
+    def compile(self, optimizer="rmsprop", objective=None, **kwargs):
+        """Keras' compile, plus the objective (default: the paper's, Eq. 10).
+
+        Args:
+            optimizer: a Keras optimizer, e.g. `optim.make_optimizer(model, ...)`.
+            objective: a `losses.Objective`; None = the paper's weights.
+            **kwargs: other `keras.Model.compile` arguments (not `loss`).
+        """
+        if kwargs.get("loss") is not None:
+            raise ValueError("MLCRLModel trains its own objective: pass "
+                             "objective=losses.Objective(...), not loss=.")
+        super().compile(optimizer=optimizer, **kwargs)
+        self.objective = objective if objective is not None else losses.Objective()
+
+    def loss_terms(self, outputs, labels):
+        """This replica's share of every loss term (see `losses.Objective`)."""
+        objective = getattr(self, "objective", None) or losses.Objective()
+        return objective.terms(labels, outputs, aux=self.aux_loss,
+                               project_labels=self.label_projector)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        """The objective (Keras' hook): this replica's share of the total loss."""
+        del x, training
+        if sample_weight is not None:
+            raise ValueError("sample_weight is not supported: the ranking loss "
+                             "couples the images of a batch.")
+        return self.loss_terms(y_pred, y)["loss"]
+
+    @staticmethod
+    def _unpack(data):
+        """(images, labels) from a pair or a `make_dataset` dict."""
+        if isinstance(data, dict):
+            return data["images"], data["labels"]
+        return data[0], data[1]
+
+    def train_step(self, data):
+        """One SGD step on the objective; returns every term (global values).
+
+        Runs in a replica context under `fit()` and under the CLI loop's
+        `strategy.run`. The optimizer sums the replicas' gradients of their
+        shares, i.e. applies the gradient of the global batch's objective.
+        """
+        images, labels = self._unpack(data)
+        with tf.GradientTape() as tape:
+            outputs = self(images, training=True)
+            terms = self.loss_terms(outputs, labels)
+            loss = self.optimizer.scale_loss(terms["loss"])
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return _global_values(terms)
+
+    def test_step(self, data):
+        """The objective's terms on a batch without training (`model.evaluate`)."""
+        images, labels = self._unpack(data)
+        return _global_values(self.loss_terms(self(images, training=False), labels))
 
     def label_embeddings(self):
         """E = f_l(I_C): one embedding row per class, (C, C) float32."""
@@ -299,13 +380,25 @@ class MLCRLModel(keras.Model):
         return cls(**config)
 
 
+def _global_values(terms):
+    """Shares x replicas: Keras (and the CLI) then take the MEAN over replicas,
+    which is the sum of the shares, i.e. the global batch's value."""
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if context is not None else 1
+    return {name: value * replicas for name, value in terms.items()}
+
+
 def _check_arguments(num_classes, backbone, image_size, variant):
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
     backbones.check_backbone_name(backbone)
     check_variant_name(variant)
+    if not isinstance(image_size, int) or isinstance(image_size, bool):
+        raise ValueError(f"image_size must be an integer, got {image_size!r}.")
+    if backbone not in backbones.BACKBONES:
+        return  # KerasHub: keras_hub_backbones.build checks the size against its stride
     stride = backbones.feature_stride(backbone)
-    if not isinstance(image_size, int) or image_size < stride:
+    if image_size < stride:
         raise ValueError(
             f"image_size must be an integer >= {stride} for backbone={backbone!r}, "
             f"got {image_size!r}.")

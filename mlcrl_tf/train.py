@@ -13,6 +13,7 @@ from absl import app
 from absl import logging
 
 from mlcrl_tf import config as config_lib
+from mlcrl_tf import flagfiles
 from mlcrl_tf import train_lib
 
 
@@ -37,4 +38,4 @@ def main(argv):
 
 if __name__ == "__main__":
     config_lib.define_flags()
-    app.run(main)
+    app.run(main, flags_parser=flagfiles.parse_flags_with_usage)

@@ -1,32 +1,31 @@
 """The training loop: one loop for every `tf.distribute` strategy.
 
-`train_and_evaluate(config)` runs the whole recipe: it resolves the data,
-builds the model in the strategy's scope, resumes from the latest checkpoint
-in `model_dir`, trains with `strategy.run` of a `tf.function` step, evaluates
-every epoch with `mlcrl_tf.metrics`, keeps the best-by-mAP checkpoint, writes
-TensorBoard summaries and finally exports the inference model.
+`train_and_evaluate(config)` runs the whole recipe: it checks the data
+(`mlcrl_tf.data`), builds the model and the paper's optimizer in the
+strategy's scope, resumes from the latest checkpoint in `model_dir`
+(`checkpoints.CheckpointRun`), trains with `strategy.run` of a `tf.function`
+step, evaluates every epoch (`evaluate_lib`), keeps the best checkpoint,
+writes TensorBoard summaries (`summaries`) and finally exports the inference
+model (`export_lib`).
 
 Decisions (see docs/design.md):
-- Two learning rates with one SGD: SGD with momentum is linear in the
-  gradient, so multiplying the backbone's gradients by
-  backbone_learning_rate / learning_rate gives exactly the paper's two rates
-  (weight decay is added to the gradient first, PyTorch-style, so it is
-  scaled too). One optimizer keeps one iteration counter, one schedule and
-  one loss scale under mixed precision.
-- Loss scaling for any number of replicas: each replica's classification
-  and MSE loss is its per-example sum divided by the GLOBAL batch; the CRL
-  triplet counts are all-reduced so that the mean is over the global batch's
-  triplets. Gradients are summed across replicas by the optimizer, giving
-  exactly the single-device gradient of the same global batch.
+- The optimizer is PyTorch's SGD rule exactly (`mlcrl_tf.optim.PaperSGD`):
+  coupled weight decay, a momentum buffer in gradient units, the backbone's
+  rate as a per-variable multiplier of the (step-decayed) head rate. One
+  optimizer keeps one iteration counter, one schedule and one loss scale.
+- The step is the model's own `train_step` (the one `model.fit()` runs), on
+  the model's own objective (`losses.Objective`): each replica's
+  classification and MSE loss is its sum divided by the GLOBAL batch and the
+  CRL triplet counts are all-reduced, so the gradients the optimizer sums
+  across replicas are exactly one device's on the same global batch. This
+  loop exists beside `fit()` for `MultiWorkerMirroredStrategy` (where `fit()`
+  fails, tensorflow/tensorflow#72388) and for exact mid-epoch resume.
 - Resume: each epoch's data order is a function of (seed, epoch); a resumed
   run skips the records of the steps it already did in the current epoch, so
   with --deterministic it ends bit-identical to an uninterrupted run.
 """
 
-import json
 import math
-import os
-import shutil
 
 from absl import logging
 import keras
@@ -35,159 +34,31 @@ import tensorflow as tf
 
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
-from mlcrl_tf import evaluate as evaluate_lib
-from mlcrl_tf import export as export_lib
+from mlcrl_tf import data as data_lib
+from mlcrl_tf import distribute
+from mlcrl_tf import evaluate_lib
+from mlcrl_tf import export_lib
 from mlcrl_tf import losses
+from mlcrl_tf import optim
 from mlcrl_tf import progress as progress_lib
-from mlcrl_tf import summaries
+from mlcrl_tf import summaries as summaries_lib
 from pipelines import input_pipeline
-from pipelines import tfrecord_lib
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped."""
 
 
-# ---------------------------------------------------------------------------
-# Set-up: devices, strategy, data.
-# ---------------------------------------------------------------------------
-
-def split_cpu(num_devices):
-    """Makes `num_devices` logical CPU devices (before TF initialises)."""
-    cpus = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
-
-
-def make_strategy(config):
-    """The tf.distribute strategy named by --strategy.
-
-    Raises:
-        ValueError: multi_worker without TF_CONFIG.
-    """
-    if config.num_cpu_devices > 1:
-        split_cpu(config.num_cpu_devices)
-    if config.strategy == "default":
-        return tf.distribute.get_strategy()
-    if config.strategy == "mirrored":
-        if tf.config.list_physical_devices("GPU"):
-            return tf.distribute.MirroredStrategy()
-        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-        # NCCL needs GPUs: reduce on the host instead.
-        return tf.distribute.MirroredStrategy(
-            devices=devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
-    if "TF_CONFIG" not in os.environ:
-        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment "
-                         "variable describing the cluster (see README).")
-    return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def is_chief(strategy):
-    """True on the worker that writes checkpoints, summaries and exports."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    cluster = resolver.cluster_spec().as_dict()
-    if "chief" in cluster:
-        return resolver.task_type == "chief"
-    return resolver.task_type == "worker" and resolver.task_id == 0
-
-
-def resolve_data(config):
-    """Checks the data flags; fills num_classes; finds class names and sizes.
-
-    Returns:
-        (config with num_classes set, class_names, number of training records)
-
-    Raises:
-        ValueError: missing/empty/incomplete shards, a labels file that
-            disagrees with --num_classes, or neither of them.
-    """
-    train_files = _find_shards(config.train_files, "train_files")
-    if config.eval_files:
-        _find_shards(config.eval_files, "eval_files")
-    labels_file = config.labels_file or os.path.join(
-        os.path.dirname(train_files[0]), tfrecord_lib.LABELS_FILENAME)
-    class_names = None
-    if tf.io.gfile.exists(labels_file):
-        class_names = tfrecord_lib.read_class_names(labels_file)
-    elif config.labels_file:
-        raise ValueError(f"--labels_file={config.labels_file!r} does not exist.")
-    num_classes = config.num_classes
-    if num_classes == 0:
-        if class_names is None:
-            raise ValueError(f"--num_classes is 0 and there is no labels file at "
-                             f"{labels_file!r}: give --num_classes or --labels_file.")
-        num_classes = len(class_names)
-    elif class_names is not None and num_classes != len(class_names):
-        raise ValueError(f"--num_classes={num_classes} disagrees with the data's "
-                         f"label map {labels_file!r} ({len(class_names)} classes).")
-    if class_names is None:
-        class_names = [f"class_{i}" for i in range(num_classes)]
-    return (config.replace(num_classes=num_classes), class_names,
-            count_records(train_files))
-
-
-def _find_shards(pattern, flag):
-    if not pattern:
-        raise ValueError(f"--{flag} is empty: give a glob of TFRecord shards.")
-    try:
-        return tfrecord_lib.find_shards(pattern)
-    except ValueError as e:
-        raise ValueError(f"--{flag}={pattern!r}: {e}") from None
-
-
-def count_records(files):
-    """Records in the shards: from the converters' reports, else by reading."""
-    by_split = {}
-    for path in files:
-        name = os.path.basename(path)
-        split = name.split("-")[0] if "-" in name else None
-        by_split.setdefault((os.path.dirname(path), split), []).append(path)
-    total = 0
-    for (directory, split), paths in by_split.items():
-        report = tfrecord_lib.report_path(directory, split) if split else None
-        if report and tf.io.gfile.exists(report):
-            with tf.io.gfile.GFile(report) as f:
-                total += int(json.load(f)["num_records"])
-        else:
-            total += int(tf.data.TFRecordDataset(paths).reduce(
-                np.int64(0), lambda n, _: n + 1).numpy())
-    return total
-
-
-# ---------------------------------------------------------------------------
-# The trainer.
-# ---------------------------------------------------------------------------
-
-@keras.saving.register_keras_serializable(package="mlcrl_tf")
-class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """lr = initial · factor^(number of boundaries passed); constant without any.
-
-    Args:
-        initial_learning_rate: rate before the first boundary.
-        boundaries: sorted steps at which the rate is multiplied by `factor`.
-        factor: the decay factor (0.1 in ML-GCN's recipe).
-    """
-
-    def __init__(self, initial_learning_rate, boundaries=(), factor=0.1):
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.boundaries = [int(b) for b in boundaries]
-        self.factor = float(factor)
-
-    def __call__(self, step):
-        passed = tf.zeros([], tf.float32)
-        for boundary in self.boundaries:
-            passed += tf.cast(tf.cast(step, tf.int64) >= boundary, tf.float32)
-        return self.initial_learning_rate * tf.pow(self.factor, passed)
-
-    def get_config(self):
-        return {"initial_learning_rate": self.initial_learning_rate,
-                "boundaries": self.boundaries, "factor": self.factor}
+def objective_from(config):
+    """The `losses.Objective` of a Config's loss flags."""
+    return losses.Objective(
+        cls_weight=config.cls_weight, aux_weight=config.aux_weight,
+        margin=config.crl_margin, image_weight=config.crl_image_weight,
+        label_weight=config.crl_label_weight, reduction=config.crl_reduction)
 
 
 class Trainer:
-    """Owns the model, optimizer, checkpoints and summaries of one run.
+    """The model, optimizer, checkpoints and summaries of one run, and its loop.
 
     Args:
         config: a validated `Config` with num_classes set.
@@ -200,116 +71,53 @@ class Trainer:
         self.config = config
         self.class_names = list(class_names)
         self.strategy = strategy
-        self.is_chief = is_chief(strategy)
+        self.is_chief = distribute.is_chief(strategy)
         self.steps_per_epoch = config.steps_per_epoch or max(
             1, num_train_records // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with strategy.scope():
-            self.model = checkpoints.build_model_for(config, config.backbone_weights)
-            self.optimizer = self._make_optimizer()
-            self.optimizer.build(self.model.trainable_variables)
-            self.step = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="global_step",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self.ema = (checkpoints.ExponentialMovingAverage(
-                self.model.trainable_variables, config.ema_decay)
-                if config.ema_decay > 0 else None)
-        self._backbone_ids = {id(v) for v in self.model.backbone_variables}
-        self._lr_ratio = config.backbone_learning_rate / config.learning_rate
-        self._setup_checkpoints()
-        self._setup_summaries()
-        self._train_step = tf.function(self._distributed_step)
+            self._build_state()
+        objects = {"model": self.model, "optimizer": self.optimizer, "step": self.step}
+        if self.ema is not None:
+            objects["ema"] = self.ema
+        self.checkpoints = checkpoints.CheckpointRun(
+            config.model_dir, objects, config.keep_checkpoints, self.is_chief,
+            distribute.worker_name(strategy))
+        self.summaries = summaries_lib.TrainingSummaries(config.model_dir, self.is_chief)
+        self.train_step = tf.function(self._distributed_step)
+
+    def _build_state(self):
+        """Model, optimizer, step counter and EMA (in the strategy's scope)."""
+        c = self.config
+        self.model = checkpoints.build_model_for(c, c.backbone_weights)
+        self.optimizer = optim.make_optimizer(
+            self.model, c.learning_rate, c.backbone_learning_rate, momentum=c.momentum,
+            weight_decay=c.weight_decay, decay_boundaries=self.decay_boundaries(),
+            decay_factor=c.lr_decay_factor, loss_scaling=c.mixed_precision)
+        self.model.compile(optimizer=self.optimizer, objective=objective_from(c))
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.ema = (optim.ExponentialMovingAverage(self.model.trainable_variables,
+                                                   c.ema_decay)
+                    if c.ema_decay > 0 else None)
 
     # --- optimisation -------------------------------------------------------
 
-    def learning_rate_schedule(self):
-        """Step decay of the head learning rate (the backbone's is a ratio).
-
-        Always a schedule of the step, never a plain float: a float would be
-        an optimizer variable restored from the checkpoint, so a resumed run
-        could not change --learning_rate.
-        """
-        c = self.config
-        boundaries = [int(e) * self.steps_per_epoch for e in sorted(c.lr_decay_epochs)]
-        return StepDecay(c.learning_rate, boundaries, c.lr_decay_factor)
-
-    def _make_optimizer(self):
-        optimizer = keras.optimizers.SGD(
-            learning_rate=self.learning_rate_schedule(), momentum=self.config.momentum)
-        if self.config.mixed_precision:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        return optimizer
+    def decay_boundaries(self):
+        """Steps at which both learning rates are multiplied by the decay factor."""
+        return [int(e) * self.steps_per_epoch for e in sorted(self.config.lr_decay_epochs)]
 
     def current_learning_rates(self):
         """(head, backbone) learning rates at the current step."""
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        head = float(keras.ops.convert_to_numpy(inner.learning_rate))
-        return head, head * self._lr_ratio
-
-    def _loss_terms(self, outputs, labels, images_per_replica):
-        """This replica's share of each loss term (shares sum to the global).
-
-        Training batches are complete (drop_remainder), so the global batch is
-        the replica's batch times the number of replicas.
-        """
-        c = self.config
-        global_batch = tf.cast(images_per_replica * self.strategy.num_replicas_in_sync,
-                               tf.float32)
-        cls = tf.reduce_sum(losses.multilabel_soft_margin_per_example(
-            labels, outputs["logits"])) / global_batch
-        terms = {"classification": cls}
-        aux = tf.constant(0.0)
-        if c.variant == "crl":
-            parts = losses.crl_terms(labels, outputs["image_embeddings"],
-                                     outputs["label_embeddings"], margin=c.crl_margin)
-            if c.crl_reduction == "mean":
-                # Mean over the GLOBAL batch's triplets: all-reduce the counts.
-                counts = tf.distribute.get_replica_context().all_reduce(
-                    tf.distribute.ReduceOp.SUM,
-                    tf.stop_gradient(tf.stack([parts["image_count"],
-                                               parts["label_count"]])))
-                parts = dict(parts, image_count=counts[0], label_count=counts[1])
-            aux = losses.combine_crl_terms(parts, c.crl_image_weight, c.crl_label_weight,
-                                           c.crl_reduction)
-            # The unweighted terms, for TensorBoard.
-            image_term = losses.combine_crl_terms(parts, 1.0, 0.0, c.crl_reduction)
-            label_term = losses.combine_crl_terms(parts, 0.0, 1.0, c.crl_reduction)
-            terms.update(crl=aux, crl_image_term=image_term, crl_label_term=label_term)
-        elif c.variant == "mse":
-            projected = self.model.label_projector(labels)
-            aux = tf.reduce_sum(losses.embedding_mse_per_example(
-                outputs["image_embeddings"], tf.cast(projected, tf.float32))) / global_batch
-            terms["mse"] = aux
-        terms["loss"] = c.cls_weight * cls + c.aux_weight * aux
-        return terms
+        head = float(keras.ops.convert_to_numpy(
+            optim.inner_optimizer(self.optimizer).learning_rate))
+        return head, head * self.config.backbone_learning_rate / self.config.learning_rate
 
     def _replica_step(self, batch):
-        images, labels = batch["images"], batch["labels"]
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            outputs = self.model(images, training=True)
-            terms = self._loss_terms(outputs, labels, tf.shape(images)[0])
-            loss = terms["loss"]
-            if self.config.mixed_precision:
-                loss = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(loss, variables)
-        scale = (tf.cast(self.optimizer.dynamic_scale, tf.float32)
-                 if self.config.mixed_precision else 1.0)
-        # Coupled (PyTorch SGD) weight decay; every replica adds its share so
-        # the summed gradient carries it once.
-        decay = self.config.weight_decay * scale / self.strategy.num_replicas_in_sync
-        pairs = []
-        for g, v in zip(grads, variables):
-            if g is None:
-                continue
-            if self.config.weight_decay:
-                g = g + tf.cast(decay, g.dtype) * tf.cast(v, g.dtype)
-            if id(v) in self._backbone_ids:
-                g = g * self._lr_ratio
-            pairs.append((g, v))
-        self.optimizer.apply_gradients(pairs)
+        # The model's own Keras train_step: the step model.fit() runs.
+        terms = self.model.train_step(batch)
         if self.ema is not None:
             self.ema.update()
         self.step.assign_add(1)
@@ -317,7 +125,9 @@ class Trainer:
 
     def _distributed_step(self, batch):
         per_replica = self.strategy.run(self._replica_step, args=(batch,))
-        return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+        # train_step returns global values from every replica (see
+        # MLCRLModel.train_step): their mean is the global batch's value.
+        return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                 for k, v in per_replica.items()}
 
     # --- data -----------------------------------------------------------------
@@ -325,51 +135,24 @@ class Trainer:
     def train_dataset(self, epoch, skip_steps=0):
         """The distributed training data of one epoch, resumable mid-epoch."""
         c = self.config
+        augmentation = input_pipeline.Augmentation(c.random_flip, c.crop_scales or None)
 
         def dataset_fn(input_context):
             return input_pipeline.make_dataset(
-                c.train_files, c.batch_size, c.image_size, c.num_classes, c.backbone,
-                training=True, shuffle_buffer=c.shuffle_buffer,
-                input_context=input_context, random_flip=c.random_flip,
-                crop_scales=c.crop_scales or None, seed=c.seed * 100003 + epoch,
-                skip_batches=skip_steps)
+                c.train_files, c.batch_size, c.image_size, c.num_classes, training=True,
+                shuffle_buffer=c.shuffle_buffer, input_context=input_context,
+                augmentation=augmentation, seed=c.seed * 100003 + epoch,
+                skip_batches=skip_steps, data_dir=c.data_dir)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
-    def eval_dataset(self):
+    def eval_dataset(self, source):
         c = self.config
-        return input_pipeline.make_dataset(
-            c.eval_files, c.batch_size, c.image_size, c.num_classes, c.backbone,
-            training=False)
+        return input_pipeline.make_dataset(source, c.batch_size, c.image_size,
+                                           c.num_classes, training=False,
+                                           data_dir=c.data_dir)
 
-    # --- checkpoints and summaries -------------------------------------------
-
-    def _setup_checkpoints(self):
-        objects = {"model": self.model, "optimizer": self.optimizer, "step": self.step}
-        if self.ema is not None:
-            objects["ema"] = self.ema
-        self.checkpoint = tf.train.Checkpoint(**objects)
-        directory = self.config.model_dir
-        if not self.is_chief:
-            # Every worker must take part in saving; only the chief's copy stays.
-            resolver = self.strategy.cluster_resolver
-            directory = os.path.join(directory, ".workers",
-                                     f"{resolver.task_type}_{resolver.task_id}")
-        self._checkpoint_dir = directory
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory, max_to_keep=self.config.keep_checkpoints,
-            checkpoint_name="ckpt")
-        self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(directory, checkpoints.BEST_DIR), max_to_keep=1,
-            checkpoint_name="ckpt")
-
-    def restore_or_initialize(self):
-        """Restores the latest checkpoint of model_dir; returns the step."""
-        latest = tf.train.latest_checkpoint(self.config.model_dir)
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            logging.info("Resumed from %s at step %d.", latest, int(self.step.numpy()))
-        return int(self.step.numpy())
+    # --- checkpoints ------------------------------------------------------------
 
     def save(self):
         """Saves a checkpoint of the current step (never a diverged state)."""
@@ -377,99 +160,85 @@ class Trainer:
         if not all(bool(tf.reduce_all(tf.math.is_finite(v)).numpy())
                    for v in self.model.trainable_variables):
             raise self._diverged(f"The weights became NaN or infinite by step {step}")
-        if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
-                f"-{step}"):
-            return self.manager.latest_checkpoint
-        path = self.manager.save(checkpoint_number=step)
-        self._clean_worker_dir()
-        return path
+        return self.checkpoints.save(step)
 
     def _diverged(self, what):
         """The error that stops a diverged run, naming the last good checkpoint."""
         return NonFiniteLossError(
             f"{what}; training stopped without saving this state. The last good "
-            f"checkpoint is {self.manager.latest_checkpoint or '(none yet)'}. Lower "
+            f"checkpoint is {self.checkpoints.latest or '(none yet)'}. Lower "
             "--learning_rate or check the data.")
 
-    def _clean_worker_dir(self):
-        if not self.is_chief:
-            shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
+    def _maybe_save_best(self, selected_on, selection, reported):
+        """Keeps best/ if `selection` (an EvalResult) has the highest mAP so far.
 
-    def best_metrics(self):
-        path = os.path.join(self.config.model_dir, checkpoints.BEST_DIR,
-                            checkpoints.BEST_METRICS_FILE)
-        if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path) as f:
-                return json.load(f)
-        return None
-
-    def _maybe_save_best(self, metrics, per_class_ap):
-        best = self.best_metrics()
-        if best is not None and best["metrics"]["mAP"] >= metrics["mAP"]:
+        Args:
+            selected_on: "selection_files" or "eval_files".
+            selection: the EvalResult the choice is made on.
+            reported: the --eval_files EvalResult (or None), stored with it.
+        """
+        best = self.checkpoints.best_metrics()
+        score = selection.metrics["mAP"]
+        if best is not None and checkpoints.best_selection_score(best) >= score:
             return False
-        step = int(self.step.numpy())
-        self.best_manager.save(checkpoint_number=step)
-        self._clean_worker_dir()
-        if self.is_chief:
-            payload = {"step": step, "metrics": metrics,
-                       "per_class_ap": dict(zip(self.class_names, per_class_ap))}
-            path = os.path.join(self.config.model_dir, checkpoints.BEST_DIR,
-                                checkpoints.BEST_METRICS_FILE)
-            with tf.io.gfile.GFile(path, "w") as f:
-                f.write(json.dumps(payload, indent=2, default=float))
+        shown = reported or selection
+        payload = {"step": int(self.step.numpy()), "selected_on": selected_on,
+                   "selection_files": getattr(self.config, selected_on),
+                   "selection_mAP": score, "metrics": shown.metrics,
+                   "per_class_ap": dict(zip(self.class_names, shown.per_class_ap))}
+        if reported is None:
+            payload["note"] = "metrics are those of the selection files"
+        self.checkpoints.save_best(payload["step"], payload)
         return True
-
-    def _setup_summaries(self):
-        if self.is_chief:
-            self.train_writer = tf.summary.create_file_writer(
-                os.path.join(self.config.model_dir, "train"))
-            self.eval_writer = tf.summary.create_file_writer(
-                os.path.join(self.config.model_dir, "eval"))
-        else:
-            self.train_writer = self.eval_writer = tf.summary.create_noop_writer()
-
-    def _write_train_summaries(self, terms, speed):
-        step = int(self.step.numpy())
-        head_lr, backbone_lr = self.current_learning_rates()
-        with self.train_writer.as_default(step=step):
-            for name, value in terms.items():
-                tf.summary.scalar(f"loss/{name}", value)
-            tf.summary.scalar("learning_rate/head", head_lr)
-            tf.summary.scalar("learning_rate/backbone", backbone_lr)
-            tf.summary.scalar("throughput/images_per_sec", speed["images_per_sec"])
-            tf.summary.scalar("throughput/steps_per_sec", speed["steps_per_sec"])
-            if self.config.mixed_precision:
-                tf.summary.scalar("loss_scale", float(self.optimizer.dynamic_scale.numpy()))
 
     # --- evaluation -------------------------------------------------------------
 
-    def evaluate(self):
-        """Evaluates the (EMA) weights on --eval_files; returns the result."""
+    def evaluate(self, source, num_samples=0):
+        """Evaluates the (EMA) weights on `source`; returns the EvalResult."""
         if self.ema is not None:
             self.ema.swap()
         try:
-            result = evaluate_lib.evaluate_model(
-                self.model, self.eval_dataset(), self.config.num_classes,
+            return evaluate_lib.evaluate_model(
+                self.model, self.eval_dataset(source), self.config.num_classes,
                 threshold=self.config.threshold, max_steps=self.config.eval_steps,
-                num_samples=self.config.num_summary_images)
+                num_samples=num_samples)
         finally:
             if self.ema is not None:
                 self.ema.swap()
-        return result
 
-    def _write_eval_summaries(self, result):
+    def _evaluate_epoch(self, epoch, progress):
+        """Evaluates after an epoch, keeps best/; returns the --eval_files result."""
+        c = self.config
         step = int(self.step.numpy())
-        with self.eval_writer.as_default(step=step):
-            for name, value in result.metrics.items():
-                tf.summary.scalar(f"metrics/{name}", value)
-            for name, ap in zip(self.class_names, result.per_class_ap):
-                if np.isfinite(ap):
-                    tf.summary.scalar(f"per_class_ap/{name}", ap)
-            if result.samples is not None:
-                summaries.write_eval_images(
-                    result.samples, self.model, self.config.backbone, self.class_names)
+        reported = selection = None
+        if c.eval_files:
+            reported = self.evaluate(c.eval_files, c.num_summary_images)
+            self.summaries.write_eval(step, reported, self.model, self.class_names,
+                                      c.num_summary_images)
+        if c.selection_files:
+            selection = self.evaluate(c.selection_files)
+            self.summaries.write_eval(step, selection, self.model, self.class_names,
+                                      prefix="selection_metrics")
+        chosen = selection or reported
+        if chosen is None:
+            return None
+        improved = self._maybe_save_best(
+            "selection_files" if selection else "eval_files", chosen, reported)
+        if reported:
+            progress.message(evaluate_lib.format_result_line(
+                reported.metrics, epoch + 1, improved and not selection))
+        if selection:
+            progress.message(f"Selection mAP after epoch {epoch + 1}: "
+                             f"{100 * selection.metrics['mAP']:.1f}"
+                             + (" (best so far: kept in best/)" if improved else ""))
+        return reported
 
     # --- the loop -------------------------------------------------------------
+
+    def restore_or_initialize(self):
+        """Restores the latest checkpoint of model_dir; returns the step."""
+        self.checkpoints.restore_latest()
+        return int(self.step.numpy())
 
     def train(self):
         """Runs (or resumes) training to the last step; returns the last eval."""
@@ -482,31 +251,37 @@ class Trainer:
                              f"(epoch {start // self.steps_per_epoch + 1}).")
         last_eval = None
         for epoch in range(start // self.steps_per_epoch, c.epochs):
-            epoch_end = (epoch + 1) * self.steps_per_epoch
-            step = int(self.step.numpy())
-            iterator = iter(self.train_dataset(epoch, skip_steps=step - epoch * self.steps_per_epoch))
-            while step < epoch_end:
-                terms = {k: float(v) for k, v in self._train_step(next(iterator)).items()}
-                step = int(self.step.numpy())
-                if not math.isfinite(terms["loss"]):
-                    raise self._diverged(f"The loss became {terms['loss']} at step {step}")
-                if step % c.log_every_steps == 0 or step == epoch_end:
-                    speed = progress.update(step, terms["loss"], f"epoch {epoch + 1}/{c.epochs}")
-                    self._write_train_summaries(terms, speed)
-                if step % c.checkpoint_every_steps == 0:
-                    self.save()
+            self._train_epoch(epoch, progress)
             path = self.save()
-            progress.message(f"Epoch {epoch + 1}/{c.epochs} done at step {step}; "
-                             f"checkpoint {path}")
-            if c.eval_files:
-                last_eval = self.evaluate()
-                self._write_eval_summaries(last_eval)
-                improved = self._maybe_save_best(last_eval.metrics, last_eval.per_class_ap)
-                progress.message(evaluate_lib.format_result_line(
-                    last_eval.metrics, epoch + 1, improved))
-        self.train_writer.flush()
-        self.eval_writer.flush()
+            progress.message(f"Epoch {epoch + 1}/{c.epochs} done at step "
+                             f"{int(self.step.numpy())}; checkpoint {path}")
+            last_eval = self._evaluate_epoch(epoch, progress) or last_eval
+        self.summaries.flush()
         return last_eval
+
+    def _train_epoch(self, epoch, progress):
+        """The steps of one epoch (from the current step, when resuming)."""
+        c = self.config
+        epoch_end = (epoch + 1) * self.steps_per_epoch
+        step = int(self.step.numpy())
+        iterator = iter(self.train_dataset(epoch,
+                                           skip_steps=step - epoch * self.steps_per_epoch))
+        while step < epoch_end:
+            terms = {k: float(v) for k, v in self.train_step(next(iterator)).items()}
+            step = int(self.step.numpy())
+            if not math.isfinite(terms["loss"]):
+                raise self._diverged(f"The loss became {terms['loss']} at step {step}")
+            if step % c.log_every_steps == 0 or step == epoch_end:
+                speed = progress.update(step, terms["loss"], f"epoch {epoch + 1}/{c.epochs}")
+                self.summaries.write_train(step, terms, self.current_learning_rates(),
+                                           speed, self._loss_scale())
+            if step % c.checkpoint_every_steps == 0:
+                self.save()
+
+    def _loss_scale(self):
+        if not self.config.mixed_precision:
+            return None
+        return float(self.optimizer.dynamic_scale.numpy())
 
     def weights_fingerprint(self):
         """A short digest of the weights (replicas/workers must agree)."""
@@ -527,14 +302,14 @@ def train_and_evaluate(config):
         NonFiniteLossError: the loss diverged.
     """
     config_lib.validate(config)
-    strategy = make_strategy(config)
+    for message in config_lib.warnings_for(config):
+        logging.warning("%s", message)
+    strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
+    keras.utils.set_random_seed(config.seed)
     if config.deterministic:
-        keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
-    else:
-        keras.utils.set_random_seed(config.seed)
-    config, class_names, num_records = resolve_data(config)
-    _prepare_model_dir(config, class_names, is_chief(strategy))
+    config, class_names, num_records = data_lib.resolve_data(config)
+    _prepare_model_dir(config, class_names, distribute.is_chief(strategy))
     trainer = Trainer(config, class_names, strategy, num_records)
     logging.info("Training %s/%s on %d records, %d steps/epoch x %d epochs, %d replicas.",
                  config.variant, config.backbone, num_records, trainer.steps_per_epoch,
@@ -546,7 +321,7 @@ def train_and_evaluate(config):
             trainer.ema.copy_to_model()
         export_path = export_lib.export_model(
             trainer.model, config.export_dir, trainer.class_names,
-            backbone=config.backbone, threshold=config.threshold)
+            threshold=config.threshold)
     return {"model_dir": config.model_dir, "step": int(trainer.step.numpy()),
             "metrics": result.metrics if result else None, "export_path": export_path,
             "fingerprint": trainer.weights_fingerprint()}
@@ -556,14 +331,12 @@ def _prepare_model_dir(config, class_names, chief):
     """Creates model_dir, checks a resumed run is the same network, writes run.json."""
     try:
         tf.io.gfile.makedirs(config.model_dir)
-        probe = os.path.join(config.model_dir, ".write_test")
+        probe = f"{config.model_dir}/.write_test"
         with tf.io.gfile.GFile(probe, "w") as f:
             f.write("ok")
         tf.io.gfile.remove(probe)
     except (OSError, tf.errors.OpError) as e:
         raise ValueError(f"--model_dir={config.model_dir!r} is not writable: {e}") from None
-    if tf.io.gfile.exists(os.path.join(config.model_dir, checkpoints.RUN_FILE)):
-        saved, _ = checkpoints.read_run(config.model_dir)
-        checkpoints.check_resume_compatible(saved, config)
+    checkpoints.check_resumable(config.model_dir, config)
     if chief:
         checkpoints.write_run(config.model_dir, config, class_names)

@@ -1,169 +1,18 @@
 r"""python -m pipelines.csv_to_tfrecord --csv=my_data/train.csv --image_dir=my_data/images --output_dir=data/my_data --split=train
 
-Converts your own labelled images, listed in a CSV file, into the mlcrl_tf
-TFRecord schema (see `pipelines/tfrecord_lib.py`).
-
-CSV format (UTF-8, parsed with Python's `csv` module, so a filename holding
-a comma can be quoted):
-
-    filename,labels
-    beach/001.jpg,person|dog
-    beach/002.jpg,  sea | person
-    empty_room.jpg,
-
-* Exactly two columns per row. The first row is a header, and skipped, iff
-  it reads `filename,labels` (case and surrounding spaces ignored).
-* `filename` is relative to `--image_dir` (sub-folders allowed, absolute
-  paths rejected); each filename at most once.
-* `labels` are separated by `|`; spaces around names are stripped, empty
-  names (`a||b`) ignored, repeats merged. An empty field means an image with
-  no labels: it is kept and counted as `zero_label` in the report.
-* Blank lines are skipped. There are no difficult labels.
-
-Classes (`--classes`): a comma-separated list (`--classes=cat,dog,person`)
-or the path of a labels.txt-style file (line i = name of class id i). A
-label not among them is an error naming the class, the CSV and the line.
-Without `--classes`, the classes are the sorted set of names in the CSV
-(Python string order, so case-sensitive): pass `--classes` to keep class ids
-stable across CSVs (e.g. train and val), or convert the split with the most
-classes first and pass its `labels.txt` to the others.
+Converts with `pipelines.csv_lib` (see there for what is checked and
+stored); progress goes to stderr, the summary line to stdout. Limits and
+guarantees: docs/reliability.md.
 """
 
-import csv
-import os
 import sys
 
 from absl import app
 from absl import flags
 
+from pipelines import csv_lib
+from pipelines import progress
 from pipelines import tfrecord_lib
-
-
-def parse_classes(classes):
-    """Returns a list of class names from `--classes` (see module doc).
-
-    Args:
-        classes: None, a list of names, a path of a labels file, or a
-            comma-separated string.
-
-    Raises:
-        ValueError: empty or repeated names, or an unreadable labels file.
-    """
-    if classes is None:
-        return None
-    if isinstance(classes, str):
-        if os.path.isfile(classes):
-            return tfrecord_lib.read_class_names(classes)
-        names = [name.strip() for name in classes.split(",")]
-    else:
-        names = [str(name).strip() for name in classes]
-    if not names or "" in names:
-        raise ValueError(f"classes {classes!r}: empty class name (give a "
-                         "comma-separated list or an existing labels file)")
-    return tfrecord_lib.check_class_names(names, f"classes {classes!r}")
-
-
-def read_csv(csv_path):
-    """Reads the CSV (format in the module doc).
-
-    Args:
-        csv_path: the CSV file.
-
-    Returns:
-        List of `(line_number, filename, label_names)`.
-
-    Raises:
-        ValueError: missing file, bad row, absolute or repeated filename.
-    """
-    if not os.path.isfile(csv_path):
-        raise ValueError(f"CSV file {csv_path} does not exist")
-    rows = []
-    first_line = {}  # filename -> line number
-    header_allowed = True
-    with open(csv_path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != 2:
-                raise ValueError(f"{csv_path}, line {line}: expected 2 "
-                                 f"columns 'filename,labels', got {len(row)}")
-            filename, field = row[0].strip(), row[1]
-            is_header = [filename.lower(), field.strip().lower()] == [
-                "filename", "labels"]
-            if header_allowed and is_header:
-                header_allowed = False
-                continue
-            header_allowed = False
-            if not filename:
-                raise ValueError(f"{csv_path}, line {line}: empty filename")
-            if os.path.isabs(filename):
-                raise ValueError(f"{csv_path}, line {line}: filename "
-                                 f"{filename} must be relative to image_dir")
-            if filename in first_line:
-                raise ValueError(f"{csv_path}, line {line}: {filename} "
-                                 f"already listed on line "
-                                 f"{first_line[filename]}")
-            first_line[filename] = line
-            names = sorted({name.strip() for name in field.split("|")} - {""})
-            rows.append((line, filename, names))
-    if not rows:
-        raise ValueError(f"CSV file {csv_path} lists no image")
-    return rows
-
-
-def convert(csv_path, image_dir, output_dir, classes=None, split="train",
-            num_shards=4, num_workers=None, overwrite=False):
-    """Converts the images listed in a CSV to sharded TFRecords.
-
-    Args:
-        csv_path: the CSV file (format in the module doc).
-        image_dir: folder the CSV's filenames are relative to.
-        output_dir: where shards, labels.txt and the report go.
-        classes: class names (list, comma-separated string or labels-file
-            path); None infers the sorted set of names in the CSV.
-        split: output split name.
-        num_shards: number of shard files.
-        num_workers: writer processes (default: see `write_split`).
-        overwrite: replace an existing split in output_dir.
-
-    Returns:
-        The report dict (also `<output_dir>/<split>_report.json`).
-
-    Raises:
-        ValueError: missing CSV / image dir, bad row, unknown class,
-            existing output without overwrite, labels.txt mismatch.
-    """
-    class_names = parse_classes(classes)
-    rows = read_csv(csv_path)
-    if not os.path.isdir(image_dir):
-        raise ValueError(f"image_dir {image_dir} is not a directory")
-    if class_names is None:
-        class_names = sorted({name for _, _, names in rows for name in names})
-        if not class_names:
-            raise ValueError(f"CSV file {csv_path} has no labels at all and "
-                             "no classes were given")
-    class_id = {name: i for i, name in enumerate(class_names)}
-    records = []
-    for line, filename, names in rows:
-        for name in names:
-            if name not in class_id:
-                raise ValueError(f"unknown class {name!r} in {csv_path}, line "
-                                 f"{line} (not among the {len(class_names)} "
-                                 "given classes)")
-        records.append(tfrecord_lib.ImageRecord(
-            path=os.path.join(image_dir, filename), filename=filename,
-            labels=tuple(sorted(class_id[name] for name in names))))
-    extra = {
-        "source": "csv",
-        "csv_path": os.path.abspath(csv_path),
-        "image_dir": os.path.abspath(image_dir),
-        "classes_inferred": classes is None,
-    }
-    return tfrecord_lib.write_split(
-        records, output_dir, split, class_names, num_shards,
-        num_workers=num_workers, overwrite=overwrite, extra_report=extra)
 
 
 def define_flags():
@@ -181,12 +30,13 @@ def define_flags():
 def main(argv):
     del argv
     f = flags.FLAGS
-    try:
-        report = convert(f.csv, f.image_dir, f.output_dir, classes=f.classes,
-                         split=f.split, num_shards=f.num_shards,
-                         num_workers=f.num_workers, overwrite=f.overwrite)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    with progress.Progress(unit="images") as bar:
+        try:
+            report = csv_lib.convert(f.csv, f.image_dir, f.output_dir,
+                                     classes=f.classes, split=f.split, progress=bar,
+                                     **tfrecord_lib.writer_options(f))
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
     print(tfrecord_lib.format_summary(report, f.output_dir))
 
 

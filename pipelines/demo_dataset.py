@@ -79,7 +79,7 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
-from pipelines import coco_to_tfrecord
+from pipelines import coco_lib
 from pipelines import fashion_mnist
 
 CLASS_NAMES = fashion_mnist.CLASS_NAMES
@@ -403,7 +403,7 @@ def generate(output_dir, num_train=4000, num_test=1000, canvas_size=96,
                                seed, occlusion, image_dir)
         with open(annotations_file, "w", encoding="utf-8") as f:
             json.dump(coco, f, separators=(",", ":"))
-        report = coco_to_tfrecord.convert(
+        report = coco_lib.convert(
             annotations_file, image_dir, os.path.join(output_dir, "tfrecords"),
             split=split, num_shards=NUM_SHARDS[split], num_workers=num_workers,
             overwrite=overwrite)

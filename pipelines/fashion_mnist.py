@@ -11,7 +11,9 @@ They are looked for, in this order:
 2. `/usr/share/datasets/fashion-mnist` (Debian/Ubuntu:
    `apt-get install dataset-fashion-mnist`);
 3. Keras's cache `~/.keras/datasets/fashion-mnist`;
-4. `keras.datasets.fashion_mnist.load_data()` (downloads, needs a network).
+4. a download of the same four files from the address Keras uses
+   (`DOWNLOAD_URL`, needs a network) into Keras's cache directory. The data
+   layer does not import Keras for that.
 
 A place that lacks the files is skipped (a given `data_dir` with a warning);
 if none works, one ValueError names all of them and the apt command.
@@ -19,6 +21,9 @@ if none works, one ValueError names all of them and the apt command.
 
 import gzip
 import os
+import shutil
+import tempfile
+import urllib.request
 
 from absl import logging
 import numpy as np
@@ -30,6 +35,9 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 KERAS_CACHE_DIR = os.path.join("~", ".keras", "datasets", "fashion-mnist")
 APT_COMMAND = "apt-get install dataset-fashion-mnist"
+# Where keras.datasets.fashion_mnist.load_data() downloads from.
+DOWNLOAD_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+_DOWNLOAD_TIMEOUT_S = 60
 
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -67,15 +75,27 @@ def _read_dir(directory, split):
 
 
 def _download(split):
-    """Keras's downloader (also fills the Keras cache); None on failure."""
+    """Downloads the split's two files into Keras's cache; None on failure.
+
+    Each file goes to a temporary name first and is renamed when complete,
+    so an interrupted download never leaves a truncated file behind.
+    """
+    directory = os.path.expanduser(KERAS_CACHE_DIR)
     try:
-        import keras  # pylint: disable=import-outside-toplevel
-        train, test = keras.datasets.fashion_mnist.load_data()
-    except Exception as e:  # pylint: disable=broad-except
-        logging.warning("keras.datasets.fashion_mnist.load_data() failed: %s", e)
+        os.makedirs(directory, exist_ok=True)
+        for name in _FILES[split]:
+            target = os.path.join(directory, name)
+            if os.path.isfile(target):
+                continue
+            with urllib.request.urlopen(DOWNLOAD_URL + name,
+                                        timeout=_DOWNLOAD_TIMEOUT_S) as response, \
+                    tempfile.NamedTemporaryFile(dir=directory, delete=False) as tmp:
+                shutil.copyfileobj(response, tmp)
+            os.replace(tmp.name, target)
+        return _read_dir(directory, split)
+    except (OSError, ValueError) as e:
+        logging.warning("Downloading Fashion-MNIST from %s failed: %s", DOWNLOAD_URL, e)
         return None
-    images, labels = train if split == "train" else test
-    return np.asarray(images, np.uint8), np.asarray(labels, np.int64)
 
 
 def load_fashion_mnist(split, data_dir=None):
@@ -113,6 +133,6 @@ def load_fashion_mnist(split, data_dir=None):
         return found
     raise ValueError(
         f"Fashion-MNIST {split} files ({', '.join(_FILES[split])}) were not "
-        f"found in {' nor '.join(places)}, and keras.datasets.fashion_mnist "
-        f"could not download them. Install them with `{APT_COMMAND}` (Debian/"
+        f"found in {' nor '.join(places)}, and could not be downloaded from "
+        f"{DOWNLOAD_URL}. Install them with `{APT_COMMAND}` (Debian/"
         "Ubuntu) or pass --fashion_mnist_dir=DIR.")

@@ -1,8 +1,11 @@
 """The tf.data input pipeline: decode, preprocess (train/eval pair), batch.
 
     ds = make_dataset("data/demo/tfrecords/train-*.tfrecord", batch_size=64,
-                      image_size=96, num_classes=10, backbone="small_cnn",
-                      training=True)
+                      image_size=96, num_classes=10, training=True)
+
+The pipeline delivers RGB pixels; the model normalises them itself (its
+backbone's `InputNormalization` layer), so this data layer knows nothing
+about networks and imports neither `mlcrl_tf` nor Keras.
 
 Decoding is separate from preprocessing (tf-models' Decoder/Parser split):
 
@@ -17,13 +20,18 @@ Decoding is separate from preprocessing (tf-models' Decoder/Parser split):
   stored under a `.jpg` name all work. EXIF orientation and CMYK JPEGs are
   *not* handled here: the converters normalise them when they write the
   records (`pipelines.coco_to_tfrecord`).
-* `preprocess_eval(image, image_size, backbone)`: bilinear resize to
-  (S, S) without keeping the aspect ratio (the paper resizes to 448x448),
-  with antialiasing (like the PIL resize of the PyTorch reference code), then
-  the backbone's own normalisation `mlcrl_tf.backbones.normalize_images`.
-* `preprocess_train(...)`: the same by default (the paper uses no
-  augmentation); optional ML-GCN-style multi-scale crop and horizontal flip,
-  driven by a stateless seed so that eager and tf.data runs agree.
+* `preprocess_eval(image, image_size)`: bilinear resize to (S, S) without
+  keeping the aspect ratio (the paper resizes to 448x448), with antialiasing
+  (like the PIL resize of the PyTorch reference code); float32 RGB in
+  [0, 255].
+* `preprocess_train(image, image_size, augmentation, seed)`: the same by
+  default (the paper uses no augmentation); optional ML-GCN-style
+  multi-scale crop and horizontal flip (`Augmentation`), driven by a
+  stateless seed so that eager and tf.data runs agree.
+
+Sources: a glob of TFRecord shards of our schema, or a prepared TensorFlow
+Datasets split spelled `tfds:NAME:SPLIT` (`pipelines.tfds_source`), which
+yields the same parsed records.
 
 Undecodable records (garbage or truncated image bytes, a corrupt tf.Example)
 are skipped, never fatal, and counted: `make_dataset` wraps the decode step in
@@ -41,12 +49,13 @@ keeps every n-th RECORD instead (correct but n times the I/O; a warning says
 so). Either way each record goes to exactly one pipeline.
 """
 
+import dataclasses
 import random
 
 from absl import logging
 import tensorflow as tf
 
-from mlcrl_tf import backbones
+from pipelines import tfds_source
 from pipelines import tfrecord_lib
 
 # ML-GCN's MultiScaleCrop(448, scales=(1.0, 0.875, 0.75, 0.66, 0.5)).
@@ -54,6 +63,23 @@ ML_GCN_CROP_SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)
 # ML-GCN's max_distort: the height and width scale indices differ by <= 2.
 _MAX_DISTORT = 2
 _INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation (the paper uses none).
+
+    Attributes:
+        random_flip: flip left-right with probability 1/2.
+        crop_scales: None (no crop) or scales for the multi-scale random crop
+            taken before the resize, e.g. `ML_GCN_CROP_SCALES`.
+    """
+
+    random_flip: bool = False
+    crop_scales: tuple | None = None
+
+    def __bool__(self):
+        return bool(self.random_flip or self.crop_scales)
 
 
 # --------------------------------------------------------------------------
@@ -147,19 +173,19 @@ def _resize(image, image_size):
                            antialias=True)
 
 
-def preprocess_eval(image, image_size, backbone):
+def preprocess_eval(image, image_size):
     """Evaluation (and serving) preprocessing.
 
     Args:
         image: uint8 or float tensor (H, W, 3) (or a batch (B, H, W, 3)),
             RGB in [0, 255].
         image_size: side S of the square model input.
-        backbone: a name from `mlcrl_tf.backbones.BACKBONES`.
 
     Returns:
-        float32 (S, S, 3) (or (B, S, S, 3)), normalised for the backbone.
+        float32 (S, S, 3) (or (B, S, S, 3)), RGB in [0, 255] (the model
+        normalises).
     """
-    return backbones.normalize_images(_resize(image, image_size), backbone)
+    return _resize(image, image_size)
 
 
 def _multi_scale_crop(image, crop_scales, seed):
@@ -188,36 +214,32 @@ def _multi_scale_crop(image, crop_scales, seed):
     return tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
 
 
-def preprocess_train(image, image_size, backbone, random_flip=False,
-                     crop_scales=None, seed=None):
+def preprocess_train(image, image_size, augmentation=None, seed=None):
     """Training preprocessing; equal to `preprocess_eval` by default.
 
     Args:
         image: uint8 or float tensor (H, W, 3), RGB in [0, 255].
         image_size: side S of the square model input.
-        backbone: a name from `mlcrl_tf.backbones.BACKBONES`.
-        random_flip: flip left-right with probability 1/2.
-        crop_scales: None (no crop) or a tuple of scales, e.g.
-            `ML_GCN_CROP_SCALES`, for the multi-scale random crop taken before
-            the resize.
+        augmentation: an `Augmentation`, or None for none (the paper's).
         seed: stateless seed, int tensor of shape (2,). The same seed gives
             the same augmentation eagerly and inside tf.data. None draws a
             fresh one per call (not reproducible).
 
     Returns:
-        float32 (S, S, 3), normalised for the backbone.
+        float32 (S, S, 3), RGB in [0, 255].
     """
-    if crop_scales or random_flip:
+    augmentation = augmentation or Augmentation()
+    if augmentation:
         if seed is None:
             seed = tf.random.uniform([2], maxval=_INT32_MAX, dtype=tf.int32)
         crop_seed, flip_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed, 2))
-    if crop_scales:
-        image = _multi_scale_crop(image, tuple(crop_scales), crop_seed)
+    if augmentation.crop_scales:
+        image = _multi_scale_crop(image, tuple(augmentation.crop_scales), crop_seed)
     image = _resize(image, image_size)
-    if random_flip:
+    if augmentation.random_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return backbones.normalize_images(image, backbone)
+    return image
 
 
 # --------------------------------------------------------------------------
@@ -297,20 +319,24 @@ class SkipCounter:
         log("%s pipeline: %d records read, %d images delivered, %d skipped "
             "as undecodable.", name, self.read, self.delivered, skipped)
 
-    # The hooks below run inside the tf.data graph, in sequential maps.
-    def _attach(self):
+    # The hooks below run inside the tf.data graph, in sequential maps; only
+    # `make_dataset` calls them.
+    def attach(self):
+        """Claims the counter for one dataset (ValueError if already claimed)."""
         if self._attached:
             raise ValueError("This SkipCounter already belongs to another "
                              "make_dataset call; create one per dataset.")
         self._attached = True
 
-    def _count_read(self, index, record):
+    def count_read(self, index, record):
+        """Numbers one record entering decoding (its stream position)."""
         position = self._read.assign_add(1, read_value=False)
         with tf.control_dependencies([position]):
             return {"record": record, "index": index,
                     "position": self._read.read_value()}
 
-    def _count_delivered(self, features):
+    def count_delivered(self, features):
+        """Counts one delivered image and the skipped records before it."""
         features = dict(features)
         position = features.pop("position")
         gap = position - self._last_position.read_value() - 1
@@ -322,7 +348,7 @@ class SkipCounter:
         with tf.control_dependencies(updates):
             return tf.nest.map_structure(tf.identity, features)
 
-    def _finish(self, unused_element):
+    def finish(self, unused_element):
         """Runs once after a finite pass: counts the trailing skips."""
         gap = self._read.read_value() - self._last_position.read_value()
         update = self._skipped.assign_add(gap, read_value=False)
@@ -348,33 +374,26 @@ def _run_when_exhausted(dataset, predicate):
 # The pipeline.
 # --------------------------------------------------------------------------
 
-def make_dataset(file_pattern, batch_size, image_size, num_classes, backbone,
-                 training, *, shuffle_buffer=2048, input_context=None,
-                 random_flip=False, crop_scales=None, seed=None,
-                 drop_remainder=None, cache=False, skip_counter=None,
-                 skip_batches=0):
-    """Builds the batched tf.data pipeline over TFRecord shards.
+def make_dataset(source, batch_size, image_size, num_classes, training, *,
+                 shuffle_buffer=2048, input_context=None, augmentation=None,
+                 seed=None, skip_counter=None, skip_batches=0, data_dir=None):
+    """Builds the batched tf.data pipeline over TFRecord shards (or TFDS).
 
     Args:
-        file_pattern: glob of the shards, e.g. `.../train-*.tfrecord`
-            (a complete `-of-N` set, see `tfrecord_lib.find_shards`).
+        source: glob of the shards, e.g. `.../train-*.tfrecord` (a complete
+            `-of-N` set, see `tfrecord_lib.find_shards`), or `tfds:NAME:SPLIT`.
         batch_size: GLOBAL batch size; with `input_context` each pipeline
             batches `input_context.get_per_replica_batch_size(batch_size)`.
         image_size: side S of the square model input.
         num_classes: C.
-        backbone: name from `mlcrl_tf.backbones.BACKBONES` (normalisation).
         training: True: shuffle files and records, augment (if asked),
             repeat forever, drop the last partial batch. False: every record
             exactly once, deterministic order, last partial batch kept.
         shuffle_buffer: records in the shuffle buffer (training). They are
             still encoded: 2048 COCO images are ~330 MB.
         input_context: optional `tf.distribute.InputContext`.
-        random_flip, crop_scales: augmentation, see `preprocess_train`.
+        augmentation: an `Augmentation` (training only), see `preprocess_train`.
         seed: int, makes shuffling and augmentation reproducible.
-        drop_remainder: default `training`; True is refused for evaluation.
-        cache: keep the encoded records in memory after the first pass (saves
-            file reads; decoding, shuffling and augmentation still happen
-            every epoch).
         skip_counter: optional `SkipCounter` that counts the records skipped
             as undecodable (without one they are still skipped and logged
             by tf.data, just not counted).
@@ -384,37 +403,63 @@ def make_dataset(file_pattern, batch_size, image_size, num_classes, backbone,
             encoded records before decoding, so nothing is decoded twice and
             the augmentation of the later records is unchanged. Exact unless
             an undecodable record lies in the skipped part.
+        data_dir: TensorFlow Datasets' data directory for a `tfds:` source.
 
     Returns:
-        A `tf.data.Dataset` of dicts: `images` float32 (B, S, S, 3),
-        `labels` float32 (B, C), `difficult` bool (B, C), `filename`
-        string (B,).
+        A `tf.data.Dataset` of dicts: `images` float32 (B, S, S, 3) RGB in
+        [0, 255], `labels` float32 (B, C), `difficult` bool (B, C),
+        `filename` string (B,).
 
     Raises:
-        ValueError: no (or an incomplete set of) shards, drop_remainder with
-            training=False, unknown backbone.
+        ValueError: no (or an incomplete set of) shards, or skip_batches
+            for evaluation.
     """
-    backbones.check_backbone_name(backbone)
-    if drop_remainder is None:
-        drop_remainder = training
     if skip_batches and not training:
         raise ValueError("skip_batches is for resuming training; evaluation "
                          "reads every record.")
-    if drop_remainder and not training:
-        raise ValueError("drop_remainder=True with training=False would drop "
-                         "evaluation records; use drop_remainder=False.")
     if seed is None:
         seed = random.randrange(_INT32_MAX)
-    counter = skip_counter
-    if counter is not None:
-        counter._attach()  # pylint: disable=protected-access
-    files = tfrecord_lib.find_shards(file_pattern)
-    num_pipelines, pipeline_id = 1, 0
-    global_batch = batch_size
-    if input_context is not None:
-        num_pipelines = input_context.num_input_pipelines
-        pipeline_id = input_context.input_pipeline_id
-        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    if skip_counter is not None:
+        skip_counter.attach()
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    per_pipeline_batch = (input_context.get_per_replica_batch_size(batch_size)
+                          if input_context else batch_size)
+    ds, parse = _records(source, training, seed, input_context, data_dir)
+    if training:
+        # Shuffle encoded records (cheap) before the expensive decode, then
+        # repeat so that epochs follow each other without a pipeline restart.
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.repeat()
+    # A unique index per element: with `seed`, its augmentation seed.
+    ds = ds.enumerate()
+    if skip_batches:
+        # Resuming: drop the records of the steps already done, undecoded.
+        ds = ds.skip(skip_batches * (batch_size // num_pipelines))
+    if skip_counter is not None:
+        # Sequential and cheap: numbers the records for skip counting.
+        ds = ds.map(skip_counter.count_read)
+    else:
+        ds = ds.map(lambda index, record: {"record": record, "index": index})
+    ds = _decode(ds, parse, image_size, training, augmentation, seed)
+    ds = _count_and_label(ds, num_classes, skip_counter, training)
+    ds = ds.batch(per_pipeline_batch, drop_remainder=training)
+    # Overlap input with the training step.
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _records(source, training, seed, input_context, data_dir):
+    """The stream of records of one input pipeline, and how to parse one.
+
+    Returns:
+        (dataset of records, parse function record -> feature dict).
+    """
+    if tfds_source.is_tfds(source):
+        # Already parsed records; the split shards itself by file or record.
+        split = tfds_source.open_split(source, data_dir=data_dir)
+        return split.records(shuffle_files=training, seed=seed,
+                             input_context=input_context), dict
+    files = tfrecord_lib.find_shards(source)
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
     shard_files = num_pipelines > 1 and len(files) >= num_pipelines
     if num_pipelines > 1 and not shard_files:
         logging.warning(
@@ -422,11 +467,10 @@ def make_dataset(file_pattern, batch_size, image_size, num_classes, backbone,
             "files and keeps every %d-th record. Write at least %d shards to "
             "shard by file.", len(files), num_pipelines, num_pipelines,
             num_pipelines)
-
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shard_files:
         # Each pipeline reads its own files: no record is read twice.
-        ds = ds.shard(num_pipelines, pipeline_id)
+        ds = ds.shard(num_pipelines, input_context.input_pipeline_id)
     if training and not (num_pipelines > 1 and not shard_files):
         # A new file order every epoch. (Record sharding below needs the same
         # order in every pipeline, so then the files stay in order.)
@@ -438,37 +482,22 @@ def make_dataset(file_pattern, batch_size, image_size, num_classes, backbone,
         cycle_length=min(len(files), 16), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if num_pipelines > 1 and not shard_files:
-        ds = ds.shard(num_pipelines, pipeline_id)
-    if cache:
-        # Encoded records are small; decoded images would not be.
-        ds = ds.cache()
-    if training:
-        # Shuffle encoded records (cheap) before the expensive decode, then
-        # repeat so that epochs follow each other without a pipeline restart.
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.repeat()
-    # A unique index per element: with `seed`, its augmentation seed.
-    ds = ds.enumerate()
-    if skip_batches:
-        # Resuming: drop the records of the steps already done, undecoded.
-        ds = ds.skip(skip_batches * (global_batch // num_pipelines))
-    if counter is not None:
-        # Sequential and cheap: numbers the records for skip counting.
-        ds = ds.map(counter._count_read)  # pylint: disable=protected-access
-    else:
-        ds = ds.map(lambda index, record: {"record": record, "index": index})
+        ds = ds.shard(num_pipelines, input_context.input_pipeline_id)
+    return ds, _parse_example
+
+
+def _decode(ds, parse, image_size, training, augmentation, seed):
+    """Parses, decodes and preprocesses in parallel; drops what fails."""
 
     def decode_and_preprocess(element):
-        features = _parse_example(element["record"])
+        features = parse(element["record"])
         image = decode_image(features.pop("image_bytes"))
         if training:
             image = preprocess_train(
-                image, image_size, backbone, random_flip=random_flip,
-                crop_scales=crop_scales,
-                seed=tf.stack([tf.constant(seed, tf.int64),
-                               element["index"]]))
+                image, image_size, augmentation,
+                seed=tf.stack([tf.constant(seed, tf.int64), element["index"]]))
         else:
-            image = preprocess_eval(image, image_size, backbone)
+            image = preprocess_eval(image, image_size)
         features["images"] = image
         if "position" in element:
             features["position"] = element["position"]
@@ -479,18 +508,20 @@ def make_dataset(file_pattern, batch_size, image_size, num_classes, backbone,
     ds = ds.map(decode_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     # An undecodable image or record is dropped (and logged), not fatal.
-    ds = ds.ignore_errors(log_warning=True)
+    return ds.ignore_errors(log_warning=True)
+
+
+def _count_and_label(ds, num_classes, counter, training):
+    """Counts delivered images and turns label ids into multi-hot vectors."""
 
     def count_and_multi_hot(features):
         if counter is not None:
-            features = counter._count_delivered(features)  # pylint: disable=protected-access
+            features = counter.count_delivered(features)
         # After ignore_errors on purpose: a bad class id must stop the run.
         return _labels_to_multi_hot(features, num_classes)
 
     ds = ds.map(count_and_multi_hot)
     if counter is not None and not training:
         # Trailing undecodable records count once the pass is over.
-        ds = _run_when_exhausted(ds, counter._finish)  # pylint: disable=protected-access
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    # Overlap input with the training step.
-    return ds.prefetch(tf.data.AUTOTUNE)
+        ds = _run_when_exhausted(ds, counter.finish)
+    return ds

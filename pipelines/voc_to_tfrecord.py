@@ -1,144 +1,25 @@
 r"""python -m pipelines.voc_to_tfrecord --voc_dir=VOCdevkit/VOC2007 --split=trainval --output_dir=data/voc2007
 
-Converts PASCAL VOC 2007 into the mlcrl_tf TFRecord schema (see
-`pipelines/tfrecord_lib.py`).
-
-* Images: the ids in `ImageSets/Main/<split>.txt` (split = trainval, test,
-  train or val), read from `JPEGImages/<id>.jpg`; labels from
-  `Annotations/<id>.xml`. The stored filename is `<id>.jpg`.
-* Classes: the 20 VOC classes in the standard alphabetical order
-  (`VOC_CLASSES`), written to `labels.txt`.
-* Difficult (SPEC §5): a class is difficult for an image iff *every* object
-  of that class in the image is marked `<difficult>1</difficult>`. Difficult
-  classes are listed in `image/class/label` and in `image/class/difficult`
-  (evaluation ignores them, training treats them as positive).
-* A missing or malformed annotation XML, or an object of an unknown class,
-  is an error (the dataset is broken); a missing or unreadable image is
-  skipped and listed in `<split>_report.json`.
+Converts with `pipelines.voc_lib` (see there for what is checked and
+stored); progress goes to stderr, the summary line to stdout. Limits and
+guarantees: docs/reliability.md.
 """
 
-import os
 import sys
-import xml.etree.ElementTree as ElementTree
 
 from absl import app
 from absl import flags
 
+from pipelines import voc_lib
+from pipelines import progress
 from pipelines import tfrecord_lib
-
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-VOC_SPLITS = ("trainval", "test", "train", "val")
-
-
-def read_annotation(xml_path):
-    """Reads one VOC annotation.
-
-    Args:
-        xml_path: `Annotations/<id>.xml`.
-
-    Returns:
-        `(labels, difficult, num_objects, num_difficult_objects)`: sorted
-        class ids present, sorted class ids whose objects are all difficult,
-        and object counts.
-
-    Raises:
-        ValueError: the file is missing or malformed, or names an unknown
-            class.
-    """
-    if not os.path.isfile(xml_path):
-        raise ValueError(f"annotation {xml_path} does not exist")
-    try:
-        root = ElementTree.parse(xml_path).getroot()
-    except ElementTree.ParseError as e:
-        raise ValueError(
-            f"annotation {xml_path} is not valid XML: {e}") from None
-    # Per class: does a non-difficult object exist?
-    has_easy = {}
-    num_difficult = 0
-    objects = root.findall("object")
-    for obj in objects:
-        name = (obj.findtext("name") or "").strip()
-        if name not in VOC_CLASSES:
-            raise ValueError(f"annotation {xml_path}: unknown class {name!r}")
-        text = (obj.findtext("difficult") or "0").strip() or "0"
-        if text not in ("0", "1"):
-            raise ValueError(f"annotation {xml_path}: <difficult> is {text!r}, "
-                             "expected 0 or 1")
-        is_difficult = text == "1"
-        num_difficult += is_difficult
-        class_id = VOC_CLASSES.index(name)
-        has_easy[class_id] = has_easy.get(class_id, False) or not is_difficult
-    labels = sorted(has_easy)
-    difficult = sorted(c for c, easy in has_easy.items() if not easy)
-    return labels, difficult, len(objects), num_difficult
-
-
-def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
-            overwrite=False):
-    """Converts one VOC split to sharded TFRecords.
-
-    Args:
-        voc_dir: `.../VOCdevkit/VOC2007`.
-        split: one of `VOC_SPLITS`; also the output split name.
-        output_dir: where shards, labels.txt and the report go.
-        num_shards: number of shard files.
-        num_workers: writer processes (default: see `write_split`).
-        overwrite: replace an existing split in output_dir.
-
-    Returns:
-        The report dict (also `<output_dir>/<split>_report.json`).
-
-    Raises:
-        ValueError: bad split, missing VOC folders/files, malformed XML,
-            existing output without overwrite.
-    """
-    if split not in VOC_SPLITS:
-        raise ValueError(f"split {split!r} must be one of {VOC_SPLITS}")
-    if not os.path.isdir(voc_dir):
-        raise ValueError(f"voc_dir {voc_dir} is not a directory")
-    list_file = os.path.join(voc_dir, "ImageSets", "Main", split + ".txt")
-    image_dir = os.path.join(voc_dir, "JPEGImages")
-    for path, what in ((list_file, "file"), (image_dir, "directory"),
-                       (os.path.join(voc_dir, "Annotations"), "directory")):
-        exists = os.path.isfile if what == "file" else os.path.isdir
-        if not exists(path):
-            raise ValueError(f"VOC {what} {path} does not exist (is voc_dir "
-                             "the VOC2007 folder inside VOCdevkit?)")
-    with open(list_file, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
-    if not ids:
-        raise ValueError(f"VOC split file {list_file} lists no image")
-
-    records = []
-    num_objects = num_difficult_objects = 0
-    for image_id in ids:
-        labels, difficult, n, n_difficult = read_annotation(
-            os.path.join(voc_dir, "Annotations", image_id + ".xml"))
-        num_objects += n
-        num_difficult_objects += n_difficult
-        records.append(tfrecord_lib.ImageRecord(
-            path=os.path.join(image_dir, image_id + ".jpg"),
-            filename=image_id + ".jpg",
-            labels=tuple(labels), difficult=tuple(difficult)))
-    extra = {
-        "source": "voc",
-        "voc_dir": os.path.abspath(voc_dir),
-        "num_objects": num_objects,
-        "num_difficult_objects": num_difficult_objects,
-    }
-    return tfrecord_lib.write_split(
-        records, output_dir, split, list(VOC_CLASSES), num_shards,
-        num_workers=num_workers, overwrite=overwrite, extra_report=extra)
 
 
 def define_flags():
     """Defines this script's flags (only when run as a script)."""
     flags.DEFINE_string("voc_dir", None, ".../VOCdevkit/VOC2007",
                         required=True)
-    flags.DEFINE_enum("split", None, list(VOC_SPLITS), "VOC split.",
+    flags.DEFINE_enum("split", None, list(voc_lib.VOC_SPLITS), "VOC split.",
                       required=True)
     tfrecord_lib.define_writer_flags(num_shards=4)
 
@@ -146,12 +27,12 @@ def define_flags():
 def main(argv):
     del argv
     f = flags.FLAGS
-    try:
-        report = convert(f.voc_dir, f.split, f.output_dir,
-                         num_shards=f.num_shards, num_workers=f.num_workers,
-                         overwrite=f.overwrite)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    with progress.Progress(unit="images") as bar:
+        try:
+            report = voc_lib.convert(f.voc_dir, f.split, f.output_dir, progress=bar,
+                                     **tfrecord_lib.writer_options(f))
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
     print(tfrecord_lib.format_summary(report, f.output_dir))
 
 

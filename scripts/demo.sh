@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo, end to end on the embedded real dataset, from a fresh machine:
 #   data -> train -> evaluate -> export -> predict
-#   bash scripts/demo.sh [extra training flags, e.g. --epochs=2]
+#   bash scripts/demo.sh [extra training flags, e.g. --epochs=2 --lr_decay_epochs=1]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"

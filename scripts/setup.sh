@@ -24,9 +24,19 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$repo/.venv/bin/activate"
-if ! python -c "import mlcrl_tf, pytest, sklearn" >/dev/null 2>&1; then
+if ! python -c "import mlcrl_tf, pytest, sklearn, tensorflow_datasets" >/dev/null 2>&1; then
   echo "== installing mlcrl_tf[test] (tensorflow-cpu 2.21, keras 3, ...)"
   python -m pip install -q --upgrade pip >/dev/null
   python -m pip install -q -e "$repo[test]"
+fi
+# KerasHub (Python >= 3.11) for the keras_hub backbone tests: its other dependencies
+# from the extra, then keras-hub itself without dependencies, since it requires
+# tensorflow-text, which would bring the full `tensorflow` next to tensorflow-cpu
+# (docs/ecosystem.md).
+if python -c "import sys; sys.exit(sys.version_info < (3, 11))" \
+    && ! python -c "import keras_hub" >/dev/null 2>&1; then
+  echo "== installing keras-hub without tensorflow-text"
+  python -m pip install -q -e "$repo[test,keras_hub]"
+  python -m pip install -q --no-deps "keras-hub==0.32.0"
 fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

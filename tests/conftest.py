@@ -46,3 +46,14 @@ def run_module(module, args, env=None, timeout=600, check=True):
         raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def train_briefly(model, images, labels, steps=4, learning_rate=0.05):
+    """A few real steps of the model's own objective (its Keras train_step)
+    with the paper's optimizer, on RGB images in [0, 255]."""
+    from mlcrl_tf import optim  # pylint: disable=import-outside-toplevel
+    model.compile(optimizer=optim.make_optimizer(model, learning_rate, learning_rate,
+                                                 momentum=0.9, weight_decay=1e-4))
+    for _ in range(steps):
+        model.train_step((images, labels))
+    return model

@@ -84,7 +84,7 @@ def test_tfrecords_carry_the_coco_labels(demo_sets, split):
     ds = input_pipeline.make_dataset(
         tfrecord_lib.split_file_pattern(os.path.join(output_dir, "tfrecords"),
                                         split),
-        batch_size=7, image_size=96, num_classes=10, backbone="small_cnn",
+        batch_size=7, image_size=96, num_classes=10,
         training=False)
     got = {}
     for batch in ds.as_numpy_iterator():
@@ -298,21 +298,33 @@ def test_fashion_mnist_data_dir_comes_first(tmp_path, monkeypatch, sources):
 
 
 def test_fashion_mnist_missing_everywhere(tmp_path, monkeypatch):
-    import keras  # pylint: disable=import-outside-toplevel
-
-    def no_network():
+    def no_network(*args, **kwargs):
         raise OSError("no network")
 
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "deb"))
     monkeypatch.setattr(fashion_mnist, "KERAS_CACHE_DIR",
                         str(tmp_path / "keras"))
-    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", no_network)
+    monkeypatch.setattr(fashion_mnist.urllib.request, "urlopen", no_network)
     with pytest.raises(ValueError) as error:
         fashion_mnist.load_fashion_mnist("train", str(tmp_path / "bogus"))
     message = str(error.value)
-    for place in ("bogus", "deb", "keras", "download",
+    for place in ("bogus", "deb", "keras", "downloaded",
                   "apt-get install dataset-fashion-mnist"):
         assert place in message
+    assert not os.listdir(tmp_path / "keras")  # nothing half-written
+
+
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_download_fills_the_cache(tmp_path, monkeypatch, sources):
+    """The download path, served from the Debian files by a file:// URL."""
+    monkeypatch.setattr(fashion_mnist, "DOWNLOAD_URL",
+                        "file://" + fashion_mnist.DEBIAN_DIR + "/")
+    monkeypatch.setattr(fashion_mnist, "KERAS_CACHE_DIR", str(tmp_path / "cache"))
+    images, labels = fashion_mnist._download("test")
+    np.testing.assert_array_equal(images, sources["test"][0])
+    np.testing.assert_array_equal(labels, sources["test"][1])
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(fashion_mnist._FILES["test"])
 
 
 def test_fashion_mnist_bad_split():

@@ -2,7 +2,6 @@
 export (same numbers), skipped records, and clear errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ import tensorflow as tf
 from conftest import run_module
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
-from mlcrl_tf import evaluate
-from mlcrl_tf import export
+from mlcrl_tf import evaluate_lib as evaluate
+from mlcrl_tf import export_lib as export
 from mlcrl_tf import metrics
 from mlcrl_tf import train_lib
 from pipelines import input_pipeline
@@ -27,18 +26,18 @@ def trained(demo_data, tmp_path_factory):
         model_dir=str(root / "run"), train_files=demo_data["train_files"],
         eval_files=demo_data["test_files"], backbone="small_cnn", image_size=48,
         batch_size=8, epochs=1, steps_per_epoch=4, learning_rate=0.05,
-        backbone_learning_rate=0.05, num_summary_images=0, log_every_steps=2)
+        backbone_learning_rate=0.05, num_summary_images=0, log_every_steps=2,
+        backbone_weights=None, lr_decay_epochs=())
     train_lib.train_and_evaluate(config)
     model, config, class_names, _ = checkpoints.restore_model(config.model_dir)
-    export_path = export.export_model(model, str(root / "export"), class_names,
-                                      backbone=config.backbone)
+    export_path = export.export_model(model, str(root / "export"), class_names)
     return {"config": config, "model": model, "class_names": class_names,
             "export": export_path, "root": root}
 
 
 def test_evaluate_model_equals_metrics_on_all_predictions(trained, demo_data):
     config, model = trained["config"], trained["model"]
-    dataset = input_pipeline.make_dataset(demo_data["test_files"], 5, 48, 10, "small_cnn",
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 5, 48, 10,
                                           training=False)
     result = evaluate.evaluate_model(model, dataset, 10, num_samples=3)
     batches = list(dataset.as_numpy_iterator())
@@ -83,7 +82,7 @@ def test_undecodable_record_is_skipped_and_counted(trained, demo_data, tmp_path)
         for record in records[:3] + [bad] + records[3:]:
             writer.write(record)
     counter = input_pipeline.SkipCounter()
-    dataset = input_pipeline.make_dataset(path, 4, 48, 10, "small_cnn", training=False,
+    dataset = input_pipeline.make_dataset(path, 4, 48, 10, training=False,
                                           skip_counter=counter)
     result = evaluate.evaluate_model(trained["model"], dataset, 10, skip_counter=counter)
     assert (result.num_examples, result.num_skipped) == (6, 1)
@@ -94,9 +93,9 @@ def test_undecodable_record_is_skipped_and_counted(trained, demo_data, tmp_path)
 
 
 class _SaturatingModel:
-    """The trained model with its output layers scaled x60: logits far beyond 16.6."""
+    """The trained model with its output layers scaled x200: logits far beyond 16.6."""
 
-    def __init__(self, model, factor=60.0):
+    def __init__(self, model, factor=200.0):
         for layer in (model.classifier, model.f_conv):
             for v in layer.weights:
                 v.assign(v * factor)
@@ -110,7 +109,7 @@ def test_checkpoint_and_export_evaluation_rank_saturated_logits(trained, demo_da
     """Logits >= 16.6 saturate float32 probabilities; evaluation must rank the logits."""
     model, config, class_names, _ = checkpoints.restore_model(trained["config"].model_dir)
     model = _SaturatingModel(model).model
-    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10, "small_cnn",
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10,
                                           training=False)
     batches = list(dataset.as_numpy_iterator())
     logits = model.inference_model(np.concatenate([b["images"] for b in batches])).numpy()
@@ -121,8 +120,7 @@ def test_checkpoint_and_export_evaluation_rank_saturated_logits(trained, demo_da
     flattened = metrics.multilabel_metrics(probabilities, labels)
     assert abs(flattened["mAP"] - expected["mAP"]) > 1e-3  # the test can tell them apart
     on_checkpoint = evaluate.evaluate_model(model, dataset, 10)
-    export_path = export.export_model(model, str(tmp_path / "export"), class_names,
-                                      backbone=config.backbone)
+    export_path = export.export_model(model, str(tmp_path / "export"), class_names)
     on_export = evaluate.evaluate_saved_model(export_path, demo_data["test_files"], 10)
     for result in (on_checkpoint, on_export):
         assert result.metrics["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
@@ -141,10 +139,51 @@ def test_output_scores_file(trained, demo_data, tmp_path):
     assert len(set(scores["filenames"])) == 32 and list(scores["class_names"])[8] == "Bag"
     recomputed = metrics.multilabel_metrics(scores["logits"], scores["labels"],
                                             from_logits=True)
-    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10, "small_cnn",
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10,
                                           training=False)
     direct = evaluate.evaluate_model(trained["model"], dataset, 10)
     assert recomputed["mAP"] == pytest.approx(direct.metrics["mAP"], abs=1e-7)
+
+
+def test_difficult_labels_are_ignored_by_every_metric(trained, demo_data, tmp_path):
+    """VOC difficult: an (image, class) pair marked difficult counts neither way."""
+    files = tfrecord_lib.find_shards(demo_data["test_files"])
+    path = str(tmp_path / "test-00000-of-00001.tfrecord")
+    marked = 0
+    with tf.io.TFRecordWriter(path) as writer:
+        for i, record in enumerate(tf.data.TFRecordDataset(files).as_numpy_iterator()):
+            example = tf.train.Example.FromString(record)
+            feature = example.features.feature
+            labels = list(feature[tfrecord_lib.LABEL_KEY].int64_list.value)
+            difficult = labels[:1] if i % 2 == 0 else []
+            marked += len(difficult)
+            writer.write(tfrecord_lib.make_example(
+                feature[tfrecord_lib.ENCODED_KEY].bytes_list.value[0],
+                feature[tfrecord_lib.FILENAME_KEY].bytes_list.value[0].decode(),
+                labels, difficult).SerializeToString())
+    assert marked == 16
+    dataset = input_pipeline.make_dataset(path, 8, 48, 10, training=False)
+    batches = list(dataset.as_numpy_iterator())
+    logits = trained["model"].inference_model(
+        np.concatenate([b["images"] for b in batches])).numpy()
+    labels = np.concatenate([b["labels"] for b in batches])
+    difficult = np.concatenate([b["difficult"] for b in batches])
+    assert difficult.sum() == 16 and np.all(labels[difficult] == 1)
+    expected = metrics.multilabel_metrics(logits, labels, ignore=difficult, from_logits=True)
+    unmasked = metrics.multilabel_metrics(logits, labels, from_logits=True)
+    assert any(abs(expected[k] - unmasked[k]) > 1e-3 for k in ("mAP", "CR", "OR"))
+    # Ignoring = deleting those entries: AP of each class on the kept rows only.
+    for c in range(10):
+        keep = ~difficult[:, c]
+        if labels[keep, c].any():
+            want = metrics.average_precision(logits[keep][:, [c]], labels[keep][:, [c]],
+                                             from_logits=True)[0]
+            assert expected["AP"][c] == pytest.approx(want, abs=1e-12)
+    on_checkpoint = evaluate.evaluate_model(trained["model"], dataset, 10)
+    on_export = evaluate.evaluate_saved_model(trained["export"], path, 10)
+    for result in (on_checkpoint, on_export):
+        for key, value in result.metrics.items():
+            assert value == pytest.approx(expected[key], abs=1e-6), key
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -16,7 +16,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from mlcrl_tf import backbones, checkpoints, export, losses
+from conftest import train_briefly
+from mlcrl_tf import backbones, checkpoints, export_lib, serving
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
 from pipelines import fashion_mnist
@@ -56,22 +57,9 @@ def _canvases(count, height, width, seed, gray=False):
 
 
 def _train(model, steps=4):
-    """A few real SGD steps (soft margin + CRL for crl) on real canvases."""
+    """A few real steps of the model's objective on real canvases."""
     images, labels = _canvases(16, SIZE, SIZE, seed=1)
-    x = backbones.normalize_images(images, BACKBONE)
-    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-    for _ in range(steps):
-        with tf.GradientTape() as tape:
-            out = model(x, training=True)
-            loss = losses.multilabel_soft_margin_loss(labels, out["logits"])
-            if model.variant == "crl":
-                loss += losses.constrained_ranking_loss(
-                    labels, out["image_embeddings"], out["label_embeddings"])
-        variables = model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables)
-                                   if g is not None])
-    return model
+    return train_briefly(model, images.astype(np.float32), labels, steps)
 
 
 def _encode(array, fmt, **kwargs):
@@ -87,10 +75,10 @@ def trained(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("exports"))
     crl = _train(build_model(NUM_CLASSES, BACKBONE, SIZE, "crl"))
     baseline = _train(build_model(NUM_CLASSES, BACKBONE, SIZE, "baseline"))
-    crl_path = export.export_model(crl, os.path.join(root, "crl"), CLASS_NAMES,
-                                   BACKBONE, threshold=0.4, top_k=3)
-    baseline_path = export.export_model(baseline, os.path.join(root, "baseline"),
-                                        CLASS_NAMES, BACKBONE)
+    crl_path = export_lib.export_model(crl, os.path.join(root, "crl"), CLASS_NAMES,
+                                       threshold=0.4, top_k=3)
+    baseline_path = export_lib.export_model(baseline, os.path.join(root, "baseline"),
+                                            CLASS_NAMES)
     return {"crl": crl, "baseline": baseline, "crl_path": crl_path,
             "baseline_path": baseline_path, "root": root}
 
@@ -113,7 +101,7 @@ def encoded_images():
 
 def _keras_logits(model, image_bytes):
     """The live model on the evaluation preprocessing of each image."""
-    batch = tf.stack([preprocess_eval(decode_image(b), SIZE, BACKBONE) for b in image_bytes])
+    batch = tf.stack([preprocess_eval(decode_image(b), SIZE) for b in image_bytes])
     return model.inference_model(batch, training=False).numpy()
 
 
@@ -158,10 +146,9 @@ def test_serve_tensor_equals_keras_model(trained, loaded):
     images, _ = _canvases(3, SIZE, SIZE, seed=5)
     raw = images.astype(np.float32)
     out = loaded.signatures["serve_tensor"](images=tf.constant(raw))
-    expected = trained["crl"].inference_model(
-        backbones.normalize_images(raw, BACKBONE), training=False).numpy()
+    expected = trained["crl"].inference_model(raw, training=False).numpy()
     np.testing.assert_allclose(out["logits"].numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert set(out) == set(export.OUTPUT_KEYS)
+    assert set(out) == set(serving.OUTPUT_KEYS)
 
 
 def test_tf1_session_load_like_tf_serving(trained, loaded, encoded_images):
@@ -276,7 +263,7 @@ def test_metadata_and_labels_asset(trained, loaded):
     assert int(metadata["image_size"].numpy()) == SIZE
     assert metadata["backbone"].numpy().decode() == BACKBONE
     assert metadata["variant"].numpy().decode() == "crl"
-    labels = os.path.join(trained["crl_path"], "assets", export.LABELS_FILE)
+    labels = os.path.join(trained["crl_path"], "assets", serving.LABELS_FILE)
     with open(labels, encoding="utf-8") as f:
         assert f.read().splitlines() == CLASS_NAMES
     assert loaded.labels_file.asset_path.numpy().decode().endswith("labels.txt")
@@ -305,22 +292,22 @@ def _listing(directory):
 def test_versions_are_never_overwritten(trained, tmp_path):
     model = trained["baseline"]
     base = str(tmp_path / "m")
-    assert export.export_model(model, base, CLASS_NAMES, BACKBONE) == os.path.join(base, "1")
-    assert export.export_model(model, base, CLASS_NAMES, BACKBONE).endswith(os.sep + "2")
+    assert export_lib.export_model(model, base, CLASS_NAMES) == os.path.join(base, "1")
+    assert export_lib.export_model(model, base, CLASS_NAMES).endswith(os.sep + "2")
     stamp = os.path.getmtime(os.path.join(base, "1", "saved_model.pb"))
     with pytest.raises(ValueError, match="version=1 already exists"):
-        export.export_model(model, base, CLASS_NAMES, BACKBONE, version=1)
+        export_lib.export_model(model, base, CLASS_NAMES, version=1)
     assert os.path.getmtime(os.path.join(base, "1", "saved_model.pb")) == stamp
-    assert export.export_model(model, base, CLASS_NAMES, BACKBONE, version=7).endswith("7")
-    assert export.export_model(model, base, CLASS_NAMES, BACKBONE).endswith(os.sep + "8")
-    assert export.existing_versions(base) == [1, 2, 7, 8]
+    assert export_lib.export_model(model, base, CLASS_NAMES, version=7).endswith("7")
+    assert export_lib.export_model(model, base, CLASS_NAMES).endswith(os.sep + "8")
+    assert export_lib.existing_versions(base) == [1, 2, 7, 8]
     assert _listing(base) == ["1", "2", "7", "8"]
 
 
 def test_failed_export_leaves_no_version(trained, tmp_path, monkeypatch):
     model = trained["baseline"]
     base = str(tmp_path / "m")
-    export.export_model(model, base, CLASS_NAMES, BACKBONE)
+    export_lib.export_model(model, base, CLASS_NAMES)
     real_save = tf.saved_model.save
     seen = []
 
@@ -333,12 +320,12 @@ def test_failed_export_leaves_no_version(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.saved_model, "save", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export_model(model, base, CLASS_NAMES, BACKBONE)
+        export_lib.export_model(model, base, CLASS_NAMES)
     name = os.path.basename(seen[0])
     assert name.startswith(".") and not name.isdigit()
     assert _listing(base) == ["1"]
     monkeypatch.setattr(tf.saved_model, "save", real_save)
-    path = export.export_model(model, base, CLASS_NAMES, BACKBONE)
+    path = export_lib.export_model(model, base, CLASS_NAMES)
     assert path == os.path.join(base, "2")
     tf.saved_model.load(path).signatures["metadata"]()
 
@@ -347,7 +334,6 @@ def test_failed_export_leaves_no_version(trained, tmp_path, monkeypatch):
     ({"class_names": CLASS_NAMES[:-1]}, "class_names"),
     ({"class_names": ["a"] * NUM_CLASSES}, "class_names"),
     ({"class_names": CLASS_NAMES[:-1] + ["two\nlines"]}, "class_names"),
-    ({"backbone": "resnet50"}, "backbone"),
     ({"threshold": 1.5}, "threshold"),
     ({"top_k": NUM_CLASSES + 1}, "top_k"),
     ({"version": 0}, "version"),
@@ -355,9 +341,9 @@ def test_failed_export_leaves_no_version(trained, tmp_path, monkeypatch):
 ])
 def test_bad_arguments_raise_value_error(trained, tmp_path, kwargs, match):
     arguments = {"model": trained["baseline"], "export_dir": str(tmp_path / "m"),
-                 "class_names": CLASS_NAMES, "backbone": BACKBONE, **kwargs}
+                 "class_names": CLASS_NAMES, **kwargs}
     with pytest.raises(ValueError, match=match):
-        export.export_model(**arguments)
+        export_lib.export_model(**arguments)
     assert not os.path.exists(tmp_path / "m" / "1")
 
 
@@ -389,4 +375,4 @@ def test_cli_exports_a_training_run(trained, tmp_path, encoded_images):
                                _keras_logits(trained["crl"], encoded_images[:2]),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already exists"):
-        export.export_from_model_dir(model_dir, export_dir, version=3)
+        export_lib.export_from_model_dir(model_dir, export_dir, version=3)

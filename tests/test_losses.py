@@ -1,6 +1,11 @@
 """Tests for mlcrl_tf.losses against plain NumPy loop references."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -248,18 +253,45 @@ class CrlValueTest(tf.test.TestCase, parameterized.TestCase):
                 self.assertAllClose(got, want, rtol=1e-5, atol=1e-6)
 
     def test_label_term_memory_bounded_b32_c80(self):
-        # B=32, C=80 would be 32*80^3 = 16M triplets naively; the vectorised
-        # term keeps O(C^3 + B*C^2) floats and runs forward + backward.
-        labels, fe, emb = _random_inputs(14, 32, 80, 80, 2.9 / 80)
-        fe_t, emb_t = tf.constant(fe), tf.constant(emb)
-        with tf.GradientTape() as tape:
-            tape.watch([fe_t, emb_t])
-            value = losses.constrained_ranking_loss(labels, fe_t, emb_t)
-        grads = tape.gradient(value, [fe_t, emb_t])
-        self.assertTrue(np.isfinite(value.numpy()))
-        for grad in grads:
-            self.assertTrue(np.all(np.isfinite(grad.numpy())))
-        self.assertGreater(float(tf.reduce_sum(tf.abs(grads[1]))), 0.0)
+        """TF allocator peak of forward + backward at B=32, C=80, E=80.
+
+        A naive label term materialises B*C^3 = 16.4M floats (65.5 MB); the
+        vectorised one keeps O(C^3 + B*C^2). Measured with TensorFlow's BFC
+        allocator in a fresh process; the probe shows the same measurement
+        does see a B*C^3 tensor, so the bound can fail.
+        """
+        script = textwrap.dedent("""
+            import json, numpy as np, tensorflow as tf
+            from mlcrl_tf import losses
+
+            def peak(fn):
+                tf.config.experimental.reset_memory_stats("CPU:0")
+                before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+                fn()
+                return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+            rng = np.random.default_rng(14)
+            labels = tf.constant((rng.random((32, 80)) < 2.9 / 80).astype(np.float32))
+            fe = tf.constant(rng.normal(size=(32, 80)).astype(np.float32))
+            emb = tf.constant(rng.normal(size=(80, 80)).astype(np.float32))
+
+            def step():
+                with tf.GradientTape() as tape:
+                    tape.watch([fe, emb])
+                    value = losses.constrained_ranking_loss(labels, fe, emb)
+                grads = tape.gradient(value, [fe, emb])
+                assert np.isfinite(value.numpy()) and float(tf.reduce_sum(tf.abs(grads[1]))) > 0
+
+            step()  # one-time initialisation, not counted
+            naive = lambda: tf.reduce_sum(tf.ones((32, 80, 80, 80))).numpy()
+            print(json.dumps({"crl": peak(step), "naive_probe": peak(naive)}))
+        """)
+        env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="2")
+        out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                             capture_output=True, text=True, timeout=300).stdout
+        peaks = json.loads(out.strip().splitlines()[-1])
+        self.assertGreater(peaks["naive_probe"], 64 * 2**20)  # the method sees B*C^3
+        self.assertLess(peaks["crl"], 32 * 2**20)
 
 
 class CrlGradientTest(tf.test.TestCase, parameterized.TestCase):

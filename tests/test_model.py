@@ -1,15 +1,20 @@
 """Tests for mlcrl_tf.model: shapes, the inference branch, the D×C + C claim,
 and which weights a real gradient step moves."""
 
+import json
+import pathlib
+
 import numpy as np
 import pytest
 import keras
 import tensorflow as tf
 
-from mlcrl_tf import backbones, losses
+from mlcrl_tf import backbones, losses, optim
 from mlcrl_tf.model import (VARIANTS, FusedPooling, ImageProjector, LabelProjector,
                             MLCRLModel, build_model)
 from pipelines import fashion_mnist
+from test_losses import (reference_crl, reference_mse_per_example,
+                         reference_soft_margin_per_example)
 
 NUM_CLASSES = 10  # Fashion-MNIST classes
 
@@ -27,7 +32,7 @@ def real_batch():
             canvases[b, y:y + 28, x:x + 28, slot] = np.maximum(
                 canvases[b, y:y + 28, x:x + 28, slot], images[idx])
             multi_hot[b, labels[idx]] = 1.0
-    return backbones.normalize_images(canvases, "small_cnn").numpy(), multi_hot
+    return canvases, multi_hot  # RGB in [0, 255]: the model normalises
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -96,21 +101,66 @@ def test_variable_groups_partition_trainable_variables():
 
 
 def _sgd_step(model, images, labels, aux):
-    """One SGD step on soft margin (+ the variant's auxiliary loss if aux)."""
+    """One SGD step on the model's own objective (the one training uses);
+    aux=False keeps only its classification term."""
     with tf.GradientTape() as tape:
-        out = model(images, training=True)
-        loss = losses.multilabel_soft_margin_loss(labels, out["logits"])
-        if aux and model.variant == "crl":
-            loss += losses.constrained_ranking_loss(
-                labels, out["image_embeddings"], out["label_embeddings"])
-        elif aux and model.variant == "mse":
-            loss += losses.embedding_mse_loss(
-                out["image_embeddings"], model.label_projector(labels))
+        terms = model.loss_terms(model(images, training=True), labels)
+        loss = terms["loss"] if aux else terms["classification"]
     variables = model.trainable_variables
     grads = tape.gradient(loss, variables)
     keras.optimizers.SGD(0.1).apply_gradients(
         [(g, v) for g, v in zip(grads, variables) if g is not None])
     return grads
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_objective_of_every_variant_matches_the_numpy_reference(variant, real_batch):
+    """model.loss_terms (what fit() and the CLI loop optimise) = Eq. 10 by loops,
+    with non-default alpha, beta, margin and lambdas."""
+    images, labels = real_batch
+    model = build_model(NUM_CLASSES, backbone="small_cnn", image_size=64, variant=variant)
+    objective = losses.Objective(cls_weight=0.7, aux_weight=1.3, margin=0.4,
+                                 image_weight=0.6, label_weight=0.2)
+    model.compile(optimizer=optim.PaperSGD(0.01), objective=objective)
+    out = model(images, training=True)
+    terms = {k: float(v) for k, v in model.loss_terms(out, labels).items()}
+    cls = float(np.mean(reference_soft_margin_per_example(labels, out["logits"].numpy())))
+    aux = 0.0
+    if variant == "crl":
+        aux = reference_crl(labels, out["image_embeddings"].numpy(),
+                            out["label_embeddings"].numpy(), margin=0.4,
+                            image_weight=0.6, label_weight=0.2)
+        expected_keys = {"loss", "classification", "crl", "crl_image_term", "crl_label_term"}
+        assert terms["crl"] == pytest.approx(aux, rel=1e-5)
+    elif variant == "mse":
+        projected = model.label_projector(labels).numpy()
+        aux = float(np.mean(reference_mse_per_example(out["image_embeddings"].numpy(),
+                                                      projected)))
+        expected_keys = {"loss", "classification", "mse"}
+        assert terms["mse"] == pytest.approx(aux, rel=1e-5)
+    else:
+        expected_keys = {"loss", "classification"}
+    assert set(terms) == expected_keys
+    assert terms["classification"] == pytest.approx(cls, rel=1e-5)
+    assert terms["loss"] == pytest.approx(0.7 * cls + 1.3 * aux, rel=1e-5)
+    assert float(model.compute_loss(images, labels, out)) == pytest.approx(terms["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_and_inference_logits_agree_on_real_images_after_training(
+        variant, real_batch):
+    """The inference branch computes the training model's logits (BN in inference
+    mode), on real canvases after a few real training steps of the objective."""
+    images, labels = real_batch
+    model = build_model(NUM_CLASSES, backbone="small_cnn", image_size=64, variant=variant)
+    model.compile(optimizer=optim.make_optimizer(model, 0.05, 0.05, weight_decay=1e-4))
+    for _ in range(3):
+        model.train_step((images, labels))
+    training_path = model(images, training=False)["logits"].numpy()
+    inference_path = model.inference_model(images, training=False).numpy()
+    assert training_path.std() > 0.05, "degenerate logits cannot tell the paths apart"
+    assert len(np.unique(np.round(training_path, 4))) > NUM_CLASSES
+    np.testing.assert_allclose(inference_path, training_path, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["mse", "crl"])
@@ -222,3 +272,57 @@ def test_checkpoint_round_trip_restores_every_variable(variant, tmp_path):
     assert len(clone.variables) == len(model.variables)
     for a, b in zip(model.variables, clone.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+# --------------------------------------------------------------------------
+# The model owns its input normalisation.
+# --------------------------------------------------------------------------
+
+def test_input_normalization_is_bit_identical_to_the_old_formulas():
+    """small_cnn: x / 127.5 - 1; caffe: RGB->BGR minus the ImageNet BGR mean."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)
+    small = backbones.input_normalization("small_cnn")(x).numpy()
+    np.testing.assert_array_equal(small, x / np.float32(127.5) - np.float32(1.0))
+    caffe = backbones.input_normalization("resnet101")(x).numpy()
+    mean = np.array([103.939, 116.779, 123.68], np.float32)
+    np.testing.assert_array_equal(caffe, x[..., ::-1] - mean)
+    assert not backbones.input_normalization("vgg16").weights
+
+
+def test_model_normalises_raw_pixels_itself(real_batch):
+    images, _ = real_batch
+    model = build_model(NUM_CLASSES, backbone="small_cnn", image_size=64, variant="crl")
+    by_hand = model.classifier(model.fused_pool(model.backbone(
+        backbones.normalize_images(images, "small_cnn"), training=False)))
+    fconv = model.f_conv(model.backbone(backbones.normalize_images(images, "small_cnn"),
+                                        training=False))
+    expected = by_hand + keras.ops.max(fconv, axis=(1, 2))
+    np.testing.assert_allclose(model.inference_model(images), expected, rtol=1e-5, atol=1e-5)
+    assert model.inference_model.layers[1].name == "input_normalization"
+
+
+def test_normalization_runs_in_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = backbones.input_normalization("small_cnn")
+        out = layer(np.full((1, 2, 2, 3), 200.0, np.float32))
+        assert out.dtype == tf.float32 and layer.compute_dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    config = layer.get_config()
+    clone = backbones.InputNormalization.from_config(config)
+    assert clone.divisor == (127.5,) * 3 and clone.offset == (-1.0,) * 3
+
+
+@pytest.mark.parametrize("variant", ["crl", "baseline"])
+def test_checkpoints_of_earlier_versions_still_restore(variant, tmp_path):
+    """Same checkpoint keys and shapes as version 0.1 (before the model owned
+    its normalisation): old checkpoints restore into the new model."""
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "checkpoint_keys_0.1.json"
+    expected = {key: shape for key, shape in json.loads(fixture.read_text())[variant]}
+    model = build_model(5, backbone="small_cnn", image_size=32, variant=variant)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    got = {key: list(shape) for key, shape in tf.train.list_variables(path)
+           if key.startswith("model/")}
+    assert got == expected

@@ -13,7 +13,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from mlcrl_tf import backbones, export, losses, predict
+from conftest import train_briefly
+from mlcrl_tf import export_lib, serving
+from mlcrl_tf import predict_lib as predict
 from mlcrl_tf.model import build_model
 from pipelines import fashion_mnist
 from pipelines.input_pipeline import decode_image, preprocess_eval
@@ -53,20 +55,10 @@ def setup(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = build_model(NUM_CLASSES, BACKBONE, SIZE, "crl")
     images, labels = _canvases(16, SIZE, SIZE, seed=1)
-    x = backbones.normalize_images(images, BACKBONE)
-    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-    for _ in range(4):
-        with tf.GradientTape() as tape:
-            out = model(x, training=True)
-            loss = losses.multilabel_soft_margin_loss(labels, out["logits"]) + \
-                losses.constrained_ranking_loss(labels, out["image_embeddings"],
-                                                out["label_embeddings"])
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients([(g, v) for g, v in zip(grads, model.trainable_variables)
-                                   if g is not None])
+    train_briefly(model, images.astype(np.float32), labels)
     root = tmp_path_factory.mktemp("predict")
-    saved = export.export_model(model, str(root / "saved"), CLASS_NAMES, BACKBONE,
-                                threshold=THRESHOLD)
+    saved = export_lib.export_model(model, str(root / "saved"), CLASS_NAMES,
+                                    threshold=THRESHOLD)
     # A directory tree: nested folders, upper-case extensions, a non-image
     # file, a corrupt .jpg and a truncated .png.
     tree = root / "images"
@@ -92,7 +84,7 @@ def setup(tmp_path_factory):
 
 def _expected_probabilities(model, path):
     with open(path, "rb") as f:
-        image = preprocess_eval(decode_image(f.read()), SIZE, BACKBONE)
+        image = preprocess_eval(decode_image(f.read()), SIZE)
     return tf.sigmoid(model.inference_model(image[None], training=False))[0].numpy()
 
 
@@ -146,7 +138,7 @@ def test_top_k_and_threshold_choices(setup):
 
 def test_base_directory_uses_the_highest_version(setup):
     base = os.path.dirname(setup["saved"])
-    assert predict.resolve_saved_model(base) == setup["saved"]
+    assert serving.resolve_saved_model(base) == setup["saved"]
 
 
 def test_run_exit_code_is_one_when_nothing_is_labelled(setup, tmp_path):

@@ -4,16 +4,23 @@ Every fixture image is derived from `sklearn.datasets.load_sample_images()`
 (china.jpg, flower.jpg) with PIL and written into a tmp dir.
 """
 
+import errno
 import io
 import json
 import os
+import struct
+import threading
+import time
+import zlib
 
 import numpy as np
 from PIL import Image
+from PIL import ImageFile
 import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
+from pipelines import progress
 from pipelines import tfrecord_lib as lib
 
 W, H = 96, 64  # Fixture size (width, height): small but real content.
@@ -98,11 +105,8 @@ def _make_kept(directory, photo, kind):
     if kind == "palette.png":
         return save(directory, kind, photo.convert(
             "P", palette=Image.ADAPTIVE), "PNG")
-    if kind == "anim.gif":
-        frames = [photo.convert("P"), photo.transpose(Image.FLIP_LEFT_RIGHT)
-                  .convert("P")]
-        return save(directory, kind, frames[0], "GIF", save_all=True,
-                    append_images=frames[1:])
+    if kind == "still.gif":
+        return save(directory, kind, photo.convert("P"), "GIF")
     if kind == "rgb.bmp":
         return save(directory, kind, photo, "BMP")
     raise AssertionError(kind)
@@ -110,7 +114,7 @@ def _make_kept(directory, photo, kind):
 
 @pytest.mark.parametrize("kind", [
     "rgb.jpg", "gray.jpg", "png_named.jpg", "cmyk.jpg", "gray16.png",
-    "palette.png", "anim.gif", "rgb.bmp"])
+    "palette.png", "still.gif", "rgb.bmp"])
 def test_decodable_images_are_stored_unchanged(tmp_path, photos, kind):
     path = _make_kept(str(tmp_path), photos[0], kind)
     encoded, reason = lib.prepare_image(path)
@@ -121,7 +125,7 @@ def test_decodable_images_are_stored_unchanged(tmp_path, photos, kind):
     assert image.shape == (H, W, 3)
     # TF's pixels match what the image shows (CMYK included; the 16-bit
     # PNG is scaled to 8 bit, not clipped).
-    if kind in ("palette.png", "anim.gif"):  # Exact: compare with PIL.
+    if kind in ("palette.png", "still.gif"):  # Exact: compare with PIL.
         with Image.open(path) as pil:
             assert np.array_equal(image, np.asarray(pil.convert("RGB")))
         return
@@ -303,11 +307,11 @@ def _fail_on_third_shard(monkeypatch):
     real = lib._write_shard
     calls = []
 
-    def flaky(task):
-        calls.append(task[0])
+    def flaky(path, *args):
+        calls.append(path)
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
-        return real(task)
+        return real(path, *args)
 
     monkeypatch.setattr(lib, "_write_shard", flaky)
     return calls
@@ -450,3 +454,367 @@ def test_read_class_names_rejects_blank_lines(tmp_path):
     (tmp_path / "labels.txt").write_text("cat\n\ndog\n")
     with pytest.raises(ValueError, match="line 2"):
         lib.read_class_names(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# Class names (issue 13 item 5): only "\n" separates lines of labels.txt.
+# ----------------------------------------------------------------------------
+
+LINE_BREAKS = ["\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
+               "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS)
+def test_class_names_with_line_breaks_are_rejected(tmp_path, char):
+    records = [lib.ImageRecord("x.jpg", "x.jpg", (0,))]
+    with pytest.raises(ValueError, match="line break"):
+        lib.write_split(records, str(tmp_path / "out"), "train",
+                        ["cat", f"do{char}g", "person"], num_shards=1,
+                        num_workers=1)
+    assert not os.path.exists(tmp_path / "out")
+    assert lib.class_name_problem(f"do{char}g") is not None
+    assert lib.class_name_problem("hot dog\twith tab") is None
+
+
+def test_read_class_names_splits_on_newline_only(tmp_path):
+    (tmp_path / "labels.txt").write_bytes(b"cat\rdog\nperson\n")
+    with pytest.raises(ValueError, match=r"'cat\\rdog'.*line break"):
+        lib.read_class_names(str(tmp_path))
+    (tmp_path / "labels.txt").write_bytes(b"cat\r\ndog\r\n")  # Windows file.
+    assert lib.read_class_names(str(tmp_path)) == ["cat", "dog"]
+    (tmp_path / "labels.txt").write_bytes("cat\u2028dog\n".encode())
+    with pytest.raises(ValueError, match="line break"):
+        lib.read_class_names(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# Generation switch (issue 13 item 7): one atomic step.
+# ----------------------------------------------------------------------------
+
+def _split_state(out):
+    """(class names, {filename: labels}) as a reader sees them, or None if
+    the reader refuses the split."""
+    try:
+        files = lib.find_shards(lib.split_file_pattern(out, "train"))
+        names = lib.read_class_names(out)
+        expected = lib.expected_records(files)
+    except ValueError as e:
+        assert "half-way through a switch" in str(e)
+        return None
+    records = read_split(out, "train")
+    assert sum(expected.values()) == len(records)
+    return names, {n: r["labels"] for n, r in records.items()}
+
+
+# os.replace calls of the switch: the journal, 2 shards, the report, labels.
+@pytest.mark.parametrize("crash_after", range(5))
+def test_overwrite_switch_is_atomic(tmp_path, mixed_records, monkeypatch,
+                                    crash_after):
+    out = str(tmp_path / "out")
+    old_classes, new_classes = CLASSES, ["bird", "cat", "dog"]
+    lib.write_split(mixed_records[:2], out, "train", old_classes,
+                    num_shards=2, num_workers=1)
+    old = _split_state(out)
+    new_records = [mixed_records[3], mixed_records[2]]
+    real_replace = os.replace
+    calls = []
+
+    def crashing_replace(src, dst):
+        if len(calls) == crash_after:
+            raise OSError(5, "simulated crash")
+        calls.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(ValueError):
+        lib.write_split(new_records, out, "train", new_classes, num_shards=2,
+                        num_workers=1, overwrite=True)
+    monkeypatch.undo()
+    state = _split_state(out)
+    # Crash before the journal: the old set; after it: refused until a rerun.
+    assert state == (old if crash_after == 0 else None), calls
+
+    assert lib.finish_interrupted_switch(out, "train") == (crash_after > 0)
+    new = _split_state(out)
+    assert new == (old if crash_after == 0 else (new_classes, {
+        "rotated.jpg": [0, 1, 2], "png.jpg": []}))
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_rerun_finishes_an_interrupted_switch(tmp_path, mixed_records,
+                                              monkeypatch):
+    out = str(tmp_path / "out")
+    lib.write_split(mixed_records[:2], out, "train", CLASSES, num_shards=2,
+                    num_workers=1)
+    real_replace = os.replace
+    calls = []
+
+    def crashing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # The journal and one shard are in place.
+            raise OSError(5, "simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(ValueError, match="rerun"):
+        lib.write_split(mixed_records[2:4], out, "train", CLASSES,
+                        num_shards=2, num_workers=1, overwrite=True)
+    monkeypatch.undo()
+    journal = os.path.join(out, ".train.switch.json")
+    assert os.path.exists(journal)
+    with pytest.raises(ValueError, match=r"half-way.*\.train\.switch\.json"):
+        lib.find_shards(lib.split_file_pattern(out, "train"))
+    with pytest.raises(ValueError, match="half-way"):
+        lib.count_records([os.path.join(out, "train-00000-of-00002.tfrecord")])
+    with pytest.raises(ValueError, match="half-way"):
+        lib.class_names_for_shards([os.path.join(out, "x.tfrecord")])
+    # Without --overwrite the rerun finishes the switch, then refuses.
+    with pytest.raises(ValueError, match="already exists"):
+        lib.write_split(mixed_records[:1], out, "train", CLASSES,
+                        num_shards=1, num_workers=1)
+    assert not os.path.exists(journal)
+    assert read_split(out, "train").keys() == {"png.jpg", "rotated.jpg"}
+
+
+# ----------------------------------------------------------------------------
+# Counting and label maps of selected shards (issue 13 items 9, 1, 4).
+# ----------------------------------------------------------------------------
+
+def _count_by_reading(files):
+    return sum(1 for path in files for _ in tf.data.TFRecordDataset(path))
+
+
+def test_count_records_counts_only_the_matched_shards(tmp_path,
+                                                      mixed_records):
+    out = str(tmp_path / "out")
+    report = lib.write_split(mixed_records, out, "train", CLASSES,
+                             num_shards=3, num_workers=1)
+    files = lib.find_shards(os.path.join(out, "train-0000[0-1]-*.tfrecord"))
+    assert len(files) == 2
+    per_file = {path: _count_by_reading([path]) for path in files}
+    assert lib.expected_records(files) == per_file
+    assert lib.count_records(files) == sum(per_file.values())
+    assert lib.count_records(files) < report["num_records"]
+    all_files = lib.find_shards(lib.split_file_pattern(out, "train"))
+    assert lib.count_records(all_files) == report["num_records"] == 4
+
+    os.remove(lib.report_path(out, "train"))  # No report: read the files.
+    assert lib.expected_records(files) == {path: None for path in files}
+    assert lib.count_records(files) == sum(per_file.values())
+
+
+def test_count_records_names_a_corrupt_unreported_file(tmp_path,
+                                                       mixed_records):
+    out = str(tmp_path / "out")
+    lib.write_split(mixed_records, out, "train", CLASSES, num_shards=1,
+                    num_workers=1)
+    os.remove(lib.report_path(out, "train"))
+    path = os.path.join(out, "train-00000-of-00001.tfrecord")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(ValueError, match="cannot count") as info:
+        lib.count_records([path])
+    assert path in str(info.value)
+
+
+def test_class_names_for_shards(tmp_path, mixed_records):
+    dirs = {}
+    for name, classes in (("a", CLASSES), ("b", CLASSES),
+                          ("c", ["cat", "person", "dog"])):
+        dirs[name] = str(tmp_path / name)
+        lib.write_split(mixed_records[:2], dirs[name], "train", classes,
+                        num_shards=1, num_workers=1)
+    shard = "train-00000-of-00001.tfrecord"
+    files = {name: os.path.join(d, shard) for name, d in dirs.items()}
+    assert lib.class_names_for_shards([files["a"], files["b"]]) == CLASSES
+    with pytest.raises(ValueError, match="differ") as info:
+        lib.class_names_for_shards([files["a"], files["c"]])
+    assert os.path.join(dirs["a"], "labels.txt") in str(info.value)
+    assert os.path.join(dirs["c"], "labels.txt") in str(info.value)
+    assert "class id 1" in str(info.value)
+    os.remove(os.path.join(dirs["b"], "labels.txt"))
+    assert lib.class_names_for_shards([files["b"]]) is None
+    with pytest.raises(ValueError, match="have no labels.txt"):
+        lib.class_names_for_shards([files["a"], files["b"]])
+
+
+# ----------------------------------------------------------------------------
+# Bounded resources (issue 13 items 13, 15).
+# ----------------------------------------------------------------------------
+
+def png_of_zeros(path, width, height):
+    """A valid grayscale PNG of width x height zeros, built row by row (a
+    decompression bomb: tiny file, huge image)."""
+    def chunk(kind, data):
+        body = kind + data
+        return (struct.pack(">I", len(data)) + body
+                + struct.pack(">I", zlib.crc32(body) & 0xffffffff))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # Filter byte 0 + one byte per pixel.
+    idat = b"".join(compressor.compress(row) for _ in range(height))
+    idat += compressor.flush()
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n"
+                + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0,
+                                             0, 0, 0))
+                + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _forbid_decoding(monkeypatch):
+    def fail(*unused_args, **unused_kwargs):
+        raise AssertionError("decoded an image over the pixel budget")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+    monkeypatch.setattr(tf.io, "decode_image", fail)
+
+
+def test_pixel_budget_refuses_before_decoding(tmp_path, monkeypatch):
+    path = png_of_zeros(str(tmp_path / "bomb.png"), 10_001, 10_000)
+    assert os.path.getsize(path) < 200_000
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(lib.ImageError, match=(
+            r"10001x10000 = 100010000 pixels exceeds the pixel budget "
+            r"--max_image_pixels=100000000")):
+        lib.prepare_image(path)
+
+
+def test_pixel_budget_flag_is_honoured(tmp_path, photos):
+    path = save(str(tmp_path), "a.jpg", photos[0], "JPEG")
+    limits = lib.ImageLimits(max_pixels=W * H - 1)
+    with pytest.raises(lib.ImageError, match="pixel budget"):
+        lib.prepare_image(path, limits)
+    assert lib.prepare_image(path, lib.ImageLimits(max_pixels=W * H))[1] is None
+    records = [lib.ImageRecord(path, "a.jpg", (0,)),
+               lib.ImageRecord(path + ".png", "b.png", (1,))]
+    photos[1].resize((10, 10)).save(records[1].path)
+    report = lib.write_split(records, str(tmp_path / "out"), "train",
+                             CLASSES, num_shards=1, num_workers=1,
+                             limits=lib.ImageLimits(max_pixels=100))
+    assert report["num_skipped"] == 1 and report["max_image_pixels"] == 100
+    assert "pixel budget" in report["skipped"][0]["reason"]
+
+
+def test_animated_gif_stores_first_frame_only(tmp_path, photos):
+    frames = [photos[0].convert("P"),
+              photos[1].convert("P"), photos[0].rotate(180).convert("P")]
+    path = save(str(tmp_path), "anim.gif", frames[0], "GIF", save_all=True,
+                append_images=frames[1:])
+    encoded, reason = lib.prepare_image(path)
+    assert reason == "animated GIF, first frame stored"
+    assert encoded.startswith(b"\x89PNG")  # Lossless.
+    with Image.open(io.BytesIO(encoded)) as stored:
+        assert not getattr(stored, "is_animated", False)
+    with Image.open(path) as original:
+        first = np.asarray(original.convert("RGB"))
+    assert np.array_equal(decode(encoded), first)
+
+
+def test_memory_error_is_reported_as_out_of_memory(tmp_path, photos,
+                                                   monkeypatch):
+    path = save(str(tmp_path), "a.png", photos[0], "PNG")
+
+    def out_of_memory(*unused_args, **unused_kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
+    with pytest.raises(lib.ImageError, match="out of memory") as info:
+        lib.prepare_image(path)
+    assert "corrupt" not in str(info.value)
+    assert "not a readable image" not in str(info.value)
+
+
+def _unblock_fifo_later(path, seconds=10):
+    """Opens a FIFO for writing after `seconds` (if anyone reads it), so
+    that a reader blocked on it gets EOF instead of hanging the suite."""
+    def unblock():
+        deadline = time.monotonic() + seconds + 5
+        time.sleep(seconds)
+        while time.monotonic() < deadline:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:  # No reader (any more).
+                time.sleep(0.1)
+    threading.Thread(target=unblock, daemon=True).start()
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("fifo", r"not a regular file \(a FIFO\)"),
+    ("directory", r"not a regular file \(a directory\)"),
+    ("dev_zero", r"not a regular file \(a character device\)"),
+    ("link_to_fifo", r"not a regular file \(a FIFO\)"),
+    ("too_big", r"file of 4097 bytes exceeds the size cap "
+                r"--max_image_bytes=4096"),
+])
+def test_special_and_large_files_are_skipped(tmp_path, kind, reason):
+    path = str(tmp_path / f"{kind}.jpg")
+    if kind in ("fifo", "link_to_fifo"):
+        os.mkfifo(str(tmp_path / "pipe"))
+        _unblock_fifo_later(str(tmp_path / "pipe"))
+        os.symlink(str(tmp_path / "pipe"), path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "dev_zero":
+        os.symlink("/dev/zero", path)
+    else:
+        write_bytes(str(tmp_path), f"{kind}.jpg", b"\xff" * 4097)
+    start = time.monotonic()
+    with pytest.raises(lib.ImageError, match=reason):
+        lib.prepare_image(path, lib.ImageLimits(max_bytes=4096))
+    assert time.monotonic() - start < 5
+
+
+# ----------------------------------------------------------------------------
+# Output errors (issue 13 item 18): one ValueError naming the path.
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["under_a_file", "missing_parent",
+                                   "read_only"])
+def test_unusable_output_dir_is_one_error(tmp_path, mixed_records, where):
+    (tmp_path / "file").write_text("x")
+    output_dir = {"under_a_file": str(tmp_path / "file" / "out"),
+                  "missing_parent": "/proc/no_such_dir/out",
+                  "read_only": "/sys/mlcrl_tf_test_out"}[where]
+    with pytest.raises(ValueError, match="output_dir") as info:
+        lib.write_split(mixed_records, output_dir, "train", CLASSES,
+                        num_shards=1, num_workers=1)
+    assert output_dir in str(info.value)
+
+
+def test_full_disk_is_one_error(tmp_path, mixed_records, monkeypatch):
+    real_writer = tf.io.TFRecordWriter
+
+    class FullDiskWriter(real_writer):
+        def write(self, record):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FullDiskWriter)
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="No space left on device") as info:
+        lib.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
+                        num_workers=1)
+    assert ".train-0000" in str(info.value)  # Names the file.
+    assert os.listdir(out) == []
+
+
+def test_write_split_reports_progress(tmp_path, mixed_records):
+    stream = io.StringIO()
+    bar = progress.Progress(unit="images", stream=stream, interval=0)
+    lib.write_split(mixed_records, str(tmp_path / "out"), "train", CLASSES,
+                    num_shards=2, num_workers=1, progress=bar)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "train: 0/6 images (0.0%)"
+    assert lines[-2].startswith("train: 6/6 images (100.0%)")
+    assert lines[-1].startswith("train: 6 images in ")
+
+
+def test_existing_crlf_labels_file_with_the_same_names_is_kept(
+        tmp_path, mixed_records):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "labels.txt").write_bytes(b"cat\r\ndog\r\nperson\r\n")
+    lib.write_split(mixed_records[:1], str(out), "train", CLASSES,
+                    num_shards=1, num_workers=1)
+    assert (out / "labels.txt").read_bytes() == b"cat\r\ndog\r\nperson\r\n"

@@ -1,5 +1,5 @@
-"""Tests for mlcrl_tf.visualize (CAM maps and panels) and mlcrl_tf.summaries
-(TensorBoard image panels)."""
+"""Tests of mlcrl_tf.cams (CAM maps, panels, visualize_files) and the
+TensorBoard eval panels of mlcrl_tf.summaries."""
 
 import io
 import os
@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from mlcrl_tf import backbones, checkpoints, summaries, visualize
+from mlcrl_tf import backbones, cams, checkpoints, summaries
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
 from pipelines import fashion_mnist
@@ -39,7 +39,7 @@ def _canvases(count, seed):
 @pytest.fixture(scope="module")
 def data():
     images, labels = _canvases(3, seed=0)
-    return images, labels, backbones.normalize_images(images, BACKBONE).numpy()
+    return images, labels, images.astype(np.float32)  # the model normalises
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_cams_equal_numpy_recomputation(models, data, variant):
     model = models[variant]
     _, _, x = data
     ids = np.array([[1, 8], [5, 0], [9, 3]])
-    maps = visualize.compute_cams(model, x, ids)
+    maps = cams.compute_cams(model, x, ids)
     outputs = model.feature_model()(x, training=False)
     features = outputs["features"].numpy()  # (N, h, w, D)
     d = backbones.feature_dim(BACKBONE)
@@ -83,9 +83,9 @@ def test_cam_pools_to_the_direct_logit(models, data):
     model = models["baseline"]
     _, _, x = data
     ids = np.arange(NUM_CLASSES)[None].repeat(3, 0)
-    maps = visualize.compute_cams(model, x, ids)
+    maps = cams.compute_cams(model, x, ids)
     features = model.feature_model()(x, training=False)["features"].numpy()
-    kernel = visualize.direct_head_kernel(model)
+    kernel = cams.direct_head_kernel(model)
     gmp_part = features.max(axis=(1, 2)) @ kernel
     logits = maps["direct"].mean(axis=(2, 3)) + gmp_part + model.classifier.bias.numpy()
     np.testing.assert_allclose(logits, model.inference_model(x).numpy(), rtol=1e-4, atol=1e-4)
@@ -93,36 +93,36 @@ def test_cam_pools_to_the_direct_logit(models, data):
 
 def test_bad_class_ids(models, data):
     with pytest.raises(ValueError, match="class_ids"):
-        visualize.compute_cams(models["crl"], data[2], NUM_CLASSES)
-    with pytest.raises(ValueError, match="images_normalised"):
-        visualize.compute_cams(models["crl"], data[2][:, :32], 0)
+        cams.compute_cams(models["crl"], data[2], NUM_CLASSES)
+    with pytest.raises(ValueError, match="images must have shape"):
+        cams.compute_cams(models["crl"], data[2][:, :32], 0)
 
 
 def test_jet_and_normalisation():
-    colours = visualize.jet(np.array([[0.0, 0.5, 1.0]]))
+    colours = cams.jet(np.array([[0.0, 0.5, 1.0]]))
     np.testing.assert_array_equal(colours[0, 0], [0, 0, 128])
     np.testing.assert_array_equal(colours[0, 2], [128, 0, 0])
     assert colours[0, 1, 1] == 255  # green at the middle
-    heat = visualize.upsample_and_normalise(np.array([[0.0, 1.0], [2.0, 3.0]]), 8, 8)
+    heat = cams.upsample_and_normalise(np.array([[0.0, 1.0], [2.0, 3.0]]), 8, 8)
     assert heat.shape == (8, 8) and heat.min() == 0.0 and heat.max() == 1.0
     assert heat[0, 0] < heat[-1, -1]
-    assert not visualize.upsample_and_normalise(np.ones((2, 2)), 4, 4).any()
+    assert not cams.upsample_and_normalise(np.ones((2, 2)), 4, 4).any()
 
 
 def test_render_panel_and_png(models, data, tmp_path):
     images, _, x = data
-    maps = visualize.compute_cams(models["crl"], x[:1], 8)
-    cams = {"direct": maps["direct"][0, 0], "f_conv": maps["f_conv"][0, 0]}
-    panel = visualize.render_cam_panel(images[0], cams, "Bag", score=0.87, tile_size=96)
+    maps = cams.compute_cams(models["crl"], x[:1], 8)
+    one = {"direct": maps["direct"][0, 0], "f_conv": maps["f_conv"][0, 0]}
+    panel = cams.render_cam_panel(images[0], one, "Bag", score=0.87, tile_size=96)
     assert panel.dtype == np.uint8 and panel.shape == (96 + 14, 3 * 96, 3)
     resized = np.asarray(Image.fromarray(images[0]).resize((96, 96), Image.BILINEAR))
     np.testing.assert_array_equal(panel[14:, :96], resized)
     assert not np.array_equal(panel[14:, 96:192], panel[14:, 192:])
     assert panel[:14].any()  # caption text
-    only_direct = visualize.render_cam_panel(images[0], {"direct": cams["direct"]}, "Bag")
+    only_direct = cams.render_cam_panel(images[0], {"direct": one["direct"]}, "Bag")
     assert only_direct.shape == (SIZE + 14, 2 * SIZE, 3)
     path = str(tmp_path / "cam.png")
-    visualize.save_png(panel, path)
+    cams.save_png(panel, path)
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), panel)
 
 
@@ -136,18 +136,18 @@ def test_visualize_files_from_a_training_run(models, data, tmp_path):
     model, config, class_names, _ = checkpoints.restore_model(model_dir)
     image_path = str(tmp_path / "outfit.png")
     Image.fromarray(data[0][0]).resize((100, 80)).save(image_path)
-    written = visualize.visualize_files(model, config.backbone, class_names, [image_path],
+    written = cams.visualize_files(model, class_names, [image_path],
                                         str(tmp_path / "cams"), classes=["Bag", "T-shirt/top"],
                                         tile_size=64)
     assert [os.path.basename(p) for p in written] == ["outfit_Bag.png",
                                                       "outfit_T-shirt_top.png"]
     for path in written:
         assert Image.open(path).size == (3 * 64, 64 + 14)
-    top = visualize.visualize_files(model, config.backbone, class_names, [image_path],
+    top = cams.visualize_files(model, class_names, [image_path],
                                     str(tmp_path / "top"), top_k=2)
     assert len(top) == 2
     with pytest.raises(ValueError, match="Hat"):
-        visualize.visualize_files(model, config.backbone, class_names, [image_path],
+        cams.visualize_files(model, class_names, [image_path],
                                   str(tmp_path / "x"), classes=["Hat"])
 
 
@@ -159,7 +159,7 @@ def test_write_eval_images_is_readable_from_the_event_file(models, data, tmp_pat
                "filename": np.array([b"a.jpg", b"b.jpg", b"dir/c.jpg"])}
     writer = tf.summary.create_file_writer(str(tmp_path / "eval"))
     with writer.as_default(step=7):
-        assert summaries.write_eval_images(samples, model, BACKBONE, CLASS_NAMES,
+        assert summaries.write_eval_images(samples, model, CLASS_NAMES,
                                            max_images=2)
     writer.flush()
     [event_file] = tf.io.gfile.glob(str(tmp_path / "eval" / "events.*"))
@@ -176,7 +176,7 @@ def test_write_eval_images_is_readable_from_the_event_file(models, data, tmp_pat
     tile = summaries.TILE_SIZE
     assert (width, height) == (3 * tile, tile + 14 + 24)
     assert all(p.shape == (height, width, 3) for p in pictures)
-    panels = summaries.eval_image_panels(samples, model, BACKBONE, CLASS_NAMES, 2)
+    panels = cams.eval_image_panels(samples, model, CLASS_NAMES, 2, summaries.TILE_SIZE)
     np.testing.assert_array_equal(pictures[0], panels[0])
     # No writer, no samples: nothing written, no error.
-    assert not summaries.write_eval_images(None, model, BACKBONE, CLASS_NAMES)
+    assert not summaries.write_eval_images(None, model, CLASS_NAMES)

@@ -1,0 +1,322 @@
+"""Class activation maps as in the paper's Fig. 3, rendered as panels.
+
+One renderer for the `mlcrl_tf.visualize` command line (`visualize_files`,
+PNG files) and for TensorBoard's eval images (`eval_image_panels`, written
+by `mlcrl_tf.summaries`).
+
+For one image and one class c, a panel shows side by side:
+
+1. the image as the model saw it (resized to S x S by `preprocess_eval`);
+2. the class activation map of the direct head (Zhou et al.'s CAM):
+   CAM_c = sum_d W[d, c] * Fx[..., d], with W the kernel of
+   `model.classifier` (its first D rows for variant `tbc`, whose other C
+   rows read GMP(Fconv)); the bias is left out, as in CAM;
+3. the `f_conv` map Fconv[..., c] (variants with `f_conv`), whose global
+   max is the context logit of class c.
+
+Each map is computed at the feature-map resolution (S / stride), upsampled
+bilinearly to the image size, min-max normalised to [0, 1] per map, coloured
+with a NumPy jet colormap and blended over the image. A caption names the
+class and its probability. Files are `<output_dir>/<image stem>_<class>.png`.
+"""
+
+import os
+import re
+import weakref
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+import tensorflow as tf
+
+from pipelines import input_pipeline
+
+_FEATURE_MODELS = weakref.WeakKeyDictionary()
+_CAPTION_HEIGHT = 14
+_LINE_HEIGHT = 12
+_TOP_PREDICTIONS = 3
+
+
+# --------------------------------------------------------------------------
+# Maps.
+# --------------------------------------------------------------------------
+
+def _feature_model(model):
+    """`model.feature_model()`, built once per model."""
+    feature_model = _FEATURE_MODELS.get(model)
+    if feature_model is None:
+        feature_model = model.feature_model()
+        _FEATURE_MODELS[model] = feature_model
+    return feature_model
+
+
+def direct_head_kernel(model):
+    """W (D, C): the classifier rows that read the pooled features Fx."""
+    kernel = np.asarray(model.classifier.kernel.numpy(), np.float32)
+    return kernel[:int(model.backbone.output_shape[-1])]
+
+
+def compute_cams(model, images, class_ids):
+    """Class maps at feature-map resolution for some classes of each image.
+
+    Args:
+        model: an `MLCRLModel`.
+        images: float (N, S, S, 3), RGB in [0, 255] at the model size
+            (`preprocess_eval`'s output; the model normalises).
+        class_ids: the classes to map: an int (the same for every image), a
+            sequence of N ints (one per image) or an (N, K) array.
+
+    Returns:
+        dict with `direct` float32 (N, K, h, w) (the direct head's CAM),
+        `f_conv` float32 (N, K, h, w) or None (variants without f_conv),
+        `class_ids` int (N, K) and `probabilities` float32 (N, C).
+
+    Raises:
+        ValueError: images of the wrong shape or a class id out of range.
+    """
+    images = np.asarray(images, np.float32)
+    size = model.image_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(f"images must have shape (N, {size}, {size}, 3), "
+                         f"got {images.shape}.")
+    n = images.shape[0]
+    ids = np.asarray(class_ids)
+    if ids.ndim == 0:
+        ids = np.full((n, 1), int(ids))
+    elif ids.ndim == 1:
+        ids = ids.reshape(n, 1) if len(ids) == n else None
+    if ids is None or ids.shape[0] != n or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"class_ids must be an int, {n} ints or an ({n}, K) int array, "
+                         f"got {class_ids!r}.")
+    if ids.size and (ids.min() < 0 or ids.max() >= model.num_classes):
+        raise ValueError(f"class_ids must be in [0, {model.num_classes}), got {class_ids!r}.")
+    outputs = _feature_model(model)(images, training=False)
+    features = np.asarray(tf.cast(outputs["features"], tf.float32))  # (N, h, w, D)
+    kernel = direct_head_kernel(model)  # (D, C)
+    # CAM for the chosen classes only: (N, h, w, D) x (N, D, K) -> (N, K, h, w).
+    direct = np.einsum("nhwd,ndk->nkhw", features, kernel[:, ids].transpose(1, 0, 2))
+    fconv = None
+    if "class_maps" in outputs:
+        maps = np.asarray(tf.cast(outputs["class_maps"], tf.float32))  # (N, h, w, C)
+        fconv = np.take_along_axis(maps.transpose(0, 3, 1, 2),
+                                   ids[:, :, None, None], axis=1)
+    probabilities = np.asarray(tf.sigmoid(tf.cast(outputs["logits"], tf.float32)))
+    return {"direct": direct.astype(np.float32),
+            "f_conv": None if fconv is None else fconv.astype(np.float32),
+            "class_ids": ids, "probabilities": probabilities}
+
+
+def upsample_and_normalise(cam, height, width):
+    """Bilinear resize of one (h, w) map to (height, width), then to [0, 1].
+
+    A constant map becomes all zeros.
+    """
+    cam = np.asarray(cam, np.float32)
+    resized = tf.image.resize(cam[:, :, None], (height, width), method="bilinear")
+    resized = resized.numpy()[:, :, 0]
+    low, high = float(resized.min()), float(resized.max())
+    if high - low < 1e-12:
+        return np.zeros_like(resized)
+    return (resized - low) / (high - low)
+
+
+def jet(values):
+    """The jet colormap in NumPy: [0, 1] (H, W) -> uint8 (H, W, 3).
+
+    0 is dark blue, 0.5 green-yellow, 1 dark red (matplotlib's "jet").
+    """
+    x = np.clip(np.asarray(values, np.float32), 0.0, 1.0)
+    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)],
+                   axis=-1)
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def overlay(image_uint8, heat, alpha=0.5):
+    """Blends jet(heat) (H, W) in [0, 1] over an RGB uint8 image (H, W, 3)."""
+    colours = jet(heat).astype(np.float32)
+    blended = (1.0 - alpha) * np.asarray(image_uint8, np.float32) + alpha * colours
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Panels.
+# --------------------------------------------------------------------------
+
+def _resize_uint8(image, size):
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def _caption(width, text):
+    """A black strip (_CAPTION_HEIGHT, width, 3) with white text."""
+    strip = Image.new("RGB", (width, _CAPTION_HEIGHT), (0, 0, 0))
+    ImageDraw.Draw(strip).text((2, 1), text, fill=(255, 255, 255),
+                               font=ImageFont.load_default())
+    return np.asarray(strip)
+
+
+def render_cam_panel(image_uint8, cams, class_name, score=None, tile_size=None,
+                     alpha=0.5):
+    """image | direct-head CAM | f_conv map, with a caption, as one picture.
+
+    Args:
+        image_uint8: RGB uint8 (H, W, 3), the image the maps belong to
+            (normally the model-size square image).
+        cams: dict with `direct` (h, w) and optionally `f_conv` (h, w) (None
+            or missing for variants without f_conv): one image's maps for one
+            class at feature resolution (from `compute_cams`).
+        class_name: shown in the caption.
+        score: the class probability, shown when given.
+        tile_size: side of each square tile; default the image's height.
+        alpha: heat-map opacity.
+
+    Returns:
+        uint8 (tile + caption height, 2 or 3 tiles wide, 3).
+    """
+    image = np.asarray(image_uint8)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image_uint8 must be uint8 (H, W, 3), got {image.dtype} "
+                         f"{image.shape}.")
+    tile = int(tile_size or image.shape[0])
+    image = _resize_uint8(image, tile)
+    tiles, titles = [image], ["image"]
+    for key, title in (("direct", "CAM"), ("f_conv", "f_conv")):
+        cam = cams.get(key)
+        if cam is not None:
+            tiles.append(overlay(image, upsample_and_normalise(cam, tile, tile), alpha))
+            titles.append(title)
+    body = np.concatenate(tiles, axis=1)
+    text = class_name if score is None else f"{class_name} {score:.2f}"
+    text += "  [" + " | ".join(titles) + "]"
+    return np.concatenate([_caption(body.shape[1], text), body], axis=0)
+
+
+def save_png(array, path):
+    """Writes an RGB uint8 array as PNG (creating the directory)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path, format="PNG")
+
+
+def _safe_name(text):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "class"
+
+
+def visualize_files(model, class_names, paths, output_dir, classes=None,
+                    top_k=3, tile_size=224):
+    """Writes one CAM panel per (image, class); returns the PNG paths.
+
+    Args:
+        model: an `MLCRLModel`.
+        class_names: the C class names.
+        paths: image files (decoded with `input_pipeline.decode_image`).
+        output_dir: where the PNGs go.
+        classes: class names to map for every image; default the `top_k`
+            most probable classes of each image.
+        top_k: used when `classes` is None.
+        tile_size: side of each panel tile.
+
+    Raises:
+        ValueError: an unknown class name or a bad top_k.
+    """
+    class_names = list(class_names)
+    if classes:
+        unknown = [c for c in classes if c not in class_names]
+        if unknown:
+            raise ValueError(f"classes: unknown class name(s) {unknown}; the model knows "
+                             f"{class_names}.")
+        fixed = [class_names.index(c) for c in classes]
+    elif not 1 <= top_k <= len(class_names):
+        raise ValueError(f"top_k must be in [1, {len(class_names)}], got {top_k}.")
+    written = []
+    for path in paths:
+        with open(path, "rb") as f:
+            image = input_pipeline.decode_image(f.read())
+        resized = input_pipeline.preprocess_eval(image, model.image_size)
+        shown = _to_uint8(resized.numpy())
+        if classes:
+            ids = np.asarray([fixed])
+        else:
+            logits = model.inference_model(resized[None], training=False)
+            ids = np.argsort(-np.asarray(logits)[0], kind="stable")[None, :top_k]
+        maps = compute_cams(model, resized.numpy()[None], ids)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for k, c in enumerate(maps["class_ids"][0]):
+            cams = {"direct": maps["direct"][0, k],
+                    "f_conv": None if maps["f_conv"] is None else maps["f_conv"][0, k]}
+            panel = render_cam_panel(shown, cams, class_names[c],
+                                     score=float(maps["probabilities"][0, c]),
+                                     tile_size=tile_size)
+            out = os.path.join(output_dir, f"{stem}_{_safe_name(class_names[c])}.png")
+            save_png(panel, out)
+            written.append(out)
+    return written
+
+
+# --------------------------------------------------------------------------
+# TensorBoard panels (written by mlcrl_tf.summaries).
+# --------------------------------------------------------------------------
+
+def _to_uint8(images):
+    """RGB float in [0, 255] -> uint8 for display."""
+    return np.clip(np.round(np.asarray(images, np.float32)), 0, 255).astype(np.uint8)
+
+
+def _text_block(width, lines):
+    """White text lines on black, uint8 (len(lines) * _LINE_HEIGHT, width, 3)."""
+    block = Image.new("RGB", (width, _LINE_HEIGHT * len(lines)), (0, 0, 0))
+    draw = ImageDraw.Draw(block)
+    font = ImageFont.load_default()
+    max_chars = max(8, width // 6)
+    for i, line in enumerate(lines):
+        if len(line) > max_chars:
+            line = line[:max_chars - 1] + "…"
+        draw.text((2, i * _LINE_HEIGHT), line, fill=(255, 255, 255), font=font)
+    return np.asarray(block)
+
+
+def _basename(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return os.path.basename(str(value))
+
+
+def eval_image_panels(samples, model, class_names, max_images=4, tile_size=128):
+    """One panel per eval image: its top class's maps over two text lines.
+
+    The text lines are the ground truth and the three most probable classes.
+
+    Args:
+        samples: dict of NumPy arrays for a few eval images: `images` RGB
+            float32 (N, S, S, 3), `labels` (N, C) multi-hot, `logits` (N, C),
+            optionally `filename` (N,) bytes.
+        model: the `MLCRLModel`.
+        class_names: the C class names.
+        max_images: at most this many panels.
+        tile_size: side of each tile.
+
+    Returns:
+        uint8 (N, H, W, 3).
+    """
+    images = np.asarray(samples["images"][:max_images], np.float32)
+    if len(images) == 0:
+        return np.zeros((0, 1, 1, 3), np.uint8)
+    logits = np.asarray(samples["logits"][:len(images)], np.float64)
+    # Ranked on the logits; probabilities (float64) only for display.
+    probabilities = 1.0 / (1.0 + np.exp(-logits))
+    labels = np.asarray(samples["labels"][:len(images)])
+    names = samples.get("filename")
+    top = np.argsort(-logits, axis=1, kind="stable")
+    maps = compute_cams(model, images, top[:, :1])
+    panels = []
+    for i, image in enumerate(_to_uint8(images)):
+        c = int(top[i, 0])
+        cams = {"direct": maps["direct"][i, 0],
+                "f_conv": None if maps["f_conv"] is None else maps["f_conv"][i, 0]}
+        panel = render_cam_panel(image, cams, class_names[c],
+                                 score=float(probabilities[i, c]), tile_size=tile_size)
+        truth = [class_names[j] for j in np.flatnonzero(labels[i] > 0.5)]
+        predicted = [f"{class_names[j]} {probabilities[i, j]:.2f}"
+                     for j in top[i, :_TOP_PREDICTIONS]]
+        head = _basename(names[i]) + ": " if names is not None else ""
+        text = _text_block(panel.shape[1], [head + "GT: " + (", ".join(truth) or "-"),
+                                            "Pred: " + ", ".join(predicted)])
+        panels.append(np.concatenate([panel, text], axis=0))
+    return np.stack(panels)

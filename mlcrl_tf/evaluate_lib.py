@@ -1,0 +1,272 @@
+"""Evaluation of a model, a training run's checkpoint or an export.
+
+`evaluate_model` (a live model on a `make_dataset` pipeline; the training
+loop's per-epoch evaluation), `evaluate_saved_model` (an export's
+`serving_default` on the records' original image bytes, i.e. exactly what a
+TF Serving client gets) and `evaluate_target` (what the `mlcrl_tf.evaluate`
+command line asks for) return an `EvalResult`; `format_report` renders the
+paper's Table 1 row (mAP, CF1, CP, CR, OF1, OP, OR and their top-3 versions)
+and Table 2 per-class AP. Metrics are `mlcrl_tf.metrics` with the
+conventions of SPEC §6; VOC "difficult" labels are ignored.
+
+Scores are ranked and thresholded as LOGITS (`metrics.*(from_logits=True)`):
+float32 probabilities saturate at 1.0 for logits >= 16.6 and would flatten
+the ranking. `write_scores` saves every image's filename, logits, labels and
+difficult mask to a NumPy .npz file for further analysis.
+"""
+
+import dataclasses
+import io
+import json
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from mlcrl_tf import checkpoints
+from mlcrl_tf import data as data_lib
+from mlcrl_tf import metrics as metrics_lib
+from mlcrl_tf import serving
+from pipelines import input_pipeline
+from pipelines import tfrecord_lib
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What an evaluation pass returns.
+
+    Attributes:
+        metrics: the 13 Table-1 numbers (fractions).
+        per_class_ap: list of C floats (NaN for classes without positives).
+        num_examples: images evaluated.
+        num_skipped: undecodable records skipped by the input pipeline.
+        samples: the first few images for TensorBoard (dict of arrays) or None.
+        scores: with keep_scores, every image's `filenames` (N,), `logits`
+            (N, C) float32, `labels` (N, C) float32 and `difficult` (N, C)
+            bool; else None.
+    """
+
+    metrics: dict
+    per_class_ap: list
+    num_examples: int
+    num_skipped: int = 0
+    samples: dict | None = None
+    scores: dict | None = None
+
+
+class _ScoreKeeper:
+    """Collects per-image filenames, logits, labels and difficult masks."""
+
+    def __init__(self):
+        self.parts = {"filenames": [], "logits": [], "labels": [], "difficult": []}
+
+    def add(self, filenames, logits, labels, difficult):
+        for key, value in zip(self.parts, (filenames, logits, labels, difficult)):
+            self.parts[key].append(np.asarray(value))
+
+    def arrays(self):
+        arrays = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in self.parts.items()}
+        arrays["filenames"] = np.array([f.decode("utf-8", "replace") if isinstance(f, bytes)
+                                        else str(f) for f in arrays["filenames"]])
+        arrays["logits"] = arrays["logits"].astype(np.float32)
+        arrays["labels"] = arrays["labels"].astype(np.float32)
+        arrays["difficult"] = arrays["difficult"].astype(bool)
+        return arrays
+
+
+def _take_samples(samples, batch, logits, count):
+    """Keeps the first `count` images with their predictions."""
+    have = 0 if samples is None else len(samples["logits"])
+    if have >= count:
+        return samples
+    n = count - have
+    new = {"images": batch["images"][:n].numpy(), "labels": batch["labels"][:n].numpy(),
+           "logits": logits[:n], "filename": batch["filename"][:n].numpy()}
+    if samples is None:
+        return new
+    return {k: np.concatenate([samples[k], new[k]]) for k in samples}
+
+
+def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
+                   num_samples=0, skip_counter=None, keep_scores=False):
+    """Runs the inference branch over `dataset` and computes every metric.
+
+    Args:
+        model: an `MLCRLModel` (its `inference_model` is used).
+        dataset: batches from `input_pipeline.make_dataset(training=False)`.
+        num_classes: C.
+        threshold: probability threshold of the P/R/F1 metrics.
+        max_steps: evaluate at most this many batches (0 = all).
+        num_samples: keep this many images with predictions for summaries.
+        skip_counter: the dataset's `SkipCounter`, to report skipped records.
+        keep_scores: also return every image's logits (`EvalResult.scores`).
+
+    Returns:
+        An `EvalResult`.
+    """
+    predict = tf.function(
+        lambda images: tf.cast(model.inference_model(images, training=False), tf.float32),
+        reduce_retracing=True)
+    accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
+    keeper = _ScoreKeeper() if keep_scores else None
+    samples = None
+    for step, batch in enumerate(dataset):
+        if max_steps and step >= max_steps:
+            break
+        logits = predict(batch["images"]).numpy()
+        labels, difficult = batch["labels"].numpy(), batch["difficult"].numpy()
+        accumulator.update(logits, labels, ignore=difficult)
+        if keeper:
+            keeper.add(batch["filename"].numpy(), logits, labels, difficult)
+        if num_samples:
+            samples = _take_samples(samples, batch, logits, num_samples)
+    result = _result(accumulator, threshold, samples, skip_counter)
+    result.scores = keeper.arrays() if keeper else None
+    return result
+
+
+def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0.5,
+                         batch_size=32, max_steps=0, keep_scores=False):
+    """Evaluates an export's `serving_default` on the records' image bytes.
+
+    Ranks its `logits` output (not the saturating float32 `probabilities`).
+
+    Returns:
+        An `EvalResult` (without samples).
+    """
+    client = serving.ExportClient(saved_model_dir)
+    files = tfrecord_lib.find_shards(file_pattern)
+    dataset = tf.data.TFRecordDataset(files).map(
+        lambda record: input_pipeline.decode_example(record, num_classes),
+        num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
+    keeper = _ScoreKeeper() if keep_scores else None
+    skipped = 0
+    for step, batch in enumerate(dataset):
+        if max_steps and step >= max_steps:
+            break
+        labels, ignore = batch["labels"].numpy(), batch["difficult"].numpy()
+        filenames = batch["filename"].numpy()
+        # Undecodable images are skipped and counted, the rest scored.
+        keep, logits, problems = client.score(batch["image_bytes"].numpy())
+        skipped += len(problems)
+        if not keep:
+            continue
+        labels, ignore, filenames = labels[keep], ignore[keep], filenames[keep]
+        accumulator.update(logits, labels, ignore=ignore)
+        if keeper:
+            keeper.add(filenames, logits, labels, ignore)
+    result = _result(accumulator, threshold, None, None)
+    result.num_skipped = skipped
+    result.scores = keeper.arrays() if keeper else None
+    if skipped:
+        logging.warning("%d undecodable records skipped.", skipped)
+    return result
+
+
+def _result(accumulator, threshold, samples, skip_counter):
+    if accumulator.num_examples == 0:
+        raise ValueError("the evaluation data yielded no decodable image.")
+    values = accumulator.result(threshold=threshold)
+    per_class_ap = values.pop("AP")
+    skipped = skip_counter.skipped if skip_counter is not None else 0
+    return EvalResult(metrics=values, per_class_ap=list(per_class_ap),
+                      num_examples=accumulator.num_examples, num_skipped=skipped,
+                      samples=samples)
+
+
+def format_result_line(metrics, epoch=None, improved=False):
+    """One log line with the headline numbers (percent)."""
+    head = f"Eval after epoch {epoch}: " if epoch is not None else "Eval: "
+    line = head + " ".join(f"{k} {100 * metrics[k]:.1f}"
+                           for k in ("mAP", "CF1", "OF1", "CF1_top3", "OF1_top3"))
+    return line + (" (best so far)" if improved else "")
+
+
+def format_report(result, class_names, name, per_class=False):
+    """The Table 1 row (and Table 2 per-class AP row) as Markdown."""
+    text = metrics_lib.format_table({name: result.metrics})
+    if per_class:
+        text += "\n\n" + metrics_lib.format_per_class_ap(
+            result.per_class_ap, class_names, method=name)
+    return text
+
+
+def class_names_for(eval_files, labels_file=None):
+    """Class names from `labels_file`, else labels.txt beside the shards (or None)."""
+    if labels_file:
+        return tfrecord_lib.read_class_names(labels_file)
+    return tfrecord_lib.class_names_for_shards(tfrecord_lib.find_shards(eval_files))
+
+
+def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoint=None,
+                    best=False, use_ema=True, labels_file=None, batch_size=32,
+                    max_steps=0, threshold=None, keep_scores=False):
+    """Evaluates a training run (a checkpoint of it) or an export.
+
+    Args:
+        model_dir: a training run's directory (its run.json gives the model,
+            the default eval files and threshold).
+        saved_model: an export version directory, evaluated instead of a
+            checkpoint (model_dir then optional).
+        eval_files: glob of evaluation shards; default the run's.
+        checkpoint, best, use_ema: which weights of the run (see
+            `checkpoints.restore_model`).
+        labels_file: class names for an export without model_dir.
+        batch_size, max_steps: evaluation batches.
+        threshold: default the run's (0.5 for an export alone).
+        keep_scores: keep every image's logits (`EvalResult.scores`).
+
+    Returns:
+        (EvalResult, class_names, a name for the report).
+
+    Raises:
+        ValueError: nothing to evaluate, no eval files, or bad data.
+    """
+    if not model_dir and not saved_model:
+        raise ValueError("give --model_dir (a training run) or --saved_model (an export).")
+    config = class_names = None
+    if model_dir:
+        config, class_names = checkpoints.read_run(model_dir)
+    eval_files = eval_files or (config.eval_files if config else None)
+    if not eval_files:
+        raise ValueError("--eval_files is empty and the run has no --eval_files.")
+    threshold = threshold or (config.threshold if config else 0.5)
+    data_names = class_names_for(eval_files, labels_file)
+    if saved_model:
+        exported = serving.ExportClient(saved_model).class_names
+        data_lib.check_same_classes(data_names, exported, f"--eval_files={eval_files!r}",
+                                    f"the export {saved_model}")
+        data_lib.check_same_classes(class_names, exported, f"--model_dir={model_dir!r}",
+                                    f"the export {saved_model}")
+        result = evaluate_saved_model(saved_model, eval_files, len(exported), threshold,
+                                      batch_size, max_steps, keep_scores=keep_scores)
+        return result, exported, saved_model
+    data_lib.check_same_classes(data_names, class_names, f"--eval_files={eval_files!r}",
+                                f"{model_dir}/run.json")
+    model, config, class_names, path = checkpoints.restore_model(
+        model_dir, checkpoint, best, use_ema)
+    counter = input_pipeline.SkipCounter()
+    dataset = input_pipeline.make_dataset(
+        eval_files, batch_size, config.image_size, config.num_classes, training=False,
+        skip_counter=counter)
+    result = evaluate_model(model, dataset, config.num_classes, threshold, max_steps,
+                            skip_counter=counter, keep_scores=keep_scores)
+    return result, class_names, f"{config.variant} ({path})"
+
+
+def write_json(result, class_names, name, path):
+    """Writes the metrics and per-class AP as JSON."""
+    payload = {"name": name, "num_examples": result.num_examples,
+               "num_skipped": result.num_skipped, "metrics": result.metrics,
+               "per_class_ap": dict(zip(class_names, result.per_class_ap))}
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps(payload, indent=2))
+
+
+def write_scores(result, class_names, path):
+    """Writes every image's filename, logits, labels and difficult mask (.npz)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, class_names=np.array(class_names), **result.scores)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())

@@ -1,0 +1,168 @@
+"""Exports the inference branch as a SavedModel in TF Serving's layout.
+
+`export_model(model, export_dir, class_names)` writes
+`<export_dir>/<version>/` (saved_model.pb, variables/, assets/labels.txt),
+the layout `tensorflow_model_server --model_base_path=<export_dir>` watches;
+`export_from_model_dir` restores a training run first. The signatures and
+what they return are the contract in `mlcrl_tf.serving`; docs/serving.md
+shows clients. The command line is `mlcrl_tf.export`.
+
+Decisions (also in docs/serving.md):
+
+- Only the inference branch is exported: the input normalisation, backbone,
+  direct head and `f_conv`, i.e. `model.inference_model`, wrapped in a
+  `serving.ServingModule`. The variables tracked are exactly those the
+  serving functions capture, so the image and label projectors (training
+  only) are not in the SavedModel: a crl export holds D x C + C more
+  parameters than a baseline export, no more.
+- Versions: the next free integer by default (1 for a new directory); an
+  existing version is never overwritten (ValueError). The SavedModel is
+  written to a hidden, non-integer sibling `.tmp-<version>-<random>` and
+  renamed into place when complete (atomic on local/POSIX file systems), so
+  TF Serving never sees a half-written version; a failed export removes its
+  temporary directory.
+"""
+
+import os
+import tempfile
+import uuid
+
+from absl import logging
+import tensorflow as tf
+
+from mlcrl_tf import checkpoints
+from mlcrl_tf import serving
+
+DEFAULT_TOP_K = 5
+TEMP_PREFIX = ".tmp-"
+
+
+# --------------------------------------------------------------------------
+# Versions and the atomic write.
+# --------------------------------------------------------------------------
+
+def existing_versions(export_dir):
+    """Sorted integer version numbers present in `export_dir` (TF Serving's)."""
+    if not tf.io.gfile.isdir(export_dir):
+        return []
+    names = (n.rstrip("/") for n in tf.io.gfile.listdir(export_dir))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def _resolve_version(export_dir, version):
+    versions = existing_versions(export_dir)
+    if version is None:
+        return versions[-1] + 1 if versions else 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer, got {version!r}.")
+    if version in versions:
+        raise ValueError(
+            f"version={version} already exists in export_dir={export_dir!r}; exports "
+            "are never overwritten. Omit the version to take the next free one "
+            f"({versions[-1] + 1}).")
+    return version
+
+
+def _check_arguments(model, class_names, threshold, top_k):
+    """Validates export_model's arguments; returns (class_names, top_k)."""
+    needed = ("inference_model", "backbone_name", "image_size", "num_classes", "variant")
+    if not all(hasattr(model, a) for a in needed):
+        raise ValueError(
+            f"model must be an mlcrl_tf MLCRLModel (from model.build_model or "
+            f"checkpoints.restore_model), got {type(model).__name__}.")
+    if isinstance(class_names, (str, bytes)):
+        raise ValueError("class_names must be a list of strings, got one string.")
+    class_names = list(class_names)
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names but the model has "
+                         f"{model.num_classes} classes.")
+    for name in class_names:
+        if not isinstance(name, str) or not name.strip() or "\n" in name or "\r" in name:
+            raise ValueError(f"class_names must be non-empty one-line strings, got {name!r}.")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError("class_names contains duplicates.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+            0.0 < threshold < 1.0):
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}.")
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, model.num_classes)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not (
+            1 <= top_k <= model.num_classes):
+        raise ValueError(f"top_k must be an integer in [1, {model.num_classes}], "
+                         f"got {top_k!r}.")
+    return class_names, top_k
+
+
+def export_model(model, export_dir, class_names, threshold=0.5,
+                 version=None, top_k=None):
+    """Writes the inference branch as `<export_dir>/<version>/` for TF Serving.
+
+    Args:
+        model: an `MLCRLModel` (its `inference_model` is exported).
+        export_dir: the model's base directory (TF Serving's
+            `--model_base_path`); created if needed.
+        class_names: the C class names, in class-id order.
+        threshold: probability threshold of the `predicted` output, and the
+            default of `mlcrl_tf.predict`.
+        version: integer version; default the next free one. An existing
+            version is never overwritten.
+        top_k: k of the `top_k_*` outputs; default min(5, C).
+
+    Returns:
+        The path of the written version directory.
+
+    Raises:
+        ValueError: a bad argument (named in the message) or an existing
+            version.
+    """
+    class_names, top_k = _check_arguments(model, class_names, threshold, top_k)
+    tf.io.gfile.makedirs(export_dir)
+    version = _resolve_version(export_dir, version)
+    final_dir = os.path.join(export_dir, str(version))
+    # Hidden and not an integer: TF Serving and existing_versions ignore it.
+    temp_dir = os.path.join(export_dir, f"{TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
+    with tempfile.TemporaryDirectory() as local:
+        labels_path = os.path.join(local, serving.LABELS_FILE)
+        with open(labels_path, "w", encoding="utf-8") as f:
+            f.write("".join(f"{name}\n" for name in class_names))
+        info = serving.ServingInfo(
+            class_names=tuple(class_names), backbone=model.backbone_name,
+            image_size=model.image_size, threshold=float(threshold), top_k=top_k,
+            variant=model.variant)
+        module = serving.ServingModule(model.inference_model, info, labels_path)
+        try:
+            tf.saved_model.save(module, temp_dir, signatures=module.signatures())
+            try:
+                tf.io.gfile.rename(temp_dir, final_dir, overwrite=False)
+            except tf.errors.OpError as e:
+                raise ValueError(
+                    f"could not move the export into {final_dir!r} (another export "
+                    f"took version {version}?): {e.message}") from e
+        finally:
+            if tf.io.gfile.exists(temp_dir):
+                tf.io.gfile.rmtree(temp_dir)
+    logging.info("Exported %s/%s (%d classes) to %s", model.variant, model.backbone_name,
+                 len(class_names), final_dir)
+    return final_dir
+
+
+def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
+                          best=False, use_ema=True, threshold=None, top_k=None):
+    """Restores a training run and exports it; returns the version directory.
+
+    Args:
+        model_dir: a training run's directory (run.json + checkpoints).
+        export_dir: the export base directory.
+        version: explicit version, default the next free one.
+        checkpoint: an explicit checkpoint prefix; default the latest.
+        best: export the best-by-mAP checkpoint.
+        use_ema: export the EMA weights when the run kept them.
+        threshold: default the run's --threshold.
+        top_k: default min(5, C).
+    """
+    model, config, class_names, path = checkpoints.restore_model(
+        model_dir, checkpoint=checkpoint, best=best, use_ema=use_ema)
+    logging.info("Restored %s", path)
+    return export_model(model, export_dir, class_names,
+                        threshold=config.threshold if threshold is None else threshold,
+                        version=version, top_k=top_k)

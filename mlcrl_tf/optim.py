@@ -1,0 +1,210 @@
+"""The paper's optimizer: PyTorch SGD with two learning rates and a step decay.
+
+The paper trains with PyTorch's `torch.optim.SGD` (ML-GCN's recipe): for every
+parameter θ with gradient g, in the parameter's group (learning rate lr_group):
+
+    d   = g + weight_decay · θ          (coupled weight decay, "L2")
+    buf = momentum · buf + d            (buf = d at the first step)
+    θ   = θ − lr_group · buf
+
+Keras' own `SGD` keeps the learning rate inside its velocity
+(`m = μ·m − lr·g; θ += m`), so after a ×0.1 step decay about 1/(1−μ) = 10
+steps still move at the old rate, and scaling the gradients to emulate a
+second learning rate scales the momentum history too. `PaperSGD` is the
+PyTorch rule exactly: the momentum buffer is in gradient units and the
+(decayed) learning rate multiplies it at every step.
+
+Two learning rates: `set_learning_rate_multiplier(variables, m)` gives those
+variables the rate `m · learning_rate(step)`; the paper's backbone rate 0.001
+against 0.01 for the rest is m = 0.1. The step decay (`StepDecay`) therefore
+decays both rates together, as PyTorch's `MultiStepLR` decays every group.
+
+`make_optimizer(model, ...)` builds the recipe's optimizer for an
+`MLCRLModel` (backbone multiplier set, loss scaling for float16), the one
+both `model.fit()` and the CLI training loop use. `ExponentialMovingAverage`
+keeps the optional EMA weights (`--ema_decay`) used for evaluation and export.
+"""
+
+import keras
+from keras import ops
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="mlcrl_tf")
+class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """lr = initial · factor^(number of boundaries passed); constant without any.
+
+    PyTorch's `MultiStepLR` with milestones in steps: the rate used by the
+    update at step `s` (0-based count of updates already applied) is
+    `initial · factor^#{b in boundaries: s >= b}`.
+
+    Args:
+        initial_learning_rate: rate before the first boundary.
+        boundaries: sorted steps at which the rate is multiplied by `factor`.
+        factor: the decay factor (0.1 in ML-GCN's recipe).
+
+    Example:
+    >>> schedule = StepDecay(0.01, boundaries=[100], factor=0.1)
+    >>> round(float(schedule(99)), 6), round(float(schedule(100)), 6)
+    (0.01, 0.001)
+    """
+
+    def __init__(self, initial_learning_rate, boundaries=(), factor=0.1):
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.boundaries = [int(b) for b in boundaries]
+        self.factor = float(factor)
+
+    def __call__(self, step):
+        passed = tf.zeros([], tf.float32)
+        for boundary in self.boundaries:
+            passed += tf.cast(tf.cast(step, tf.int64) >= boundary, tf.float32)
+        return self.initial_learning_rate * tf.pow(self.factor, passed)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate,
+                "boundaries": self.boundaries, "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="mlcrl_tf")
+class PaperSGD(keras.optimizers.Optimizer):
+    """PyTorch's SGD update rule (coupled weight decay, momentum buffer).
+
+    Args:
+        learning_rate: float or schedule (e.g. `StepDecay`): the base rate.
+        momentum: μ in [0, 1).
+        coupled_weight_decay: L2 coefficient added to the gradient before
+            momentum (PyTorch's `weight_decay`), applied to every variable.
+        name: optimizer name.
+        **kwargs: other `keras.optimizers.Optimizer` arguments (not
+            `weight_decay`, which is Keras' decoupled decay).
+
+    Example:
+    >>> v = keras.Variable([1.0])
+    >>> opt = PaperSGD(learning_rate=0.1, momentum=0.9)
+    >>> opt.set_learning_rate_multiplier([v], 0.5)
+    >>> _ = opt.apply_gradients([(keras.ops.convert_to_tensor([1.0]), v)])
+    >>> round(float(v.numpy()[0]), 6)
+    0.95
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, coupled_weight_decay=0.0,
+                 name="paper_sgd", **kwargs):
+        if kwargs.get("weight_decay"):
+            raise ValueError("PaperSGD: use coupled_weight_decay (PyTorch's L2), not "
+                             "Keras' decoupled weight_decay.")
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+        if coupled_weight_decay < 0:
+            raise ValueError(
+                f"coupled_weight_decay must be >= 0, got {coupled_weight_decay!r}.")
+        self.momentum = float(momentum)
+        self.coupled_weight_decay = float(coupled_weight_decay)
+        self._multipliers = {}
+
+    def set_learning_rate_multiplier(self, variables, multiplier):
+        """Gives `variables` the rate `multiplier · learning_rate` (a param group)."""
+        for variable in variables:
+            self._multipliers[self._var_key(variable)] = float(multiplier)
+
+    def learning_rate_multiplier(self, variable):
+        """The multiplier of `variable` (1.0 unless set)."""
+        return self._multipliers.get(self._var_key(variable), 1.0)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentum_buffers = []
+        if self.momentum:
+            self.momentum_buffers = self.add_optimizer_variables(
+                variables, "momentum_buffer")
+
+    def update_step(self, gradient, variable, learning_rate):
+        """θ −= lr·m·buf with buf = μ·buf + g + λ·θ (PyTorch's SGD)."""
+        dtype = variable.dtype
+        rate = ops.cast(learning_rate, dtype) * ops.cast(
+            self.learning_rate_multiplier(variable), dtype)
+        step = ops.cast(gradient, dtype)
+        if self.coupled_weight_decay:
+            step = step + ops.cast(self.coupled_weight_decay, dtype) * variable
+        if self.momentum:
+            buffer = self.momentum_buffers[self._get_variable_index(variable)]
+            self.assign(buffer, ops.cast(self.momentum, dtype) * buffer + step)
+            step = buffer
+        self.assign_sub(variable, rate * step)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"momentum": self.momentum,
+                       "coupled_weight_decay": self.coupled_weight_decay})
+        return config
+
+
+def make_optimizer(model, learning_rate, backbone_learning_rate, momentum=0.9,
+                   weight_decay=1e-4, decay_boundaries=(), decay_factor=0.1,
+                   loss_scaling=False):
+    """The paper's optimizer for an `MLCRLModel`.
+
+    Args:
+        model: the model (its `backbone_variables` get the backbone rate).
+        learning_rate: rate of every non-backbone layer (paper: 0.01).
+        backbone_learning_rate: rate of the backbone (paper: 0.001).
+        momentum: SGD momentum (0.9).
+        weight_decay: coupled (PyTorch) weight decay (1e-4).
+        decay_boundaries: steps at which both rates are multiplied by
+            `decay_factor`.
+        decay_factor: step decay factor in (0, 1].
+        loss_scaling: wrap in a dynamic `LossScaleOptimizer` (float16).
+
+    Returns:
+        A built Keras optimizer.
+    """
+    optimizer = PaperSGD(
+        learning_rate=StepDecay(learning_rate, sorted(decay_boundaries), decay_factor),
+        momentum=momentum, coupled_weight_decay=weight_decay)
+    optimizer.set_learning_rate_multiplier(
+        model.backbone_variables, backbone_learning_rate / learning_rate)
+    if loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def inner_optimizer(optimizer):
+    """The `PaperSGD` inside a possible `LossScaleOptimizer`."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+class ExponentialMovingAverage(tf.Module):
+    """Shadow copies of the trainable weights: ema = d * ema + (1 - d) * w.
+
+    The shadow variables are created in the distribution strategy's scope
+    with ONLY_FIRST_REPLICA aggregation, so `update` can run inside
+    `strategy.run` (every replica computes the same value).
+    """
+
+    def __init__(self, variables, decay):
+        super().__init__(name="ema")
+        self.decay = float(decay)
+        self._model_variables = list(variables)
+        self.shadow = [
+            tf.Variable(v, trainable=False, name=v.name.split(":")[0] + "_ema",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            for v in self._model_variables]
+
+    def update(self):
+        for s, v in zip(self.shadow, self._model_variables):
+            s.assign(self.decay * s + (1.0 - self.decay) * tf.cast(v, s.dtype))
+
+    def copy_to_model(self):
+        """Overwrites the model's weights with the averages (for eval/export)."""
+        for s, v in zip(self.shadow, self._model_variables):
+            v.assign(tf.cast(s, v.dtype))
+
+    def swap(self):
+        """Exchanges model weights and averages (call twice to undo)."""
+        for s, v in zip(self.shadow, self._model_variables):
+            tmp = tf.identity(v)
+            v.assign(tf.cast(s, v.dtype))
+            s.assign(tf.cast(tmp, s.dtype))

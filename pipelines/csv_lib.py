@@ -1,0 +1,217 @@
+"""Converts your own labelled images, listed in a CSV file, into the mlcrl_tf
+TFRecord schema (see `pipelines/tfrecord_lib.py`).
+
+CSV format (UTF-8, parsed with Python's `csv` module, so a filename holding
+a comma can be quoted):
+
+    filename,labels
+    beach/001.jpg,person|dog
+    beach/002.jpg,  sea | person
+    empty_room.jpg,
+
+* Exactly two columns per row. The first row is a header, and skipped, iff
+  it reads `filename,labels` (case and surrounding spaces ignored).
+* `filename` is relative to `--image_dir` (sub-folders allowed). Resolved
+  (`..` folded, symlinks followed), it must stay inside `--image_dir`;
+  absolute or outside paths are an error naming the line unless
+  `--allow_paths_outside_image_dir`. Each file at most once: two rows naming
+  the same real file (`a.jpg` and `./a.jpg`, or a symlink to it) are an
+  error naming both lines, whatever their labels.
+* `labels` are separated by `|`; spaces around names are stripped, empty
+  names (`a||b`) ignored, repeats merged. An empty field means an image with
+  no labels: it is kept and counted as `zero_label` in the report.
+* Blank lines are skipped. There are no difficult labels.
+* A field over 128 KB (Python's csv limit) or non-UTF-8 text is an error
+  naming the line; so is a label with a line break inside, or a filename
+  with a NUL byte.
+
+Classes (`--classes`): a comma-separated list (`--classes=cat,dog,person`)
+or the path of a labels.txt-style file (line i = name of class id i). A
+label not among them is an error naming the class, the CSV and the line.
+Without `--classes`, the classes are the sorted set of names in the CSV
+(Python string order, so case-sensitive): pass `--classes` to keep class ids
+stable across CSVs (e.g. train and val), or convert the split with the most
+classes first and pass its `labels.txt` to the others.
+
+Progress (count, rate, ETA) goes to stderr; the summary line to stdout.
+Limits and guarantees: docs/reliability.md.
+
+The command line is `pipelines.csv_to_tfrecord`:
+
+    python -m pipelines.csv_to_tfrecord --csv=my_data/train.csv --image_dir=my_data/images --output_dir=data/my_data --split=train
+"""
+
+import csv
+import os
+
+
+from pipelines import progress
+from pipelines import tfrecord_lib
+
+
+def parse_classes(classes):
+    """Returns a list of class names from `--classes` (see module doc).
+
+    Args:
+        classes: None, a list of names, a path of a labels file, or a
+            comma-separated string.
+
+    Raises:
+        ValueError: empty or repeated names, or an unreadable labels file.
+    """
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        if os.path.isfile(classes):
+            return tfrecord_lib.read_class_names(classes)
+        names = [name.strip() for name in classes.split(",")]
+    else:
+        names = [str(name).strip() for name in classes]
+    if not names or "" in names:
+        raise ValueError(f"classes {classes!r}: empty class name (give a "
+                         "comma-separated list or an existing labels file)")
+    return tfrecord_lib.check_class_names(names, f"classes {classes!r}")
+
+
+def _parse_row(row, where):
+    """Returns `(filename, label names)` of one data row."""
+    if len(row) != 2:
+        raise ValueError(f"{where}: expected 2 columns 'filename,labels', got "
+                         f"{len(row)}")
+    filename = row[0].strip()
+    if not filename:
+        raise ValueError(f"{where}: empty filename")
+    names = sorted({name.strip() for name in row[1].split("|")} - {""})
+    for name in names:
+        problem = tfrecord_lib.class_name_problem(name)
+        if problem:
+            raise ValueError(f"{where}: label {name!r} {problem}")
+    return filename, names
+
+
+def _csv_rows(csv_path):
+    """Yields `(line_number, row)` of the non-blank rows (the line where
+    the row starts: a quoted field may hold line breaks)."""
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        line = 1
+        try:
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    yield line, row
+                line = reader.line_num + 1
+        except csv.Error as e:
+            raise ValueError(f"{csv_path}, line {line}: {e} "
+                             "(a field over 128 KB, or a quote left open?)"
+                             ) from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"CSV file {csv_path} is not UTF-8 text: {e}"
+                             ) from None
+
+
+def read_csv(csv_path):
+    """Reads the CSV (format in the module doc).
+
+    Args:
+        csv_path: the CSV file.
+
+    Returns:
+        List of `(line_number, filename, label_names)`.
+
+    Raises:
+        ValueError: naming the file and line: missing or unreadable file,
+            bad row or label, repeated filename.
+    """
+    tfrecord_lib.check_input_file(csv_path, "CSV file")
+    rows = []
+    first_line = {}  # filename -> line number
+    header_allowed = True
+    for line, row in _csv_rows(csv_path):
+        is_header = len(row) == 2 and [row[0].strip().lower(),
+                                       row[1].strip().lower()] == [
+                                           "filename", "labels"]
+        if header_allowed and is_header:
+            header_allowed = False
+            continue
+        header_allowed = False
+        filename, names = _parse_row(row, f"{csv_path}, line {line}")
+        if filename in first_line:
+            raise ValueError(f"{csv_path}, line {line}: {filename} "
+                             f"already listed on line "
+                             f"{first_line[filename]}")
+        first_line[filename] = line
+        rows.append((line, filename, names))
+    if not rows:
+        raise ValueError(f"CSV file {csv_path} lists no image")
+    return rows
+
+
+def _records(rows, csv_path, image_dir, class_names,
+             allow_paths_outside_image_dir):
+    """The `ImageRecord`s of the CSV rows (paths resolved and checked)."""
+    paths = tfrecord_lib.ImagePaths(image_dir, allow_paths_outside_image_dir)
+    class_id = {name: i for i, name in enumerate(class_names)}
+    records = []
+    for line, filename, names in rows:
+        for name in names:
+            if name not in class_id:
+                raise ValueError(f"unknown class {name!r} in {csv_path}, line "
+                                 f"{line} (not among the {len(class_names)} "
+                                 "given classes)")
+        records.append(tfrecord_lib.ImageRecord(
+            path=paths.resolve(filename, f"{csv_path}, line {line}"),
+            filename=filename,
+            labels=tuple(sorted(class_id[name] for name in names))))
+    return records
+
+
+def convert(csv_path, image_dir, output_dir, classes=None, split="train",
+            num_shards=4, num_workers=None, overwrite=False, limits=None,
+            allow_paths_outside_image_dir=False, progress=None):
+    """Converts the images listed in a CSV to sharded TFRecords.
+
+    Args:
+        csv_path: the CSV file (format in the module doc).
+        image_dir: folder the CSV's filenames are relative to.
+        output_dir: where shards, labels.txt and the report go.
+        classes: class names (list, comma-separated string or labels-file
+            path); None infers the sorted set of names in the CSV.
+        split: output split name.
+        num_shards: number of shard files.
+        num_workers: processes reading images (default: see `write_split`).
+        overwrite: replace an existing split in output_dir.
+        limits: `tfrecord_lib.ImageLimits` (default: the defaults).
+        allow_paths_outside_image_dir: accept absolute filenames and names
+            resolving outside image_dir.
+        progress: a `pipelines.progress.Progress`, or None (silent).
+
+    Returns:
+        The report dict (also `<output_dir>/<split>_report.json`).
+
+    Raises:
+        ValueError: missing CSV / image dir, bad row, unknown class, a path
+            outside image_dir or naming another row's file, existing output
+            without overwrite, labels.txt mismatch, or an output that
+            cannot be written.
+    """
+    class_names = parse_classes(classes)
+    rows = read_csv(csv_path)
+    if not os.path.isdir(image_dir):
+        raise ValueError(f"image_dir {image_dir} is not a directory")
+    if class_names is None:
+        class_names = sorted({name for _, _, names in rows for name in names})
+        if not class_names:
+            raise ValueError(f"CSV file {csv_path} has no labels at all and "
+                             "no classes were given")
+    records = _records(rows, csv_path, image_dir, class_names,
+                       allow_paths_outside_image_dir)
+    extra = {
+        "source": "csv",
+        "csv_path": os.path.abspath(csv_path),
+        "image_dir": os.path.abspath(image_dir),
+        "classes_inferred": classes is None,
+    }
+    return tfrecord_lib.write_split(
+        records, output_dir, split, class_names, num_shards,
+        num_workers=num_workers, overwrite=overwrite, extra_report=extra,
+        limits=limits, progress=progress)
