@@ -294,6 +294,8 @@ def analyse_run(c, record, facts):
         out["embeddings"] = np.load(embeddings)
         out["rho"], out["rho_pairs"] = analysis.embedding_pmi_correlation(
             out["embeddings"], facts["train_labels"])
+        # 0 = every class has the same embedding (the label projector collapsed).
+        out["embedding_spread"] = float(analysis.pairwise_distances(out["embeddings"]).max())
     return out
 
 

@@ -17,10 +17,9 @@ from PIL import ImageFont
 import tensorflow as tf
 
 import ablation_analysis as analysis
-from mlcrl_tf import backbones
+from mlcrl_tf import cams
 from mlcrl_tf import checkpoints
 from mlcrl_tf import metrics as metrics_lib
-from mlcrl_tf import visualize
 from pipelines import input_pipeline
 from pipelines import tfrecord_lib
 
@@ -192,13 +191,10 @@ def table_lines(c, by_variant, facts):
              f"| label prior | - | {_pct(facts['prior']['mAP'])} | "
              f"{_pct(facts['prior_hidden'])} | - | - |"]
     for variant, chosen in by_variant.items():
-        rho = [r["rho"] for r in chosen if "rho" in r]
         lines.append(
             f"| {variant} | {len(chosen)} | {_pm([r['metrics']['mAP'] for r in chosen])} | "
             f"{_pm([r['hidden']['mean'] for r in chosen])} | "
-            f"{sum(r['converged'] for r in chosen)}/{len(chosen)} | "
-            + (f"{np.mean(rho):+.2f} ± {np.std(rho, ddof=1) if len(rho) > 1 else 0:.2f}"
-               if rho else "-") + " |")
+            f"{sum(r['converged'] for r in chosen)}/{len(chosen)} | {_rho_cell(chosen)} |")
     return lines + [""]
 
 
@@ -237,19 +233,41 @@ def verdict_lines(by_variant):
     return lines + [""]
 
 
+def _rho_cell(chosen):
+    """mean ± std of ρ over the seeds where it is defined, and the collapses."""
+    with_rho = [r for r in chosen if "rho" in r]
+    if not with_rho:
+        return "-"
+    values = [r["rho"] for r in with_rho if not math.isnan(r["rho"])]
+    cell = analysis.mean_std(values) if values else None
+    text = f"{cell[0]:+.2f} ± {cell[1]:.2f}" if cell else "undefined"
+    collapsed = len(with_rho) - len(values)
+    return text + (f" ({collapsed} collapsed)" if collapsed else "")
+
+
+def _rho_text(r):
+    if "rho" not in r:
+        return "-"
+    return "collapsed" if math.isnan(r["rho"]) else f"{r['rho']:+.2f}"
+
+
 def embedding_lines(by_variant, figure):
     """Agreement of the label projector with label co-occurrence."""
     lines = []
     for variant in ("crl", "mse"):
-        rho = [(r["seed"], r["rho"]) for r in by_variant.get(variant, []) if "rho" in r]
-        if rho:
-            values = [v for _, v in rho]
-            pairs = by_variant[variant][0]["rho_pairs"]
-            lines.append(
-                f"- {variant}: Spearman ρ(−‖f_l(e_i) − f_l(e_j)‖, PMI(i, j)) over the "
-                f"{pairs} class pairs = {np.mean(values):+.2f} ± "
-                f"{np.std(values, ddof=1) if len(values) > 1 else 0:.2f} (per seed "
-                + ", ".join(f"{v:+.2f}" for _, v in rho) + ").")
+        chosen = [r for r in by_variant.get(variant, []) if "rho" in r]
+        if not chosen:
+            continue
+        collapsed = [r for r in chosen if math.isnan(r["rho"])]
+        text = (f"- {variant}: Spearman ρ(−‖f_l(e_i) − f_l(e_j)‖, PMI(i, j)) over the "
+                f"{chosen[0]['rho_pairs']} class pairs = {_rho_cell(chosen)} (per seed "
+                + ", ".join(_rho_text(r) for r in chosen) + ")")
+        if collapsed:
+            spread = max(r["embedding_spread"] for r in collapsed)
+            text += (f"; in {len(collapsed)} of {len(chosen)} seeds the label projector "
+                     "collapsed: every class got the same embedding (largest distance "
+                     f"between two classes {spread:.1e})")
+        lines.append(text + ".")
     if not lines:
         return []
     head = ["What the label projector learned (ρ > 0: classes that co-occur more than "
@@ -257,8 +275,8 @@ def embedding_lines(by_variant, figure):
     tail = [""]
     if figure:
         tail += ["Training-label PMI | −distance of crl's label embeddings | of mse's "
-                 "(seed 0; blue low, red high, gray never co-occur; diagonal excluded "
-                 "from ρ):", "", f"![label embeddings]({figure})", ""]
+                 "(first seed; blue low, red high, gray never co-occur or diagonal, which "
+                 "ρ excludes):", "", f"![label embeddings]({figure})", ""]
     return head + lines + tail
 
 
@@ -271,7 +289,7 @@ def per_seed_lines(by_variant):
     for variant, chosen in by_variant.items():
         for r in chosen:
             curve = " → ".join(_pct(m) for m in r["eval_maps"][-3:])
-            rho = f"{r['rho']:+.2f}" if "rho" in r else "-"
+            rho = _rho_text(r)
             lines.append(
                 f"| {variant} | {r['seed']} | "
                 + " | ".join(_pct(r["metrics"][k]) for k in PER_SEED)
@@ -416,15 +434,14 @@ def _cam_row(models, example, class_names, tile):
     class_id = int(np.flatnonzero(example["labels"].numpy())[0])
     panels = []
     for variant, (model, config, _, _) in models.items():
-        normalised = input_pipeline.preprocess_eval(image, config.image_size, config.backbone)
-        display = np.clip(np.round(backbones.denormalize_images(
-            normalised, config.backbone).numpy()), 0, 255).astype(np.uint8)
-        cams = visualize.compute_cams(model, normalised[None], [class_id])
-        maps = {"direct": cams["direct"][0, 0]}
-        if cams["f_conv"] is not None:
-            maps["f_conv"] = cams["f_conv"][0, 0]
-        score = float(cams["probabilities"][0, class_id])
-        panels.append(visualize.render_cam_panel(
+        pixels = input_pipeline.preprocess_eval(image, config.image_size).numpy()
+        display = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+        result = cams.compute_cams(model, pixels[None], [class_id])
+        maps = {"direct": result["direct"][0, 0]}
+        if result["f_conv"] is not None:
+            maps["f_conv"] = result["f_conv"][0, 0]
+        score = float(result["probabilities"][0, class_id])
+        panels.append(cams.render_cam_panel(
             display, maps, f"{variant}: {class_names[class_id]}", score, tile))
     return np.concatenate(panels, axis=1)
 
@@ -445,5 +462,5 @@ def write_cam_figure(c, setting, data_root, num_images=4, tile=128):
                      class_names, tile)
             for record in tf.data.TFRecordDataset(files).take(num_images)]
     path = os.path.join(os.path.dirname(os.path.abspath(c.output)), f"cams_{setting}.png")
-    visualize.save_png(np.concatenate(rows, axis=0), path)
+    cams.save_png(np.concatenate(rows, axis=0), path)
     return os.path.basename(path)
