@@ -357,7 +357,9 @@ def main(argv):
     bad = sorted(set(f.variants) - set(VARIANTS)) + sorted(set(f.settings) - set(SETTINGS))
     if bad:
         sys.exit(f"error: unknown --variants/--settings value {bad[0]!r}.")
-    c = Campaign(work_dir=f.work_dir, output=f.output, variants=tuple(f.variants),
+    # Absolute paths: the CLIs run from the repository root.
+    c = Campaign(work_dir=os.path.abspath(f.work_dir), output=os.path.abspath(f.output),
+                 variants=tuple(f.variants),
                  settings=tuple(f.settings), seeds=tuple(int(s) for s in f.seeds),
                  flagfile=f.flagfile_config, canvas_size=f.canvas_size,
                  num_train=f.num_train, num_test=f.num_test, data_seed=f.data_seed,
