@@ -317,7 +317,7 @@ def run_campaign(c):
                 runs.append(analyse_run(c, record, facts[setting]))
                 print(f"{setting:9s} {variant:8s} seed {seed}: mAP "
                       f"{100 * record['metrics']['mAP']:.1f}, hidden-label AP "
-                      f"{100 * runs[-1]['hidden']['mean']:.1f}, converged "
+                      f"{page.percent(runs[-1]['hidden']['mean'])}, converged "
                       f"{runs[-1]['converged']} ({record['total_seconds'] / 60:.1f} min)",
                       flush=True)
                 page.write(c, runs, facts, pretrain_report, time.time() - start, {},

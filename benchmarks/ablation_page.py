@@ -28,7 +28,8 @@ COMPARED = ("baseline", "tbc", "mse")
 PER_SEED = ("mAP", "CF1", "OF1")
 
 
-def _pct(x):
+def percent(x):
+    """A fraction as a percentage with one decimal; "n/a" for None or NaN."""
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
@@ -188,8 +189,8 @@ def table_lines(c, by_variant, facts):
              metrics_lib.format_table(rows), "",
              "| method | seeds | mAP | hidden-label AP | converged | label-embedding ρ |",
              "|---|---:|---:|---:|---:|---:|",
-             f"| label prior | - | {_pct(facts['prior']['mAP'])} | "
-             f"{_pct(facts['prior_hidden'])} | - | - |"]
+             f"| label prior | - | {percent(facts['prior']['mAP'])} | "
+             f"{percent(facts['prior_hidden'])} | - | - |"]
     for variant, chosen in by_variant.items():
         lines.append(
             f"| {variant} | {len(chosen)} | {_pm([r['metrics']['mAP'] for r in chosen])} | "
@@ -288,12 +289,12 @@ def per_seed_lines(by_variant):
              "|---|---:|" + "---:|" * (len(PER_SEED) + 1) + "---|---:|---|---:|---:|---|"]
     for variant, chosen in by_variant.items():
         for r in chosen:
-            curve = " → ".join(_pct(m) for m in r["eval_maps"][-3:])
+            curve = " → ".join(percent(m) for m in r["eval_maps"][-3:])
             rho = _rho_text(r)
             lines.append(
                 f"| {variant} | {r['seed']} | "
-                + " | ".join(_pct(r["metrics"][k]) for k in PER_SEED)
-                + f" | {_pct(r['hidden']['mean'])} | {curve} | {r['last_rise']:+.2f} | "
+                + " | ".join(percent(r["metrics"][k]) for k in PER_SEED)
+                + f" | {percent(r['hidden']['mean'])} | {curve} | {r['last_rise']:+.2f} | "
                 f"{'yes' if r['converged'] else 'no'} | {rho} | "
                 f"{r['total_seconds'] / 60:.1f} min ({r.get('cpu_seconds', 0) / 60:.1f}) | "
                 f"{r.get('commit', '?')} |")
