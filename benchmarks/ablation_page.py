@@ -55,12 +55,21 @@ def _by_variant(c, runs, setting):
     return out
 
 
-def _run_config(c, runs):
-    """The training config of the first finished run (shared by all runs)."""
-    r = runs[0]
-    with open(os.path.join(c.path(c.run_name(r["setting"], r["variant"], r["seed"])),
-                           "run.json"), encoding="utf-8") as f:
-        return json.load(f)["config"]
+def _run_configs(c, runs):
+    """The training config (run.json) of every finished run, in `runs` order."""
+    configs = []
+    for r in runs:
+        with open(os.path.join(c.path(c.run_name(r["setting"], r["variant"], r["seed"])),
+                               "run.json"), encoding="utf-8") as f:
+            configs.append(json.load(f)["config"])
+    return configs
+
+
+def _differing_fields(configs):
+    """Config fields that differ between runs, beyond what each run sets itself."""
+    own = {"model_dir", "variant", "seed", "train_files", "eval_files"}
+    return sorted(k for k in configs[0]
+                  if k not in own and any(cfg.get(k) != configs[0][k] for cfg in configs))
 
 
 # --------------------------------------------------------------------------
@@ -143,15 +152,24 @@ def pretraining_lines(report):
     ]
 
 
-def _flagfile_comments(path):
-    """The comment lines of a flagfile (its recorded rationale), without '#'."""
+def _budget_rationale(path):
+    """The flagfile's comment block from "Budget" up to "Relative paths"."""
     with open(path, encoding="utf-8") as f:
-        return [line[1:].strip() for line in f if line.startswith("#")]
+        comments = [line[1:].strip() for line in f if line.startswith("#")]
+    start = next((i for i, line in enumerate(comments) if line.startswith("Budget")),
+                 len(comments))
+    block = []
+    for line in comments[start:]:
+        if line.startswith("Relative paths"):
+            break
+        block.append(line)
+    return block
 
 
 def budget_lines(c, runs):
     """Data, budget (and how it was chosen) and the convergence count."""
-    cfg = _run_config(c, runs)
+    configs = _run_configs(c, runs)
+    cfg, differing = configs[0], _differing_fields(configs)
     converged = sum(r["converged"] for r in runs)
     rises = [r["last_rise"] for r in runs]
     return [
@@ -170,8 +188,11 @@ def budget_lines(c, runs):
         f"{', '.join(map(str, cfg['lr_decay_epochs']))}; the paper's losses. How this "
         f"budget was chosen (the comments of `{c.flagfile}`):",
         "",
-        *("> " + line for line in _flagfile_comments(os.path.join(REPO, c.flagfile))),
+        " ".join(_budget_rationale(os.path.join(REPO, c.flagfile))),
         "",
+        *([f"**Warning: the runs differ in {', '.join(differing)}** (a run reused from an "
+           "earlier invocation with other flags): the comparison is not like for like.",
+           ""] if differing else []),
         f"Convergence: **{converged} of {len(runs)} runs converged** "
         f"({100 * converged / len(runs):.0f} %); last-epoch rise of the eval mAP "
         f"{np.mean(rises):+.2f} points on average (max {np.max(rises):+.2f}).",

@@ -104,6 +104,7 @@ def test_page_from_synthetic_runs(tmp_path):
     assert text.count("**crl helps**") >= 6  # mAP and hidden AP vs 3 variants
     assert "**16 of 20 runs converged** (80 %)" in text
     assert "Single-item TEST accuracy" in text and "**80.0 %**" in text
+    assert "Warning" not in text  # every run had the same flags
     assert "over the 6 class pairs" in text
     assert "in 5 of 5 seeds the label projector collapsed" in text
     assert "| mse | 5 |" in text and "| undefined (5 collapsed) |" in text
@@ -123,12 +124,20 @@ def test_page_without_hidden_items(tmp_path):
     runs = [ablation.analyse_run(c, _fake_run(c, rng, variant, seed, test, 0.0, "standard"),
                                  facts["standard"])
             for seed in (0, 1) for variant in VARIANTS]
+    # One run reused from an invocation with another budget.
+    run_json = os.path.join(c.path(c.run_name("standard", "crl", 1)), "run.json")
+    with open(run_json, encoding="utf-8") as f:
+        payload = json.load(f)
+    payload["config"]["epochs"] = 6
+    with open(run_json, "w", encoding="utf-8") as f:
+        json.dump(payload, f)
     ablation_page.write(c, runs, facts, {"settings": {
         "num_train": 100, "canvas_size": 64, "epochs": 1, "learning_rate": 0.05,
         "batch_size": 64, "num_test": 50}, "seconds": 60, "test_accuracy": 0.8,
         "train_accuracy_per_epoch": [0.7]}, 100.0, {}, "def5678")
     text = open(c.output, encoding="utf-8").read()
     assert "Hidden-label AP: n/a in this setting" in text
+    assert "**Warning: the runs differ in epochs**" in text
     assert "hidden-label AP, 95 %" not in text and "nan" not in text
     assert text.count("\n- crl − ") == 3  # mAP verdicts only
 
