@@ -13,12 +13,14 @@ import os
 # code: pin Keras to its TensorFlow backend before keras is first imported.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+# Before TensorFlow loads: a `python -m mlcrl_tf.X` run hides TensorFlow's
+# INFO logs unless --verbosity >= 0 or the user's TF_CPP_MIN_LOG_LEVEL asks
+# for them (`pipelines.console`; the import of `pipelines` does it).
+from pipelines import console as _console  # noqa: E402
+
 try:
-    import tensorflow as _tf  # noqa: F401
+    import tensorflow as _tf  # noqa: F401,E402
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "mlcrl_tf needs TensorFlow 2.21: install it with `pip install .[cpu]` "
-        "(tensorflow-cpu) or `pip install .[gpu]` (tensorflow[and-cuda])."
-    ) from e
+    raise ImportError(_console.INSTALL_HINT) from e
 
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ from mlcrl_tf.backbones import BACKBONES
 from mlcrl_tf.model import VARIANTS
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 def _field(default, help_text, choices=None, element=None):
     """A Config field that is also a flag: default and help live here only."""
@@ -60,6 +61,10 @@ class Config:
     random_flip: bool = _field(False, "Random horizontal flips (off in the paper).")
     crop_scales: tuple = _field((), "Multi-scale random crop scales, e.g. "
                                 "1.0,0.875,0.75 (off in the paper).", element=float)
+    antialias: bool = _field(False, "Antialiased (PIL-like) bilinear resizing, as the "
+                             "paper's PyTorch preprocessing; about 3x slower input on "
+                             "640x480 photos (docs/performance.md). Stored with the run: "
+                             "evaluation and export use the run's setting.")
     # --- model ---
     backbone: str = _field("resnet101", "Feature extractor f_cnn: "
                            f"{', '.join(BACKBONES)} or keras_hub:<preset> (e.g. "
@@ -95,13 +100,24 @@ class Config:
                            "or multi_worker (from TF_CONFIG).", choices=STRATEGIES)
     num_cpu_devices: int = _field(0, "Split the CPU into this many logical devices "
                                   "(tests of multi-replica runs without GPUs); 0 = off.")
-    mixed_precision: bool = _field(False, "mixed_float16 with dynamic loss scaling.")
+    precision: str = _field("float32", "Compute precision of training: float32, "
+                            "mixed_float16 (dynamic loss scaling; NVIDIA GPUs) or "
+                            "mixed_bfloat16 (no loss scaling; AMX/AVX512-BF16 CPUs, Ampere+ "
+                            "GPUs, TPUs). Variables, losses, CRL and metrics stay float32.",
+                            choices=PRECISIONS)
+    mixed_precision: bool = _field(False, "Deprecated spelling of "
+                                   "--precision=mixed_float16.")
+    jit_compile: bool = _field(False, "Compile the training step with XLA "
+                               "(docs/performance.md has the measured ratio).")
     seed: int = _field(0, "Seed for initialisation and data order.")
     deterministic: bool = _field(False, "Enable TF op determinism (slower); with the "
                                  "seed, a run is bit-reproducible, also across a resume.")
     checkpoint_every_steps: int = _field(500, "Checkpoint period (also at each epoch "
                                          "end).")
     keep_checkpoints: int = _field(3, "Latest checkpoints kept.")
+    lock_timeout_secs: int = _field(300, "A model_dir lock whose heartbeat is older than "
+                                    "this is stale (its run died on another host) and is "
+                                    "broken; the holder refreshes it every tenth of it.")
     log_every_steps: int = _field(50, "Progress line and TensorBoard period.")
     eval_steps: int = _field(0, "Cap on evaluation batches; 0 = all.")
     num_summary_images: int = _field(4, "Eval images with predictions and CAMs logged "
@@ -173,7 +189,7 @@ def _validate_ranges(config):
         if not getattr(config, name):
             raise ValueError(f"--{name} is required.")
     positive = ("image_size", "batch_size", "epochs", "checkpoint_every_steps",
-                "keep_checkpoints", "log_every_steps")
+                "keep_checkpoints", "log_every_steps", "lock_timeout_secs")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}.")
@@ -196,6 +212,17 @@ def _validate_ranges(config):
             raise ValueError(f"--{name} must be >= 0, got {getattr(config, name)}.")
     if any(not 0.0 < s <= 1.0 for s in config.crop_scales):
         raise ValueError(f"--crop_scales must be in (0, 1], got {config.crop_scales}.")
+    if config.mixed_precision and config.precision not in ("float32", "mixed_float16"):
+        raise ValueError(f"--mixed_precision (= mixed_float16) contradicts "
+                         f"--precision={config.precision}; give --precision only.")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"--precision={config.precision!r} is unknown; choose one of "
+                         f"{', '.join(PRECISIONS)}.")
+
+
+def compute_policy(config):
+    """The Keras dtype policy of a run ("float32", "mixed_float16", ...)."""
+    return "mixed_float16" if config.mixed_precision else config.precision
 
 
 def _validate_schedule(config):

@@ -9,7 +9,8 @@ Prints the Table 1 row (mAP, CF1, CP, CR, OF1, OP, OR and their top-3
 versions) and, with --per_class, the Table 2 row of per-class AP (SPEC §6
 conventions; scores ranked as logits). With --saved_model the export's
 `serving_default` signature is evaluated on the records' original image
-bytes. The work is `mlcrl_tf.evaluate_lib`.
+bytes. Progress (images, rate, ETA) goes to stderr, the tables to stdout.
+The work is `mlcrl_tf.evaluate_lib`.
 """
 
 import sys
@@ -19,6 +20,8 @@ from absl import flags
 from absl import logging
 
 from mlcrl_tf import evaluate_lib
+from pipelines import console
+from pipelines import progress
 
 
 def define_flags():
@@ -49,13 +52,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    try:
-        result, class_names, name = evaluate_lib.evaluate_target(
-            f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
-            f.labels_file, f.batch_size, f.max_steps, f.threshold,
-            keep_scores=bool(f.output_scores))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    with progress.Progress(unit="images", description="eval") as bar:
+        try:
+            result, class_names, name = evaluate_lib.evaluate_target(
+                f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
+                f.labels_file, f.batch_size, f.max_steps, f.threshold,
+                keep_scores=bool(f.output_scores), progress=bar)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     print(f"{name}: {result.num_examples} images"
           + (f", {result.num_skipped} undecodable skipped" if result.num_skipped else ""))
     print(evaluate_lib.format_report(result, class_names, name, f.per_class))
@@ -69,4 +73,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -28,6 +28,8 @@ from mlcrl_tf import data as data_lib
 from mlcrl_tf import metrics as metrics_lib
 from mlcrl_tf import serving
 from pipelines import input_pipeline
+from pipelines import record_stream
+from pipelines import tfds_source
 from pipelines import tfrecord_lib
 
 
@@ -88,7 +90,7 @@ def _take_samples(samples, batch, logits, count):
 
 
 def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
-                   num_samples=0, skip_counter=None, keep_scores=False):
+                   num_samples=0, skip_counter=None, keep_scores=False, progress=None):
     """Runs the inference branch over `dataset` and computes every metric.
 
     Args:
@@ -100,6 +102,8 @@ def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
         num_samples: keep this many images with predictions for summaries.
         skip_counter: the dataset's `SkipCounter`, to report skipped records.
         keep_scores: also return every image's logits (`EvalResult.scores`).
+        progress: optional; its `update(n)` is called with the number of
+            images of each batch (e.g. a `pipelines.progress.Progress`).
 
     Returns:
         An `EvalResult`.
@@ -110,58 +114,66 @@ def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     keeper = _ScoreKeeper() if keep_scores else None
     samples = None
-    for step, batch in enumerate(dataset):
-        if max_steps and step >= max_steps:
-            break
-        logits = predict(batch["images"]).numpy()
-        labels, difficult = batch["labels"].numpy(), batch["difficult"].numpy()
-        accumulator.update(logits, labels, ignore=difficult)
-        if keeper:
-            keeper.add(batch["filename"].numpy(), logits, labels, difficult)
-        if num_samples:
-            samples = _take_samples(samples, batch, logits, num_samples)
+    with record_stream.readable_errors("evaluation data"):
+        for batch in _batches(dataset, max_steps):
+            logits = predict(batch["images"]).numpy()
+            labels, difficult = batch["labels"].numpy(), batch["difficult"].numpy()
+            accumulator.update(logits, labels, ignore=difficult)
+            if keeper:
+                keeper.add(batch["filename"].numpy(), logits, labels, difficult)
+            if num_samples:
+                samples = _take_samples(samples, batch, logits, num_samples)
+            if progress is not None:
+                progress.update(len(labels))
     result = _result(accumulator, threshold, samples, skip_counter)
     result.scores = keeper.arrays() if keeper else None
     return result
 
 
 def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0.5,
-                         batch_size=32, max_steps=0, keep_scores=False):
+                         batch_size=32, max_steps=0, keep_scores=False, progress=None):
     """Evaluates an export's `serving_default` on the records' image bytes.
 
     Ranks its `logits` output (not the saturating float32 `probabilities`).
+    `progress` (optional) is told the records of each batch, skipped ones
+    included (see `evaluate_model`).
 
     Returns:
         An `EvalResult` (without samples).
     """
     client = serving.ExportClient(saved_model_dir)
-    files = tfrecord_lib.find_shards(file_pattern)
-    dataset = tf.data.TFRecordDataset(files).map(
-        lambda record: input_pipeline.decode_example(record, num_classes),
-        num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    dataset = input_pipeline.make_record_dataset(file_pattern, batch_size, num_classes)
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     keeper = _ScoreKeeper() if keep_scores else None
     skipped = 0
-    for step, batch in enumerate(dataset):
-        if max_steps and step >= max_steps:
-            break
-        labels, ignore = batch["labels"].numpy(), batch["difficult"].numpy()
-        filenames = batch["filename"].numpy()
-        # Undecodable images are skipped and counted, the rest scored.
-        keep, logits, problems = client.score(batch["image_bytes"].numpy())
-        skipped += len(problems)
-        if not keep:
-            continue
-        labels, ignore, filenames = labels[keep], ignore[keep], filenames[keep]
-        accumulator.update(logits, labels, ignore=ignore)
-        if keeper:
-            keeper.add(filenames, logits, labels, ignore)
+    with record_stream.readable_errors("evaluation data"):
+        for batch in _batches(dataset, max_steps):
+            # Undecodable images are skipped and counted, the rest scored.
+            keep, logits, problems = client.score(batch["image_bytes"].numpy())
+            skipped += len(problems)
+            if progress is not None:
+                progress.update(len(batch["labels"]))
+            if not keep:
+                continue
+            labels = batch["labels"].numpy()[keep]
+            ignore = batch["difficult"].numpy()[keep]
+            accumulator.update(logits, labels, ignore=ignore)
+            if keeper:
+                keeper.add(batch["filename"].numpy()[keep], logits, labels, ignore)
     result = _result(accumulator, threshold, None, None)
     result.num_skipped = skipped
     result.scores = keeper.arrays() if keeper else None
     if skipped:
         logging.warning("%d undecodable records skipped.", skipped)
     return result
+
+
+def _batches(dataset, max_steps):
+    """The dataset's batches (at most max_steps, 0 = all)."""
+    for step, batch in enumerate(dataset):
+        if max_steps and step >= max_steps:
+            return
+        yield batch
 
 
 def _result(accumulator, threshold, samples, skip_counter):
@@ -196,12 +208,14 @@ def class_names_for(eval_files, labels_file=None):
     """Class names from `labels_file`, else labels.txt beside the shards (or None)."""
     if labels_file:
         return tfrecord_lib.read_class_names(labels_file)
+    if tfds_source.is_tfds(eval_files):
+        return None  # checked against the run's by data.resolve_data at training
     return tfrecord_lib.class_names_for_shards(tfrecord_lib.find_shards(eval_files))
 
 
 def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoint=None,
                     best=False, use_ema=True, labels_file=None, batch_size=32,
-                    max_steps=0, threshold=None, keep_scores=False):
+                    max_steps=0, threshold=None, keep_scores=False, progress=None):
     """Evaluates a training run (a checkpoint of it) or an export.
 
     Args:
@@ -216,6 +230,8 @@ def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoin
         batch_size, max_steps: evaluation batches.
         threshold: default the run's (0.5 for an export alone).
         keep_scores: keep every image's logits (`EvalResult.scores`).
+        progress: optional `pipelines.progress.Progress`: started with the
+            number of records to evaluate, then told each batch's images.
 
     Returns:
         (EvalResult, class_names, a name for the report).
@@ -239,8 +255,10 @@ def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoin
                                     f"the export {saved_model}")
         data_lib.check_same_classes(class_names, exported, f"--model_dir={model_dir!r}",
                                     f"the export {saved_model}")
+        _start(progress, eval_files, batch_size, max_steps)
         result = evaluate_saved_model(saved_model, eval_files, len(exported), threshold,
-                                      batch_size, max_steps, keep_scores=keep_scores)
+                                      batch_size, max_steps, keep_scores=keep_scores,
+                                      progress=progress)
         return result, exported, saved_model
     data_lib.check_same_classes(data_names, class_names, f"--eval_files={eval_files!r}",
                                 f"{model_dir}/run.json")
@@ -249,10 +267,23 @@ def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoin
     counter = input_pipeline.SkipCounter()
     dataset = input_pipeline.make_dataset(
         eval_files, batch_size, config.image_size, config.num_classes, training=False,
-        skip_counter=counter)
+        skip_counter=counter, data_dir=config.data_dir, antialias=config.antialias)
+    _start(progress, eval_files, batch_size, max_steps)
     result = evaluate_model(model, dataset, config.num_classes, threshold, max_steps,
-                            skip_counter=counter, keep_scores=keep_scores)
+                            skip_counter=counter, keep_scores=keep_scores,
+                            progress=progress)
     return result, class_names, f"{config.variant} ({path})"
+
+
+def _start(progress, eval_files, batch_size, max_steps):
+    """Starts `progress` with the number of records the evaluation reads."""
+    if progress is None:
+        return
+    if tfds_source.is_tfds(eval_files):
+        progress.start()  # TFDS split sizes are not counted here
+        return
+    total = tfrecord_lib.count_records(tfrecord_lib.find_shards(eval_files))
+    progress.start(total=min(total, max_steps * batch_size) if max_steps else total)
 
 
 def write_json(result, class_names, name, path):

@@ -9,11 +9,14 @@ in `mlcrl_tf.serving`; clients in docs/serving.md).
 """
 
 import sys
+import time
 
 from absl import app
 from absl import flags
 
 from mlcrl_tf import export_lib
+from pipelines import console
+from pipelines import progress
 
 
 def define_flags():
@@ -37,6 +40,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    # One opaque step (restore, trace the signatures, write): say it started.
+    print(f"Exporting {f.model_dir} ...", file=sys.stderr, flush=True)
+    start = time.monotonic()
     try:
         path = export_lib.export_from_model_dir(
             f.model_dir, f.export_dir, version=f.version, checkpoint=f.checkpoint,
@@ -44,8 +50,10 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"Exported {f.model_dir} to {path}")
+    print(f"export: done in {progress.format_duration(time.monotonic() - start)}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

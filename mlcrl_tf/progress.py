@@ -1,12 +1,21 @@
-"""A progress display for long training runs that stays readable in log files.
+"""Training's progress line, on top of `pipelines.progress.Progress`.
 
-On a terminal the line is redrawn in place; when stdout is not a TTY (a log
-file, CI, `nohup`) a full line is printed at each report instead, so logs
-never fill with carriage returns.
+    step  10/100 ( 10.0%) loss 0.5000 | 1.00 steps/s 4.0 img/s | ETA 1m30s | epoch 1/4
+
+The drawing is `pipelines.progress`'s, shared with the converters and
+`evaluate`: on a terminal one line redrawn in place (messages such as epoch
+summaries stay above it); when stdout is not a TTY (a log file, CI, `nohup`)
+one full line per report, so logs never fill with carriage returns. The
+training loop decides when to report (`--log_every_steps`), so every
+`update` draws. Speeds are those of the interval since the previous report
+(what TensorBoard's throughput scalars show); the ETA uses the mean rate
+since (re)start.
 """
 
 import sys
 import time
+
+from pipelines import progress
 
 
 def format_duration(seconds):
@@ -21,33 +30,39 @@ def format_duration(seconds):
     return f"{secs}s"
 
 
-class Progress:
-    """Reports step, loss, speed and ETA.
+class Progress(progress.Progress):
+    """Reports step, loss, speed and ETA of a training run.
 
     Args:
         total_steps: the run's last step number.
         global_batch_size: images per step (for images/s).
         stream: where to write (default sys.stdout).
         is_tty: override TTY detection (tests).
+        clock: a function returning seconds (monotonic); for tests.
 
     Example:
     >>> p = Progress(total_steps=100, global_batch_size=32, is_tty=False)
     >>> p.start(step=0)
-    >>> line = p.update(step=10, loss=0.5)
+    >>> speed = p.update(step=10, loss=0.5)
     """
 
-    def __init__(self, total_steps, global_batch_size, stream=None, is_tty=None):
+    def __init__(self, total_steps, global_batch_size, stream=None, is_tty=None,
+                 clock=time.monotonic):
+        super().__init__(total=int(total_steps), unit="steps",
+                         stream=sys.stdout if stream is None else stream,
+                         clock=clock, interval=0.0, is_tty=is_tty, tty_interval=0.0)
         self.total_steps = int(total_steps)
         self.global_batch_size = int(global_batch_size)
-        self.stream = stream if stream is not None else sys.stdout
-        self.is_tty = self.stream.isatty() if is_tty is None else is_tty
-        self._start_time = self._last_time = None
-        self._start_step = self._last_step = 0
+        self.step = self.first_step = 0
+        self.loss = None
+        self.speed = {"steps_per_sec": 0.0, "images_per_sec": 0.0}
+        self._run_start = self._last_time = clock()
 
     def start(self, step):
-        """Marks the step the run (re)starts from."""
-        self._start_time = self._last_time = time.monotonic()
-        self._start_step = self._last_step = int(step)
+        """Marks the step the run (re)starts from; draws nothing."""
+        self._run_start = self._last_time = self.clock()
+        self.step = self.first_step = int(step)
+        self.count = 0
 
     def update(self, step, loss, extra=""):
         """Writes one report; returns the speed since the previous report.
@@ -55,36 +70,24 @@ class Progress:
         Returns:
             dict with `steps_per_sec` and `images_per_sec` of the last interval.
         """
-        now = time.monotonic()
-        steps = int(step) - self._last_step
-        elapsed = max(now - self._last_time, 1e-9)
-        steps_per_sec = steps / elapsed
-        total_elapsed = max(now - self._start_time, 1e-9)
-        overall_rate = (int(step) - self._start_step) / total_elapsed
-        remaining = self.total_steps - int(step)
-        eta = format_duration(remaining / overall_rate) if overall_rate > 0 else "?"
+        now = self.clock()
+        steps_per_sec = (int(step) - self.step) / max(now - self._last_time, 1e-9)
+        self.speed = {"steps_per_sec": steps_per_sec,
+                      "images_per_sec": steps_per_sec * self.global_batch_size}
+        self._last_time = now
+        self.step, self.loss = int(step), float(loss)
+        super().update(self.step - self.first_step - self.count, extra=extra)
+        return dict(self.speed)
+
+    def line(self):
+        """The training line (see the module doc)."""
+        overall = self.count / max(self.clock() - self._run_start, 1e-9)
+        remaining = self.total_steps - self.step
+        eta = format_duration(remaining / overall) if overall > 0 else "?"
         width = len(str(self.total_steps))
-        line = (f"step {int(step):>{width}}/{self.total_steps} "
-                f"({100.0 * int(step) / max(self.total_steps, 1):5.1f}%) "
-                f"loss {loss:.4f} | {steps_per_sec:.2f} steps/s "
-                f"{steps_per_sec * self.global_batch_size:.1f} img/s | ETA {eta}")
-        if extra:
-            line += f" | {extra}"
-        self._write(line)
-        self._last_time, self._last_step = now, int(step)
-        return {"steps_per_sec": steps_per_sec,
-                "images_per_sec": steps_per_sec * self.global_batch_size}
-
-    def message(self, text):
-        """A line that must stay in the log (epoch summaries, checkpoints)."""
-        if self.is_tty:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def _write(self, line):
-        if self.is_tty:
-            self.stream.write("\r\033[K" + line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        loss = f"{self.loss:.4f}" if self.loss is not None else "?"
+        line = (f"step {self.step:>{width}}/{self.total_steps} "
+                f"({100.0 * self.step / max(self.total_steps, 1):5.1f}%) "
+                f"loss {loss} | {self.speed['steps_per_sec']:.2f} steps/s "
+                f"{self.speed['images_per_sec']:.1f} img/s | ETA {eta}")
+        return line + (f" | {self.extra}" if self.extra else "")

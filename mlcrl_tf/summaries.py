@@ -3,6 +3,7 @@
     summaries = TrainingSummaries(model_dir, is_chief)
     summaries.write_train(step, terms, learning_rates, speed)
     summaries.write_eval(step, result, model, class_names, max_images=4)
+    summaries.write_label_embeddings(step, model, class_names, train_files)
 
 Under `model_dir/train`: every loss term (`loss/...`), both learning rates,
 images/s and steps/s, the float16 loss scale. Under `model_dir/eval`: the 13
@@ -10,17 +11,41 @@ metrics (`metrics/...`), per-class AP, the same metrics on
 `--selection_files` (`selection_metrics/...`) and a few eval images with
 their top predictions and CAM maps (`eval/cams`, panels from
 `mlcrl_tf.cams`). Workers other than the chief write nothing.
+
+Label embeddings (variants with a co-projector, `mse` and `crl`), at every
+evaluation, also under `model_dir/eval`:
+- for TensorBoard's Projector tab: `label_embeddings-<step>` (a checkpoint
+  of one (C, C) variable, f_l(I_C); the latest only), `label_embeddings.tsv`
+  (class name, id and training images per class) and
+  `projector_config.pbtxt`;
+- `label_embeddings/closeness_vs_cooccurrence`: an image of the embedding
+  closeness next to the training labels' PMI, and
+  `label_embeddings/spearman_vs_pmi` (see `mlcrl_tf.label_space`).
+The co-occurrence is counted once per process from the training source's
+label ids (`pipelines.label_stats`, no image decoded). The embeddings are
+the live weights, not the EMA (f_l is never exported). None of it is part
+of the export.
 """
 
 import os
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins import projector
 
 from mlcrl_tf import cams
+from mlcrl_tf import label_space
+from pipelines import label_stats
 
 TAG = "eval/cams"
 TILE_SIZE = 128
+EMBEDDINGS_NAME = "label_embeddings"
+METADATA_FILE = "label_embeddings.tsv"
+# The key of the variable `label_embeddings` in a TF2 object-based checkpoint.
+TENSOR_NAME = "label_embeddings/.ATTRIBUTES/VARIABLE_VALUE"
+IMAGE_TAG = "label_embeddings/closeness_vs_cooccurrence"
+SPEARMAN_TAG = "label_embeddings/spearman_vs_pmi"
 
 
 def write_eval_images(samples, model, class_names, max_images=4):
@@ -41,6 +66,82 @@ def write_eval_images(samples, model, class_names, max_images=4):
     return bool(tf.summary.image(TAG, panels, max_outputs=len(panels)))
 
 
+def _tsv_field(text):
+    return " ".join(str(text).split())  # No tab or line break inside a field.
+
+
+class ProjectorFiles:
+    """The label embeddings as TensorBoard Projector files in one directory.
+
+    Args:
+        directory: a TensorBoard run directory (e.g. `model_dir/eval`).
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        self._variable = self._manager = None
+
+    def write(self, step, embeddings, class_names, class_counts=None):
+        """Writes the (C, D) embeddings of `step`; returns the checkpoint path.
+
+        Args:
+            step: the training step (the checkpoint's number).
+            embeddings: (C, D) array.
+            class_names: the C names (the projector's labels).
+            class_counts: optional (C,) training images per class (a column
+                of the metadata, to colour points by frequency).
+        """
+        embeddings = np.asarray(embeddings, np.float32)
+        if self._variable is None:
+            tf.io.gfile.makedirs(self.directory)
+            self._write_metadata(class_names, class_counts)
+            self._variable = tf.Variable(embeddings, trainable=False, name=EMBEDDINGS_NAME)
+            self._manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(**{EMBEDDINGS_NAME: self._variable}), self.directory,
+                max_to_keep=1, checkpoint_name=EMBEDDINGS_NAME)
+        else:
+            self._variable.assign(embeddings)
+        return self._manager.save(checkpoint_number=int(step))
+
+    def _write_metadata(self, class_names, class_counts):
+        rows = ["class\tid\ttrain_images"]
+        for i, name in enumerate(class_names):
+            count = "" if class_counts is None else str(int(class_counts[i]))
+            rows.append(f"{_tsv_field(name)}\t{i}\t{count}")
+        with tf.io.gfile.GFile(os.path.join(self.directory, METADATA_FILE), "w") as f:
+            f.write("\n".join(rows) + "\n")
+        config = projector.ProjectorConfig()
+        embedding = config.embeddings.add()
+        embedding.tensor_name = TENSOR_NAME
+        embedding.metadata_path = METADATA_FILE  # Relative to the config file.
+        projector.visualize_embeddings(self.directory, config)
+
+
+def write_label_space(embeddings, counts, class_names, max_images=1):
+    """The closeness-vs-PMI image and Spearman's rho, to the default writer.
+
+    Args:
+        embeddings: (C, D) label embeddings.
+        counts: the training labels' `label_stats.LabelCounts`.
+        class_names: the C names.
+        max_images: 0 writes the scalar only.
+
+    Returns:
+        Spearman's rho (NaN when undefined, then not written).
+    """
+    pmi = label_stats.pmi(counts)
+    rho, pairs = label_space.cooccurrence_correlation(embeddings, pmi)
+    if np.isfinite(rho):
+        tf.summary.scalar(SPEARMAN_TAG, rho)
+        caption = f"Spearman(-distance, PMI) = {rho:.3f} over {pairs} pairs"
+    else:
+        caption = f"Spearman undefined (collapsed embeddings or constant PMI), {pairs} pairs"
+    if max_images:
+        image = label_space.comparison_image(embeddings, pmi, class_names, caption)
+        tf.summary.image(IMAGE_TAG, image[None], max_outputs=1)
+    return rho
+
+
 class TrainingSummaries:
     """The train and eval summary writers of one run.
 
@@ -50,6 +151,9 @@ class TrainingSummaries:
     """
 
     def __init__(self, model_dir, is_chief=True):
+        self.is_chief = is_chief
+        self.projector = ProjectorFiles(os.path.join(model_dir, "eval"))
+        self._label_counts = {}  # (source, data_dir) -> LabelCounts or None
         if is_chief:
             self.train_writer = tf.summary.create_file_writer(
                 os.path.join(model_dir, "train"))
@@ -82,6 +186,47 @@ class TrainingSummaries:
                     tf.summary.scalar(f"per_class_ap/{name}", ap)
             if result.samples is not None:
                 write_eval_images(result.samples, model, class_names, max_images)
+
+    def write_label_embeddings(self, step, model, class_names, train_source, data_dir=None):
+        """Label embeddings for the projector, and closeness vs co-occurrence.
+
+        Does nothing on workers other than the chief and for variants
+        without a label projector. The training labels are counted on the
+        first call (one pass over their label ids); if that fails, a
+        warning says why and only the projector files are written.
+
+        Args:
+            step: the training step.
+            model: an `MLCRLModel`.
+            class_names: the C names.
+            train_source: the training shards' glob (or `tfds:` split).
+            data_dir: TFDS data directory.
+
+        Returns:
+            True if something was written.
+        """
+        if not self.is_chief or model.label_projector is None:
+            return False
+        embeddings = np.asarray(model.label_embeddings(), np.float32)
+        counts = self.train_label_counts(train_source, model.num_classes, data_dir)
+        self.projector.write(step, embeddings, class_names,
+                             None if counts is None else counts.classes)
+        if counts is not None:
+            with self.eval_writer.as_default(step=step):
+                write_label_space(embeddings, counts, class_names)
+        return True
+
+    def train_label_counts(self, source, num_classes, data_dir=None):
+        """`label_stats.count_labels` of the training source, once; None if unreadable."""
+        key = (source, data_dir)
+        if key not in self._label_counts:
+            try:
+                self._label_counts[key] = label_stats.count_labels(
+                    source, num_classes, data_dir)
+            except (ValueError, ImportError) as e:
+                logging.warning("No label co-occurrence in TensorBoard: %s", e)
+                self._label_counts[key] = None
+        return self._label_counts[key]
 
     def flush(self):
         self.train_writer.flush()

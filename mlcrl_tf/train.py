@@ -7,14 +7,17 @@ include `configs/base.flags` (the paper's recipe). Rerunning the same command
 resumes from the latest checkpoint in --model_dir.
 """
 
+import functools
 import sys
 
 from absl import app
 from absl import logging
 
+from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import flagfiles
 from mlcrl_tf import train_lib
+from pipelines import console
 
 
 def main(argv):
@@ -23,9 +26,7 @@ def main(argv):
     config = config_lib.config_from_flags()
     try:
         result = train_lib.train_and_evaluate(config)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    except train_lib.NonFiniteLossError as e:
+    except (ValueError, train_lib.NonFiniteLossError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
     logging.info("Done: %s", result)
     print(f"Finished at step {result['step']}; weights fingerprint {result['fingerprint']}")
@@ -38,4 +39,6 @@ def main(argv):
 
 if __name__ == "__main__":
     config_lib.define_flags()
-    app.run(main, flags_parser=flagfiles.parse_flags_with_usage)
+    # --verbosity defaults to WARNING (absl's app.run would raise it to INFO).
+    app.run(main, flags_parser=functools.partial(
+        console.parse_flags, parser=flagfiles.parse_flags_with_usage))

@@ -41,8 +41,10 @@ from mlcrl_tf import export_lib
 from mlcrl_tf import losses
 from mlcrl_tf import optim
 from mlcrl_tf import progress as progress_lib
+from mlcrl_tf import run_lock
 from mlcrl_tf import summaries as summaries_lib
 from pipelines import input_pipeline
+from pipelines import record_stream
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,9 +77,8 @@ class Trainer:
         self.steps_per_epoch = config.steps_per_epoch or max(
             1, num_train_records // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        with strategy.scope():
+        self.policy = config_lib.compute_policy(config)
+        with strategy.scope(), checkpoints.dtype_policy(self.policy):
             self._build_state()
         objects = {"model": self.model, "optimizer": self.optimizer, "step": self.step}
         if self.ema is not None:
@@ -86,6 +87,8 @@ class Trainer:
             config.model_dir, objects, config.keep_checkpoints, self.is_chief,
             distribute.worker_name(strategy))
         self.summaries = summaries_lib.TrainingSummaries(config.model_dir, self.is_chief)
+        self._replica_fn = (tf.function(self._replica_step, jit_compile=True)
+                            if config.jit_compile else self._replica_step)
         self.train_step = tf.function(self._distributed_step)
 
     def _build_state(self):
@@ -95,8 +98,9 @@ class Trainer:
         self.optimizer = optim.make_optimizer(
             self.model, c.learning_rate, c.backbone_learning_rate, momentum=c.momentum,
             weight_decay=c.weight_decay, decay_boundaries=self.decay_boundaries(),
-            decay_factor=c.lr_decay_factor, loss_scaling=c.mixed_precision)
-        self.model.compile(optimizer=self.optimizer, objective=objective_from(c))
+            decay_factor=c.lr_decay_factor, loss_scaling=self.policy == "mixed_float16")
+        self.model.compile(optimizer=self.optimizer, objective=objective_from(c),
+                           jit_compile=c.jit_compile)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.ema = (optim.ExponentialMovingAverage(self.model.trainable_variables,
@@ -124,7 +128,9 @@ class Trainer:
         return terms
 
     def _distributed_step(self, batch):
-        per_replica = self.strategy.run(self._replica_step, args=(batch,))
+        # Only what the step needs: XLA cannot take the string filenames.
+        inputs = {"images": batch["images"], "labels": batch["labels"]}
+        per_replica = self.strategy.run(self._replica_fn, args=(inputs,))
         # train_step returns global values from every replica (see
         # MLCRLModel.train_step): their mean is the global batch's value.
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
@@ -142,7 +148,8 @@ class Trainer:
                 c.train_files, c.batch_size, c.image_size, c.num_classes, training=True,
                 shuffle_buffer=c.shuffle_buffer, input_context=input_context,
                 augmentation=augmentation, seed=c.seed * 100003 + epoch,
-                skip_batches=skip_steps, data_dir=c.data_dir)
+                skip_batches=skip_steps, data_dir=c.data_dir, antialias=c.antialias,
+                deterministic=c.deterministic)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -150,7 +157,7 @@ class Trainer:
         c = self.config
         return input_pipeline.make_dataset(source, c.batch_size, c.image_size,
                                            c.num_classes, training=False,
-                                           data_dir=c.data_dir)
+                                           data_dir=c.data_dir, antialias=c.antialias)
 
     # --- checkpoints ------------------------------------------------------------
 
@@ -210,6 +217,8 @@ class Trainer:
         """Evaluates after an epoch, keeps best/; returns the --eval_files result."""
         c = self.config
         step = int(self.step.numpy())
+        self.summaries.write_label_embeddings(step, self.model, self.class_names,
+                                              c.train_files, c.data_dir)
         reported = selection = None
         if c.eval_files:
             reported = self.evaluate(c.eval_files, c.num_summary_images)
@@ -267,7 +276,9 @@ class Trainer:
         iterator = iter(self.train_dataset(epoch,
                                            skip_steps=step - epoch * self.steps_per_epoch))
         while step < epoch_end:
-            terms = {k: float(v) for k, v in self.train_step(next(iterator)).items()}
+            with record_stream.readable_errors("training data"):
+                batch = next(iterator)
+            terms = {k: float(v) for k, v in self.train_step(batch).items()}
             step = int(self.step.numpy())
             if not math.isfinite(terms["loss"]):
                 raise self._diverged(f"The loss became {terms['loss']} at step {step}")
@@ -279,7 +290,7 @@ class Trainer:
                 self.save()
 
     def _loss_scale(self):
-        if not self.config.mixed_precision:
+        if self.policy != "mixed_float16":
             return None
         return float(self.optimizer.dynamic_scale.numpy())
 
@@ -298,8 +309,11 @@ def train_and_evaluate(config):
         `export_path` (or None) and `fingerprint`.
 
     Raises:
-        ValueError: bad flags or data (message names the flag).
+        ValueError: bad flags or data (message names the flag), an unwritable
+            --model_dir or --export_dir, a --model_dir in use by another run.
         NonFiniteLossError: the loss diverged.
+        checkpoints.CheckpointError: a checkpoint could not be saved (e.g. a
+            full disk), none of the run's checkpoints loads, or the lock was lost.
     """
     config_lib.validate(config)
     for message in config_lib.warnings_for(config):
@@ -309,7 +323,17 @@ def train_and_evaluate(config):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     config, class_names, num_records = data_lib.resolve_data(config)
-    _prepare_model_dir(config, class_names, distribute.is_chief(strategy))
+    chief = distribute.is_chief(strategy)
+    run_lock.ensure_writable_dir(config.model_dir, "--model_dir")
+    if config.export_dir and chief:  # checked before the first step, not after the last
+        run_lock.ensure_writable_dir(config.export_dir, "--export_dir")
+    with run_lock.run_lock(config.model_dir, chief, config.lock_timeout_secs):
+        _prepare_model_dir(config, class_names, chief)
+        return _train_and_export(config, class_names, strategy, num_records)
+
+
+def _train_and_export(config, class_names, strategy, num_records):
+    """Trains, exports (chief); returns train_and_evaluate's dict."""
     trainer = Trainer(config, class_names, strategy, num_records)
     logging.info("Training %s/%s on %d records, %d steps/epoch x %d epochs, %d replicas.",
                  config.variant, config.backbone, num_records, trainer.steps_per_epoch,
@@ -328,15 +352,7 @@ def train_and_evaluate(config):
 
 
 def _prepare_model_dir(config, class_names, chief):
-    """Creates model_dir, checks a resumed run is the same network, writes run.json."""
-    try:
-        tf.io.gfile.makedirs(config.model_dir)
-        probe = f"{config.model_dir}/.write_test"
-        with tf.io.gfile.GFile(probe, "w") as f:
-            f.write("ok")
-        tf.io.gfile.remove(probe)
-    except (OSError, tf.errors.OpError) as e:
-        raise ValueError(f"--model_dir={config.model_dir!r} is not writable: {e}") from None
+    """Checks a resumed run is the same network, writes run.json (under the lock)."""
     checkpoints.check_resumable(config.model_dir, config)
     if chief:
         checkpoints.write_run(config.model_dir, config, class_names)

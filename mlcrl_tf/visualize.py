@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from mlcrl_tf import cams
 from mlcrl_tf import checkpoints
+from pipelines import console
 
 
 def define_flags():
@@ -51,4 +52,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

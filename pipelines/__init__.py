@@ -1,6 +1,24 @@
 """Dataset converters (COCO 2014, VOC 2007, CSV -> TFRecord), the tf.data
-input pipeline and the embedded Fashion-MNIST "outfits" demo dataset."""
+input pipeline and the embedded Fashion-MNIST "outfits" demo dataset.
+
+Importing the package sets the console up before TensorFlow loads
+(`pipelines.console`): a `python -m pipelines.X` run hides TensorFlow's INFO
+logs unless `--verbosity` >= 0 or the user's `TF_CPP_MIN_LOG_LEVEL` asks for
+them.
+"""
 
 import os
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from pipelines import console as _console  # noqa: E402
+
+if "tensorflow" not in sys.modules and _console.quiet_tensorflow_logs():
+    # TensorFlow prints a few INFO lines at load whatever the level: load it
+    # now, with them filtered out.
+    with _console.hidden_info_lines():
+        try:
+            import tensorflow as _tf  # noqa: F401
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(_console.INSTALL_HINT) from e

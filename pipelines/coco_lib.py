@@ -35,7 +35,6 @@ import os
 import re
 
 
-from pipelines import progress
 from pipelines import tfrecord_lib
 
 

@@ -45,7 +45,6 @@ import csv
 import os
 
 
-from pipelines import progress
 from pipelines import tfrecord_lib
 
 

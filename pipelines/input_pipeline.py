@@ -55,6 +55,7 @@ import random
 from absl import logging
 import tensorflow as tf
 
+from pipelines import record_stream
 from pipelines import tfds_source
 from pipelines import tfrecord_lib
 
@@ -166,26 +167,29 @@ def decode_image(image_bytes):
 # Preprocessing: the train/eval pair.
 # --------------------------------------------------------------------------
 
-def _resize(image, image_size):
-    """Bilinear (antialiased) resize to (S, S), aspect ratio not kept."""
+def _resize(image, image_size, antialias):
+    """Bilinear resize to (S, S), aspect ratio not kept."""
     return tf.image.resize(tf.cast(image, tf.float32),
                            (image_size, image_size), method="bilinear",
-                           antialias=True)
+                           antialias=antialias)
 
 
-def preprocess_eval(image, image_size):
+def preprocess_eval(image, image_size, antialias=False):
     """Evaluation (and serving) preprocessing.
 
     Args:
         image: uint8 or float tensor (H, W, 3) (or a batch (B, H, W, 3)),
             RGB in [0, 255].
         image_size: side S of the square model input.
+        antialias: antialiased (PIL-like) bilinear downscaling; about 3x
+            slower on 640x480 photos to 448 (docs/performance.md). The
+            identity when the image already has the model size.
 
     Returns:
         float32 (S, S, 3) (or (B, S, S, 3)), RGB in [0, 255] (the model
         normalises).
     """
-    return _resize(image, image_size)
+    return _resize(image, image_size, antialias)
 
 
 def _multi_scale_crop(image, crop_scales, seed):
@@ -214,7 +218,7 @@ def _multi_scale_crop(image, crop_scales, seed):
     return tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
 
 
-def preprocess_train(image, image_size, augmentation=None, seed=None):
+def preprocess_train(image, image_size, augmentation=None, seed=None, antialias=False):
     """Training preprocessing; equal to `preprocess_eval` by default.
 
     Args:
@@ -224,6 +228,7 @@ def preprocess_train(image, image_size, augmentation=None, seed=None):
         seed: stateless seed, int tensor of shape (2,). The same seed gives
             the same augmentation eagerly and inside tf.data. None draws a
             fresh one per call (not reproducible).
+        antialias: see `preprocess_eval`.
 
     Returns:
         float32 (S, S, 3), RGB in [0, 255].
@@ -236,7 +241,7 @@ def preprocess_train(image, image_size, augmentation=None, seed=None):
             tf.random.experimental.stateless_split(seed, 2))
     if augmentation.crop_scales:
         image = _multi_scale_crop(image, tuple(augmentation.crop_scales), crop_seed)
-    image = _resize(image, image_size)
+    image = _resize(image, image_size, antialias)
     if augmentation.random_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     return image
@@ -247,20 +252,15 @@ def preprocess_train(image, image_size, augmentation=None, seed=None):
 # --------------------------------------------------------------------------
 
 class SkipCounter:
-    """Counts records that `make_dataset` read but could not decode.
+    """Where `make_dataset` reports its counts: records read, images
+    delivered, records skipped as undecodable.
 
-    int64 tf.Variables updated by the pipeline itself: `read` (records that
-    entered decoding, each numbered by its position in the stream),
-    `delivered` (images decoded and passed on) and `skipped`. Decoding keeps
-    the stream's order, so when the record at position p is delivered and the
-    previously delivered one was at q, the p - q - 1 records in between were
-    dropped by `ignore_errors`: `skipped` grows by that gap. Once a finite
-    (evaluation) pass ends, the trailing undecodable records are added too.
-
-    Hence `skipped` is exact at any time and never counts records that are
-    still being decoded in parallel; `read` may run ahead of
-    `delivered + skipped` by those in-flight records. Counts accumulate over
-    passes; `reset()` starts again.
+    int64 host tf.Variables written by the pipeline as it runs (see
+    `pipelines.record_stream`): in evaluation (ordered, one pass) the counts
+    are exact at the end of the pass and per file as each file completes;
+    in training, skips are counted per pass, once the pass is through the
+    pipeline. Each iteration over the dataset counts from 0 again; the
+    counter shows the latest one.
 
     Use one counter per `make_dataset` call, created outside any
     `tf.distribute` strategy scope (the variables must stay plain host
@@ -279,37 +279,30 @@ class SkipCounter:
             raise ValueError(
                 "SkipCounter: create it outside the tf.distribute strategy "
                 "scope (it holds plain host variables).")
-
-        def variable(name):
-            return tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
-
         with tf.init_scope(), tf.device("/cpu:0"):
-            self._read = variable("records_read")
-            self._delivered = variable("images_delivered")
-            self._skipped = variable("records_skipped")
-            # Position of the latest delivered record.
-            self._last_position = variable("last_position")
+            self._values = {name: tf.Variable(0, dtype=tf.int64, trainable=False,
+                                              name=f"records_{name}")
+                            for name in ("read", "delivered", "skipped")}
         self._attached = False
 
     @property
     def read(self):
-        """Records that entered decoding (int)."""
-        return int(self._read.numpy())
+        """Records read from completed files (int)."""
+        return int(self._values["read"].numpy())
 
     @property
     def delivered(self):
         """Images decoded and passed on (int)."""
-        return int(self._delivered.numpy())
+        return int(self._values["delivered"].numpy())
 
     @property
     def skipped(self):
         """Records that could not be decoded so far (int)."""
-        return int(self._skipped.numpy())
+        return int(self._values["skipped"].numpy())
 
     def reset(self):
         """Sets every count to 0 (between passes, not during one)."""
-        for v in (self._read, self._delivered, self._skipped,
-                  self._last_position):
+        for v in self._values.values():
             v.assign(0)
 
     def log(self, name="input"):
@@ -319,8 +312,6 @@ class SkipCounter:
         log("%s pipeline: %d records read, %d images delivered, %d skipped "
             "as undecodable.", name, self.read, self.delivered, skipped)
 
-    # The hooks below run inside the tf.data graph, in sequential maps; only
-    # `make_dataset` calls them.
     def attach(self):
         """Claims the counter for one dataset (ValueError if already claimed)."""
         if self._attached:
@@ -328,46 +319,12 @@ class SkipCounter:
                              "make_dataset call; create one per dataset.")
         self._attached = True
 
-    def count_read(self, index, record):
-        """Numbers one record entering decoding (its stream position)."""
-        position = self._read.assign_add(1, read_value=False)
-        with tf.control_dependencies([position]):
-            return {"record": record, "index": index,
-                    "position": self._read.read_value()}
-
-    def count_delivered(self, features):
-        """Counts one delivered image and the skipped records before it."""
-        features = dict(features)
-        position = features.pop("position")
-        gap = position - self._last_position.read_value() - 1
-        updates = [self._skipped.assign_add(gap, read_value=False),
-                   self._delivered.assign_add(1, read_value=False)]
+    def record(self, element):
+        """Stores the running counts carried by one element (inside tf.data)."""
+        updates = [self._values[name].assign(element[name], read_value=False)
+                   for name in ("read", "delivered", "skipped")]
         with tf.control_dependencies(updates):
-            updates.append(self._last_position.assign(position,
-                                                      read_value=False))
-        with tf.control_dependencies(updates):
-            return tf.nest.map_structure(tf.identity, features)
-
-    def finish(self, unused_element):
-        """Runs once after a finite pass: counts the trailing skips."""
-        gap = self._read.read_value() - self._last_position.read_value()
-        update = self._skipped.assign_add(gap, read_value=False)
-        with tf.control_dependencies([update]):
-            update = self._last_position.assign(self._read, read_value=False)
-        with tf.control_dependencies([update]):
-            return tf.constant(False)
-
-
-def _run_when_exhausted(dataset, predicate):
-    """Appends one dummy element that `predicate` (returning False) drops.
-
-    `predicate` therefore runs exactly once, after the last real element,
-    and adds nothing to the stream.
-    """
-    dummy = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
-                                  dataset.element_spec)
-    return dataset.concatenate(
-        tf.data.Dataset.from_tensors(dummy).filter(predicate))
+            return tf.nest.map_structure(tf.identity, element)
 
 
 # --------------------------------------------------------------------------
@@ -376,7 +333,8 @@ def _run_when_exhausted(dataset, predicate):
 
 def make_dataset(source, batch_size, image_size, num_classes, training, *,
                  shuffle_buffer=2048, input_context=None, augmentation=None,
-                 seed=None, skip_counter=None, skip_batches=0, data_dir=None):
+                 seed=None, skip_counter=None, skip_batches=0, data_dir=None,
+                 antialias=False, deterministic=False):
     """Builds the batched tf.data pipeline over TFRecord shards (or TFDS).
 
     Args:
@@ -387,16 +345,15 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
         image_size: side S of the square model input.
         num_classes: C.
         training: True: shuffle files and records, augment (if asked),
-            repeat forever, drop the last partial batch. False: every record
-            exactly once, deterministic order, last partial batch kept.
+            repeat forever, drop the last partial batch, decode in any order
+            (unless `deterministic`). False: every record exactly once, in
+            a fixed order, last partial batch kept.
         shuffle_buffer: records in the shuffle buffer (training). They are
             still encoded: 2048 COCO images are ~330 MB.
         input_context: optional `tf.distribute.InputContext`.
         augmentation: an `Augmentation` (training only), see `preprocess_train`.
         seed: int, makes shuffling and augmentation reproducible.
-        skip_counter: optional `SkipCounter` that counts the records skipped
-            as undecodable (without one they are still skipped and logged
-            by tf.data, just not counted).
+        skip_counter: optional `SkipCounter` to read the counts from.
         skip_batches: training only: global batches (steps) of this dataset
             already consumed, to resume mid-epoch. Each pipeline skips its
             share (`skip_batches * batch_size / num_input_pipelines`) of
@@ -404,6 +361,8 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
             the augmentation of the later records is unchanged. Exact unless
             an undecodable record lies in the skipped part.
         data_dir: TensorFlow Datasets' data directory for a `tfds:` source.
+        antialias: antialiased resize (see `preprocess_eval`).
+        deterministic: training decodes in order too (bit-reproducible runs).
 
     Returns:
         A `tf.data.Dataset` of dicts: `images` float32 (B, S, S, 3) RGB in
@@ -417,77 +376,86 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
     if skip_batches and not training:
         raise ValueError("skip_batches is for resuming training; evaluation "
                          "reads every record.")
-    if seed is None:
-        seed = random.randrange(_INT32_MAX)
+    seed = random.randrange(_INT32_MAX) if seed is None else seed
     if skip_counter is not None:
         skip_counter.attach()
     num_pipelines = input_context.num_input_pipelines if input_context else 1
+    ds, parse, files = _records(source, training, seed, input_context, data_dir,
+                                shuffle_buffer)
+    ds = _number_images(ds, skip_batches * (batch_size // num_pipelines))
+    ds = _decode(ds, parse, image_size, training, augmentation, seed, antialias,
+                 ordered=deterministic or not training)
+    ds = record_stream.check_stream(ds, files, ordered=deterministic or not training)
+    if skip_counter is not None:
+        ds = ds.map(skip_counter.record)
+    ds = ds.filter(lambda e: tf.logical_not(e["end"]))
+    ds = ds.map(lambda e: _labels_to_multi_hot(_features(e), num_classes))
     per_pipeline_batch = (input_context.get_per_replica_batch_size(batch_size)
                           if input_context else batch_size)
-    ds, parse = _records(source, training, seed, input_context, data_dir)
-    if training:
-        # Shuffle encoded records (cheap) before the expensive decode, then
-        # repeat so that epochs follow each other without a pipeline restart.
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.repeat()
-    # A unique index per element: with `seed`, its augmentation seed.
-    ds = ds.enumerate()
-    if skip_batches:
-        # Resuming: drop the records of the steps already done, undecoded.
-        ds = ds.skip(skip_batches * (batch_size // num_pipelines))
-    if skip_counter is not None:
-        # Sequential and cheap: numbers the records for skip counting.
-        ds = ds.map(skip_counter.count_read)
-    else:
-        ds = ds.map(lambda index, record: {"record": record, "index": index})
-    ds = _decode(ds, parse, image_size, training, augmentation, seed)
-    ds = _count_and_label(ds, num_classes, skip_counter, training)
     ds = ds.batch(per_pipeline_batch, drop_remainder=training)
     # Overlap input with the training step.
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _records(source, training, seed, input_context, data_dir):
-    """The stream of records of one input pipeline, and how to parse one.
+def make_record_dataset(source, batch_size, num_classes, data_dir=None):
+    """Evaluation records NOT decoded here (an export decodes them itself).
+
+    The same reader and checks as `make_dataset` (a truncated or corrupt
+    shard is an error naming it), every record once, in order.
 
     Returns:
-        (dataset of records, parse function record -> feature dict).
+        A dataset of dicts: `image_bytes` string (B,), `filename` string (B,),
+        `labels` float32 (B, C), `difficult` bool (B, C).
     """
+    ds, parse, files = _records(source, False, 0, None, data_dir, 0)
+    ds = record_stream.check_stream(ds, files, ordered=True)
+    ds = ds.filter(lambda e: tf.logical_not(e["end"]))
+    ds = ds.map(lambda e: _labels_to_multi_hot(parse(e["record"]), num_classes),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _records(source, training, seed, input_context, data_dir, shuffle_buffer):
+    """The record stream (with end markers), how to parse a record, the files."""
     if tfds_source.is_tfds(source):
         # Already parsed records; the split shards itself by file or record.
         split = tfds_source.open_split(source, data_dir=data_dir)
-        return split.records(shuffle_files=training, seed=seed,
-                             input_context=input_context), dict
+        return (record_stream.tfds_stream(split, training, seed, input_context,
+                                          shuffle_buffer), dict, [])
     files = tfrecord_lib.find_shards(source)
     num_pipelines = input_context.num_input_pipelines if input_context else 1
-    shard_files = num_pipelines > 1 and len(files) >= num_pipelines
-    if num_pipelines > 1 and not shard_files:
+    if 1 < num_pipelines > len(files):
         logging.warning(
             "%d shard files for %d input pipelines: every pipeline reads all "
             "files and keeps every %d-th record. Write at least %d shards to "
             "shard by file.", len(files), num_pipelines, num_pipelines,
             num_pipelines)
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shard_files:
-        # Each pipeline reads its own files: no record is read twice.
-        ds = ds.shard(num_pipelines, input_context.input_pipeline_id)
-    if training and not (num_pipelines > 1 and not shard_files):
-        # A new file order every epoch. (Record sharding below needs the same
-        # order in every pipeline, so then the files stay in order.)
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    # Read several files at once: more I/O in flight, and the records of
-    # consecutive files are mixed before the shuffle buffer.
-    ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
-        cycle_length=min(len(files), 16), block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if num_pipelines > 1 and not shard_files:
-        ds = ds.shard(num_pipelines, input_context.input_pipeline_id)
-    return ds, _parse_example
+    return (record_stream.record_stream(files, training, seed, input_context,
+                                        shuffle_buffer), _parse_example, files)
 
 
-def _decode(ds, parse, image_size, training, augmentation, seed):
-    """Parses, decodes and preprocesses in parallel; drops what fails."""
+def _number_images(ds, skip):
+    """Numbers the images of the stream (their augmentation seed); drops the
+    first `skip` images (resuming), never an end marker."""
+
+    def number(n, element):
+        image = tf.cast(tf.logical_not(element["end"]), tf.int64)
+        return n + image, dict(element, index=n)
+
+    ds = ds.scan(tf.constant(0, tf.int64), number)
+    if skip:
+        ds = ds.filter(lambda e: tf.logical_or(e["end"], e["index"] >= skip))
+    return ds
+
+
+def _decode(ds, parse, image_size, training, augmentation, seed, antialias, ordered):
+    """Parses, decodes and preprocesses in parallel; drops what fails.
+
+    End markers are not decoded: they always reach `check_stream`.
+    """
+    blank = {"images": tf.zeros([image_size, image_size, 3], tf.float32),
+             "filename": tf.constant(""), "label_ids": tf.zeros([0], tf.int64),
+             "difficult_ids": tf.zeros([0], tf.int64)}
 
     def decode_and_preprocess(element):
         features = parse(element["record"])
@@ -495,33 +463,25 @@ def _decode(ds, parse, image_size, training, augmentation, seed):
         if training:
             image = preprocess_train(
                 image, image_size, augmentation,
-                seed=tf.stack([tf.constant(seed, tf.int64), element["index"]]))
+                seed=tf.stack([tf.constant(seed, tf.int64), element["index"]]),
+                antialias=antialias)
         else:
-            image = preprocess_eval(image, image_size)
-        features["images"] = image
-        if "position" in element:
-            features["position"] = element["position"]
-        return features
+            image = preprocess_eval(image, image_size, antialias)
+        return dict(features, images=image)
 
-    # The expensive step, in parallel; order kept (deterministic evaluation
-    # and exact skip counts).
-    ds = ds.map(decode_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-    # An undecodable image or record is dropped (and logged), not fatal.
-    return ds.ignore_errors(log_warning=True)
+    def step(element):
+        features = tf.cond(element["end"], lambda: blank,
+                           lambda: decode_and_preprocess(element))
+        bookkeeping = {k: element[k] for k in ("end", "file", "count", "expected", "pass")}
+        return dict(features, **bookkeeping)
+
+    # The expensive step, in parallel; in order only where needed
+    # (evaluation, --deterministic training).
+    ds = ds.map(step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    # An undecodable image or record is dropped, counted and reported once
+    # per file or pass by `check_stream` (not one warning per record).
+    return ds.ignore_errors(log_warning=False)
 
 
-def _count_and_label(ds, num_classes, counter, training):
-    """Counts delivered images and turns label ids into multi-hot vectors."""
-
-    def count_and_multi_hot(features):
-        if counter is not None:
-            features = counter.count_delivered(features)
-        # After ignore_errors on purpose: a bad class id must stop the run.
-        return _labels_to_multi_hot(features, num_classes)
-
-    ds = ds.map(count_and_multi_hot)
-    if counter is not None and not training:
-        # Trailing undecodable records count once the pass is over.
-        ds = _run_when_exhausted(ds, counter.finish)
-    return ds
+def _features(element):
+    return {k: element[k] for k in ("images", "filename", "label_ids", "difficult_ids")}

@@ -28,7 +28,6 @@ import os
 import xml.etree.ElementTree as ElementTree
 
 
-from pipelines import progress
 from pipelines import tfrecord_lib
 
 VOC_CLASSES = (

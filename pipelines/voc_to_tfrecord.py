@@ -10,6 +10,7 @@ import sys
 from absl import app
 from absl import flags
 
+from pipelines import console
 from pipelines import voc_lib
 from pipelines import progress
 from pipelines import tfrecord_lib
@@ -38,4 +39,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -30,6 +30,21 @@ def demo_data(tmp_path_factory):
             "labels_file": os.path.join(records, "labels.txt")}
 
 
+@pytest.fixture(scope="session")
+def crl_run(demo_data, tmp_path_factory):
+    """A crl training run of 2 epochs x 2 steps on `demo_data` (evaluated
+    after each epoch; no summary images, no EMA). Returns its Config."""
+    from mlcrl_tf import config as config_lib  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf import train_lib  # pylint: disable=import-outside-toplevel
+    config = config_lib.Config(
+        model_dir=str(tmp_path_factory.mktemp("crl_run") / "run"),
+        train_files=demo_data["train_files"], eval_files=demo_data["test_files"],
+        backbone="small_cnn", image_size=48, batch_size=8, epochs=2, steps_per_epoch=2,
+        num_summary_images=0, backbone_weights=None, lr_decay_epochs=())
+    train_lib.train_and_evaluate(config)
+    return config
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

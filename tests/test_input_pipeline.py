@@ -276,10 +276,12 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
                         seed=0)
         for batch in ds.take(12):  # 36 images = 4 epochs of 9
             self.assertEqual(batch["images"].shape, (3, 28, 28, 3))
-        # The pipeline may already be ahead by a few prefetched images.
+        # Pass p is counted once pass p + 2 starts (it is then surely through
+        # the pipeline, even decoded out of order); the pipeline may already
+        # be ahead by a few prefetched images.
         delivered, skipped = counter.delivered, counter.skipped
         self.assertGreaterEqual(delivered, 36)
-        self.assertBetween(skipped, delivered // 9 - 1, delivered // 9 + 1)
+        self.assertBetween(skipped, max(1, delivered // 9 - 3), delivered // 9 + 1)
 
     def test_counter_belongs_to_one_dataset(self):
         pattern, _ = self._write_split(4, 1)
@@ -291,13 +293,14 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
     def test_training_shuffles_repeats_and_is_seeded(self):
         pattern, truth = self._write_split(20, 4)
         ds = self._make(pattern, 8, training=True, seed=3, random_flip=True,
-                        crop_scales=(1.0, 0.75))
+                        crop_scales=(1.0, 0.75), deterministic=True)
         batches = list(ds.take(6).as_numpy_iterator())  # 48 > 20 records
         names = np.concatenate([b["filename"] for b in batches])
         self.assertEqual(set(n.decode() for n in names), set(truth))
         self.assertNotEqual(list(names[:20]), sorted(names[:20]))
         again = list(self._make(pattern, 8, training=True, seed=3,
-                                random_flip=True, crop_scales=(1.0, 0.75))
+                                random_flip=True, crop_scales=(1.0, 0.75),
+                                deterministic=True)
                      .take(6).as_numpy_iterator())
         for a, b in zip(batches, again):
             self.assertAllEqual(a["filename"], b["filename"])
@@ -306,7 +309,7 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
     def test_skip_batches_resumes_the_same_stream(self):
         pattern, _ = self._write_split(20, 4)
         kwargs = dict(training=True, seed=5, random_flip=True,
-                      crop_scales=(1.0, 0.5))
+                      crop_scales=(1.0, 0.5), deterministic=True)
         full = list(self._make(pattern, 4, **kwargs).take(7)
                     .as_numpy_iterator())
         resumed = list(self._make(pattern, 4, skip_batches=3, **kwargs)

@@ -213,8 +213,8 @@ def test_mirrored_two_replicas_matches_one_device(demo_data, tmp_path):
     exact = {"TF_ENABLE_ONEDNN_OPTS": "0"}
     run_module("mlcrl_tf.train", args + [f"--model_dir={tmp_path / 'one'}"], env=exact)
     mirrored = run_module("mlcrl_tf.train", args + [
-        f"--model_dir={tmp_path / 'two'}", "--strategy=mirrored", "--num_cpu_devices=2"],
-        env=exact)
+        f"--model_dir={tmp_path / 'two'}", "--strategy=mirrored", "--num_cpu_devices=2",
+        "--verbosity=0"], env=exact)  # INFO: the "Training ... 2 replicas." line
     assert "2 replicas" in mirrored.stderr
     one, two = _first_losses(tmp_path / "one"), _first_losses(tmp_path / "two")
     for name in one:
@@ -239,7 +239,7 @@ def test_multi_worker_two_local_workers(demo_data, tmp_path):
             [sys.executable, "-m", "mlcrl_tf.train", *SMALL, "--strategy=multi_worker",
              f"--model_dir={model_dir}", f"--train_files={demo_data['train_files']}",
              f"--eval_files={demo_data['test_files']}", "--epochs=1",
-             "--steps_per_epoch=3"],
+             "--steps_per_epoch=3", "--verbosity=0"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
@@ -479,3 +479,31 @@ def test_progress_is_line_based_without_tty():
     assert "\r" not in text and text.count("\n") == 2
     assert "step  10/100" in text and "ETA" in text and speed["images_per_sec"] > 0
     assert progress_lib.format_duration(3725) == "1h02m05s"
+
+
+def test_progress_redraws_one_line_on_a_tty_with_interval_speed_and_eta():
+    import io  # pylint: disable=import-outside-toplevel
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    now = [100.0]
+    stream = Tty()
+    progress = progress_lib.Progress(total_steps=100, global_batch_size=4, stream=stream,
+                                     clock=lambda: now[0])
+    progress.start(20)  # resumed at step 20: ETA from the steps done since
+    now[0] += 10
+    assert progress.update(30, 0.5, "epoch 1/2") == {"steps_per_sec": 1.0,
+                                                     "images_per_sec": 4.0}
+    now[0] += 2
+    speed = progress.update(40, 0.25)
+    progress.message("Epoch 1/2 done")
+    text = stream.getvalue()
+    assert text.startswith("\rstep  30/100 ( 30.0%) loss 0.5000 | 1.00 steps/s 4.0 img/s"
+                           " | ETA 1m10s | epoch 1/2")
+    assert speed["steps_per_sec"] == 5.0
+    # 20 steps in 12 s since the restart: 60 steps left take 36 s.
+    assert "\rstep  40/100 ( 40.0%) loss 0.2500 | 5.00 steps/s 20.0 img/s | ETA 36s" in text
+    assert "Epoch 1/2 done\n" in text and text.count("\n") == 1  # one line kept
+    assert text.endswith("ETA 36s")  # the progress line is drawn again below it

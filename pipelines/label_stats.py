@@ -1,0 +1,146 @@
+"""Label statistics of a training source, read without decoding an image.
+
+    counts = count_labels("data/coco/train2014-*.tfrecord", num_classes=80)
+    counts.pairs         # (C, C) int64: images holding both class i and j
+    counts.classes       # (C,): images holding class i (the diagonal)
+    pmi(counts)          # (C, C) pointwise mutual information
+
+A source is a glob of TFRecord shards of our schema (only
+`image/class/label` is parsed: the image bytes are read from disk but never
+decoded) or a TFDS split `tfds:NAME:SPLIT` (`pipelines.tfds_source`, whose
+records carry the same label ids). Difficult labels count as positives, as
+in training. A class repeated within one image counts once.
+
+Used by `mlcrl_tf.summaries` to compare the label embeddings f_l(I_C) with
+the training set's co-occurrence. Pure NumPy after reading; no mlcrl_tf,
+no Keras.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import tfds_source
+from pipelines import tfrecord_lib
+
+BATCH_SIZE = 512  # records parsed per call; batches parse in parallel
+_LABEL_SPEC = {tfrecord_lib.LABEL_KEY: tf.io.VarLenFeature(tf.int64)}
+# TensorFlow's wrapping of an iterator error: "{{function_node ...}} <message> [Op:...]".
+_TF_WRAPPING = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelCounts:
+    """Co-occurrence counts of the classes of a set of images.
+
+    Attributes:
+        pairs: int64 (C, C), symmetric; `pairs[i, j]` images hold both
+            classes i and j, `pairs[i, i]` images hold class i.
+        num_records: images counted (with or without labels).
+    """
+
+    pairs: np.ndarray
+    num_records: int
+
+    @property
+    def classes(self):
+        """int64 (C,): the images holding each class."""
+        return np.diagonal(self.pairs).copy()
+
+
+def add_label_ids(pairs, rows, ids, num_rows, where="labels"):
+    """Adds the images of one batch to `pairs` (in place).
+
+    Args:
+        pairs: int64 (C, C) counts to add to.
+        rows: int (n,): the image (0..num_rows-1) of each label id.
+        ids: int (n,): class ids.
+        num_rows: images in the batch.
+        where: the source, for the error message.
+
+    Raises:
+        ValueError: a class id outside [0, C).
+    """
+    num_classes = len(pairs)
+    ids = np.asarray(ids, np.int64)
+    bad = ids[(ids < 0) | (ids >= num_classes)]
+    if bad.size:
+        raise ValueError(f"{where}: class id {int(bad[0])} is outside "
+                         f"[0, num_classes={num_classes}); wrong label map?")
+    multi_hot = np.zeros((int(num_rows), num_classes), np.float32)
+    multi_hot[np.asarray(rows, np.int64), ids] = 1.0  # a repeated id counts once
+    # Exact: per-batch counts stay far below float32's 2**24.
+    pairs += np.rint(multi_hot.T @ multi_hot).astype(np.int64)
+
+
+def _tfrecord_label_batches(source):
+    """(rows, ids, num_rows) batches of the shards' label ids."""
+    files = tfrecord_lib.find_shards(source)
+    # Several files at once with large read buffers: reading is the cost
+    # (about 1 GB/s of 160 KB records from the page cache, docs/design.md).
+    ds = tf.data.TFRecordDataset(files, buffer_size=8 << 20,
+                                 num_parallel_reads=min(len(files), 8))
+    ds = ds.batch(BATCH_SIZE).map(
+        lambda records: tf.io.parse_example(records, _LABEL_SPEC)[tfrecord_lib.LABEL_KEY],
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda ids: (ids.indices[:, 0], ids.values, ids.dense_shape[0]))
+    return ds.prefetch(2)
+
+
+def _tfds_label_batches(source, data_dir):
+    """(rows, ids, num_rows) batches of a TFDS split's label ids."""
+    split = tfds_source.open_split(source, data_dir=data_dir)
+    ds = split.records().map(lambda record: record["label_ids"])
+    ds = ds.ragged_batch(BATCH_SIZE)
+    return ds.map(lambda ids: (ids.value_rowids(), ids.flat_values, ids.nrows()))
+
+
+def count_labels(source, num_classes, data_dir=None):
+    """Counts how often each pair of classes labels the same image.
+
+    Args:
+        source: a glob of TFRecord shards or `tfds:NAME:SPLIT`.
+        num_classes: C.
+        data_dir: TFDS data directory (TFDS sources only).
+
+    Returns:
+        A `LabelCounts`.
+
+    Raises:
+        ValueError: no shards, an unreadable or corrupt record, or a class id
+            outside [0, C) (the message names the source).
+        ImportError: a TFDS source without tensorflow-datasets.
+    """
+    pairs = np.zeros((int(num_classes), int(num_classes)), np.int64)
+    num_records = 0
+    try:
+        batches = (_tfds_label_batches(source, data_dir) if tfds_source.is_tfds(source)
+                   else _tfrecord_label_batches(source))
+        for rows, ids, num_rows in batches.as_numpy_iterator():
+            add_label_ids(pairs, rows, ids, num_rows, where=source)
+            num_records += int(num_rows)
+    except tf.errors.OpError as e:
+        message = _TF_WRAPPING.sub("", e.message.strip().splitlines()[0])
+        raise ValueError(f"{source}: cannot read the labels: {message}") from None
+    return LabelCounts(pairs=pairs, num_records=num_records)
+
+
+def pmi(counts):
+    """Pointwise mutual information log p(i, j) / (p(i) p(j)) of class pairs.
+
+    Args:
+        counts: a `LabelCounts`.
+
+    Returns:
+        float64 (C, C), symmetric; -inf where two classes never label the
+        same image (and on the row of a class that never occurs). The
+        diagonal is -log p(i).
+    """
+    n = max(counts.num_records, 1)
+    joint = counts.pairs / n
+    marginal = counts.classes / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.log(joint) - np.log(np.outer(marginal, marginal))
+    return np.where(joint > 0, values, -np.inf)
