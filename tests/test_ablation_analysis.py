@@ -16,6 +16,9 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 # pylint: disable=wrong-import-position
 import ablation_analysis as analysis  # noqa: E402
+import pretrain_backbone  # noqa: E402
+from mlcrl_tf import model as model_lib  # noqa: E402
+from pipelines import fashion_mnist  # noqa: E402
 # pylint: enable=wrong-import-position
 
 
@@ -258,8 +261,6 @@ def test_heatmap_shape_and_colours():
 # ---------------------------------------------------------------------------
 
 def test_pretrain_save_load_round_trip(tmp_path):
-    import pretrain_backbone  # pylint: disable=import-outside-toplevel
-    from mlcrl_tf import model as model_lib  # pylint: disable=import-outside-toplevel
     images, labels = pretrain_backbone.make_canvases("train", 48, 32, seed=0)
     assert images.shape == (48, 32, 32, 3) and images.dtype == np.uint8
     assert set(labels.tolist()) <= set(range(10)) and len(set(labels.tolist())) > 5
@@ -282,7 +283,6 @@ def test_pretrain_save_load_round_trip(tmp_path):
 
 
 def test_pretrain_is_cached_and_checks_the_file_name(tmp_path):
-    import pretrain_backbone  # pylint: disable=import-outside-toplevel
     path = str(tmp_path / "bb.weights.h5")
     settings = dict(canvas_size=32, num_train=32, num_test=16, epochs=1, batch_size=16)
     report = pretrain_backbone.pretrain(path, **settings)
@@ -295,8 +295,6 @@ def test_pretrain_is_cached_and_checks_the_file_name(tmp_path):
 
 
 def test_single_item_canvases_are_deterministic_and_split_pure():
-    import pretrain_backbone  # pylint: disable=import-outside-toplevel
-    from pipelines import fashion_mnist  # pylint: disable=import-outside-toplevel
     a = pretrain_backbone.make_canvases("test", 12, 32, seed=0)
     b = pretrain_backbone.make_canvases("test", 12, 32, seed=0)
     c = pretrain_backbone.make_canvases("test", 12, 32, seed=1)
