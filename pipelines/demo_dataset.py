@@ -26,7 +26,7 @@ def define_flags():
     flags.DEFINE_integer("canvas_size", 96, "Canvas side in pixels.")
     flags.DEFINE_integer("seed", 0, "Generation seed.")
     flags.DEFINE_bool("occlusion", False, "Harder setting: occluded and "
-                      "edge-cropped items (>= 35 % visible).")
+                      "edge-cropped items (>= 25 % visible).")
     flags.DEFINE_string("fashion_mnist_dir", None, "Directory of the "
                         "Fashion-MNIST *-ubyte.gz files (default: the Debian "
                         "package, the Keras cache, then a download).")

@@ -39,8 +39,10 @@ unlabelled shows:
   >= 90 % visible (limited overlap);
 * `occlusion=True` (the harder setting for the context ablation): items are
   larger (1.1-1.8x), placed near an existing item, may leave the canvas, and
-  need only `OCCLUDED_MIN_VISIBLE = 0.35` (35 %) visible. A class counts as
-  present iff one of its items is >= 35 % visible.
+  need only `OCCLUDED_MIN_VISIBLE = 0.25` (25 %) visible. A class counts as
+  present iff one of its items is >= 25 % visible. The low minimum leaves
+  many classes whose every item is mostly hidden (25-50 % visible): the
+  ablation's hidden-label AP (paper Fig. 1b) ranks exactly those images.
 
 Output
 ------
@@ -90,7 +92,7 @@ SCENE_PROBABILITY = 0.8   # an item comes from its scene's classes
 REPEAT_PROBABILITY = 0.1  # an item repeats a class already on the canvas
 MIN_ITEMS, MAX_ITEMS = 2, 4
 DEFAULT_MIN_VISIBLE = 0.9
-OCCLUDED_MIN_VISIBLE = 0.35
+OCCLUDED_MIN_VISIBLE = 0.25
 DEFAULT_SCALES = (0.9, 1.5)
 OCCLUDED_SCALES = (1.1, 1.8)
 REFERENCE_CANVAS = 96     # item scales are relative to this canvas size
