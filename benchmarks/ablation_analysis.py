@@ -17,7 +17,9 @@ import math
 
 import numpy as np
 
+from mlcrl_tf import label_space
 from mlcrl_tf import metrics as metrics_lib
+from pipelines import label_stats
 
 HIDDEN_BELOW = 0.5     # an item is mostly hidden below this visible fraction
 CONVERGED_RISE = 0.3   # mAP points over the last two evaluations
@@ -126,46 +128,16 @@ def pmi_matrix(labels):
 
     Returns:
         float64 (C, C); -inf for pairs that never co-occur (or classes that
-        never occur).
+        never occur). `pipelines.label_stats.pmi` on these labels' counts.
     """
-    y = np.asarray(labels, np.float64)
-    n = len(y)
-    joint = y.T @ y / n
-    marginal = y.mean(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pmi = np.log(joint) - np.log(np.outer(marginal, marginal))
-    return np.where(joint > 0, pmi, -np.inf)
+    y = np.asarray(labels, np.int64)
+    return label_stats.pmi(label_stats.LabelCounts(pairs=y.T @ y, num_records=len(y)))
 
 
-def pairwise_distances(embeddings):
-    """Euclidean distances between the rows of a (C, D) matrix."""
-    e = np.asarray(embeddings, np.float64)
-    diff = e[:, None, :] - e[None, :, :]
-    return np.sqrt((diff ** 2).sum(axis=-1))
-
-
-def average_ranks(values):
-    """Ranks 1..n of a 1-D array, ties sharing their average rank."""
-    values = np.asarray(values)
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), np.float64)
-    ordered = values[order]
-    start = 0
-    while start < len(values):
-        stop = start
-        while stop + 1 < len(values) and ordered[stop + 1] == ordered[start]:
-            stop += 1
-        ranks[order[start:stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
-
-
-def spearman(x, y):
-    """Spearman's rho: Pearson correlation of the average ranks."""
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
-    return float((rx * ry).sum() / denominator) if denominator else math.nan
+# The same statistics TensorBoard shows during training (mlcrl_tf.label_space).
+pairwise_distances = label_space.pairwise_distances
+average_ranks = label_space.average_ranks
+spearman = label_space.spearman
 
 
 def embedding_pmi_correlation(embeddings, labels):
@@ -178,9 +150,7 @@ def embedding_pmi_correlation(embeddings, labels):
     Returns:
         (rho, number of pairs).
     """
-    upper = np.triu_indices(len(embeddings), k=1)
-    closeness = -pairwise_distances(embeddings)[upper]
-    return spearman(closeness, pmi_matrix(labels)[upper]), len(upper[0])
+    return label_space.cooccurrence_correlation(embeddings, pmi_matrix(labels))
 
 
 # --------------------------------------------------------------------------
