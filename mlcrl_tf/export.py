@@ -2,7 +2,8 @@
 
     python -m mlcrl_tf.export --model_dir=runs/demo --export_dir=saved_models/demo \
         [--version=N] [--best | --checkpoint=PREFIX] [--use_ema=true] \
-        [--threshold=0.5] [--top_k=5]
+        [--threshold=0.5] [--top_k=5] [--max_batch_size=256] \
+        [--max_image_pixels=100000000]
 
 Writes `<export_dir>/<version>/` (see `mlcrl_tf.export_lib` and the contract
 in `mlcrl_tf.serving`; clients in docs/serving.md).
@@ -14,6 +15,7 @@ from absl import app
 from absl import flags
 
 from mlcrl_tf import export_lib
+from mlcrl_tf import serving
 
 
 def define_flags():
@@ -31,6 +33,13 @@ def define_flags():
     flags.DEFINE_float("threshold", None, "Threshold of the `predicted` output; "
                        "default the run's --threshold.")
     flags.DEFINE_integer("top_k", None, "k of the top_k_* outputs; default min(5, C).")
+    flags.DEFINE_integer("max_batch_size", serving.DEFAULT_MAX_BATCH_SIZE,
+                         "The most images one request may hold (both image signatures); "
+                         "a larger request fails with INVALID_ARGUMENT.")
+    flags.DEFINE_integer("max_image_pixels", serving.DEFAULT_MAX_IMAGE_PIXELS,
+                         "Pixel budget of one encoded image (width x height, x frames "
+                         "for a GIF), read from its header before decoding; a request "
+                         "with a larger image fails with INVALID_ARGUMENT.")
 
 
 def main(argv):
@@ -40,7 +49,8 @@ def main(argv):
     try:
         path = export_lib.export_from_model_dir(
             f.model_dir, f.export_dir, version=f.version, checkpoint=f.checkpoint,
-            best=f.best, use_ema=f.use_ema, threshold=f.threshold, top_k=f.top_k)
+            best=f.best, use_ema=f.use_ema, threshold=f.threshold, top_k=f.top_k,
+            max_batch_size=f.max_batch_size, max_image_pixels=f.max_image_pixels)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"Exported {f.model_dir} to {path}")

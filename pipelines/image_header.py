@@ -235,8 +235,14 @@ def pixel_budget_problem(data, max_pixels):
 # In the graph: the same rule with TensorFlow ops (scalar string input).
 # --------------------------------------------------------------------------
 
+def format_name(image_bytes):
+    """`image_format` in the graph, elementwise: string tensor, "" if unknown."""
+    return tf.gather(tf.constant([""] + list(_FORMATS)), _format_index(image_bytes))
+
+
 def _format_index(image_bytes):
-    """int32: 1 + the index in _FORMATS, or 0 for an unknown format."""
+    """int32: 1 + the index in _FORMATS, or 0 for an unknown format
+    (elementwise: any shape)."""
     head = tf.strings.join([tf.strings.substr(image_bytes, 0, _PAD), b"\0" * _PAD])
     index = tf.constant(0, tf.int32)
     for name, parts in reversed(SIGNATURES):  # The first match wins.

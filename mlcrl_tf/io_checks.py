@@ -1,0 +1,94 @@
+"""Output locations checked before the work, and restores that name the file.
+
+Shared by the command lines that write files (`predict --output`,
+`export --export_dir`, `evaluate --output_json/--output_scores`,
+`visualize --output_dir`) and those that restore a checkpoint (export,
+evaluate, visualize): a missing, unwritable or full location and a corrupt
+checkpoint are one `ValueError` naming the flag and the path (the command
+line prints it as one `error:` line), raised before anything long runs.
+"""
+
+import os
+import uuid
+
+import tensorflow as tf
+
+from mlcrl_tf import checkpoints
+
+# What the file systems raise: Python's and TensorFlow's (tf.io.gfile).
+IO_ERRORS = (OSError, tf.errors.OpError)
+
+
+def error_text(error):
+    """The first line of an OSError's or a TensorFlow error's message."""
+    if isinstance(error, tf.errors.OpError):
+        text = error.message
+    elif isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    else:
+        text = str(error)
+    text = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return text.split("}} ")[-1]
+
+
+def _probe(directory):
+    """Writes and removes a hidden file in `directory`; raises what it raises."""
+    probe = os.path.join(directory, f".write-test-{uuid.uuid4().hex[:8]}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+        f.write("x")
+    tf.io.gfile.remove(probe)
+
+
+def ensure_output_dir(path, flag):
+    """Creates `path` (and its parents) if needed and checks it is writable.
+
+    Raises:
+        ValueError: "--flag=path: cannot create ..." or "... is not writable".
+    """
+    if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+        raise ValueError(f"--{flag}={path!r} is not a directory.")
+    try:
+        tf.io.gfile.makedirs(path)
+    except IO_ERRORS as e:
+        raise ValueError(f"--{flag}={path!r}: cannot create the directory: "
+                         f"{error_text(e)}") from None
+    try:
+        _probe(path)
+    except IO_ERRORS as e:
+        raise ValueError(f"--{flag}={path!r}: cannot write into it: "
+                         f"{error_text(e)}") from None
+
+
+def ensure_output_file(path, flag):
+    """Checks that the file `path` can be written: its directory is created
+    (if missing) and writable, and `path` is not a directory.
+
+    Raises:
+        ValueError: naming the flag, the path and why.
+    """
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"--{flag}={path!r} is a directory; give a file name.")
+    ensure_output_dir(os.path.dirname(path) or ".", flag)
+
+
+def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
+    """`checkpoints.restore_model`, with an unreadable checkpoint one error.
+
+    Returns:
+        What `checkpoints.restore_model` returns.
+
+    Raises:
+        ValueError: no run or no checkpoint (from `checkpoints`), or a
+            checkpoint that cannot be read (corrupt, truncated, missing data
+            file, unreadable): the message names the checkpoint.
+    """
+    try:
+        return checkpoints.restore_model(model_dir, checkpoint=checkpoint, best=best,
+                                         use_ema=use_ema)
+    except IO_ERRORS as e:
+        try:
+            path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
+        except (ValueError,) + IO_ERRORS:
+            path = checkpoint or model_dir
+        raise ValueError(f"cannot restore the checkpoint {path!r} (corrupt, "
+                         f"truncated or unreadable?): {error_text(e)}") from None
