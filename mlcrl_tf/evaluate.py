@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from mlcrl_tf import evaluate_lib
+from mlcrl_tf import io_checks
 
 
 def define_flags():
@@ -50,21 +51,31 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     try:
+        for flag in ("output_json", "output_scores"):
+            if f[flag].value:
+                io_checks.ensure_output_file(f[flag].value, flag)
+        if f.model_dir and not f.saved_model:
+            io_checks.check_checkpoint(f.model_dir, f.checkpoint, f.best)
         result, class_names, name = evaluate_lib.evaluate_target(
             f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
             f.labels_file, f.batch_size, f.max_steps, f.threshold,
             keep_scores=bool(f.output_scores))
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except io_checks.IO_ERRORS as e:
+        sys.exit(f"error: {type(e).__name__}: {io_checks.error_text(e)}")
     print(f"{name}: {result.num_examples} images"
           + (f", {result.num_skipped} undecodable skipped" if result.num_skipped else ""))
     print(evaluate_lib.format_report(result, class_names, name, f.per_class))
-    if f.output_json:
-        evaluate_lib.write_json(result, class_names, name, f.output_json)
-        logging.info("Wrote %s", f.output_json)
-    if f.output_scores:
-        evaluate_lib.write_scores(result, class_names, f.output_scores)
-        logging.info("Wrote %s", f.output_scores)
+    try:
+        if f.output_json:
+            evaluate_lib.write_json(result, class_names, name, f.output_json)
+            logging.info("Wrote %s", f.output_json)
+        if f.output_scores:
+            evaluate_lib.write_scores(result, class_names, f.output_scores)
+            logging.info("Wrote %s", f.output_scores)
+    except io_checks.IO_ERRORS as e:
+        sys.exit(f"error: cannot write the output (disk full?): {io_checks.error_text(e)}")
 
 
 if __name__ == "__main__":

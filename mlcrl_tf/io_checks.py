@@ -17,6 +17,10 @@ from mlcrl_tf import checkpoints
 
 # What the file systems raise: Python's and TensorFlow's (tf.io.gfile).
 IO_ERRORS = (OSError, tf.errors.OpError)
+# What reading a damaged checkpoint raises: a truncated data file gives
+# IndexError("Read less bytes than requested"), a damaged one OpError
+# (DataLossError, "checksum does not match", "not an sstable").
+RESTORE_ERRORS = IO_ERRORS + (IndexError,)
 
 
 def error_text(error):
@@ -85,10 +89,32 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
     try:
         return checkpoints.restore_model(model_dir, checkpoint=checkpoint, best=best,
                                          use_ema=use_ema)
-    except IO_ERRORS as e:
-        try:
-            path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
-        except (ValueError,) + IO_ERRORS:
-            path = checkpoint or model_dir
-        raise ValueError(f"cannot restore the checkpoint {path!r} (corrupt, "
-                         f"truncated or unreadable?): {error_text(e)}") from None
+    except RESTORE_ERRORS as e:
+        raise _restore_error(e, model_dir, checkpoint, best) from None
+
+
+def _restore_error(error, model_dir, checkpoint, best):
+    try:
+        path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
+    except (ValueError,) + IO_ERRORS:
+        path = checkpoint or model_dir
+    return ValueError(f"cannot restore the checkpoint {path!r} (corrupt, truncated or "
+                      f"unreadable?): {error_text(error)}")
+
+
+def check_checkpoint(model_dir, checkpoint=None, best=False):
+    """Reads every tensor of the checkpoint a restore would load.
+
+    For callers that restore through code that does not convert errors
+    (e.g. `evaluate_lib.evaluate_target`): one read more, one clear error.
+
+    Raises:
+        ValueError: no run or checkpoint, or one that cannot be read, named.
+    """
+    path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except RESTORE_ERRORS as e:
+        raise _restore_error(e, model_dir, checkpoint, best) from None

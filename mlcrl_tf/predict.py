@@ -2,7 +2,7 @@
 
     python -m mlcrl_tf.predict --saved_model=saved_models/demo/1 IMAGE_OR_DIR... \
         [--threshold=0.5 | --top_k=3] [--batch_size=16] [--output=preds.jsonl] \
-        [--all_probabilities]
+        [--all_probabilities] [--overwrite] [--max_image_bytes=268435456]
 
 Each line is `{"filename": ..., "labels": [...], "scores": [...]}` or
 `{"filename": ..., "error": ...}`; see `mlcrl_tf.predict_lib`.
@@ -24,7 +24,12 @@ def define_flags():
                        "default the export's.")
     flags.DEFINE_integer("top_k", None, "Label the k most probable classes instead.")
     flags.DEFINE_integer("batch_size", 16, "Images per signature call.")
-    flags.DEFINE_string("output", None, "Write the JSON lines here instead of stdout.")
+    flags.DEFINE_string("output", None, "Write the JSON lines here instead of stdout; "
+                        "refused if it has an image extension, is one of the inputs or "
+                        "exists (without --overwrite).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --output file.")
+    flags.DEFINE_integer("max_image_bytes", predict_lib.DEFAULT_MAX_IMAGE_BYTES,
+                         "Larger files are reported and not read.")
     flags.DEFINE_bool("all_probabilities", False, "Add every class's probability.")
 
 
@@ -35,7 +40,8 @@ def main(argv):
     f = flags.FLAGS
     try:
         code = predict_lib.run(f.saved_model, paths, f.threshold, f.top_k, f.batch_size,
-                               f.output, f.all_probabilities)
+                               f.output, f.all_probabilities, overwrite=f.overwrite,
+                               max_image_bytes=f.max_image_bytes)
     except ValueError as e:
         sys.exit(f"error: {e}")
     sys.exit(code)
