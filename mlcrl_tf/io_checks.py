@@ -43,24 +43,31 @@ def _probe(directory):
     tf.io.gfile.remove(probe)
 
 
+def _writable_dir_problem(directory):
+    """None if `directory` exists (created if needed) and takes a file."""
+    if tf.io.gfile.exists(directory) and not tf.io.gfile.isdir(directory):
+        return f"{directory} is not a directory"
+    try:
+        tf.io.gfile.makedirs(directory)
+    except IO_ERRORS as e:
+        return f"cannot create the directory: {error_text(e)}"
+    try:
+        _probe(directory)
+    except IO_ERRORS as e:
+        return f"cannot write into {directory}: {error_text(e)}"
+    return None
+
+
 def ensure_output_dir(path, flag):
     """Creates `path` (and its parents) if needed and checks it is writable.
 
     Raises:
-        ValueError: "--flag=path: cannot create ..." or "... is not writable".
+        ValueError: "--flag='path': cannot create the directory: ..." (or
+            "is not a directory", "cannot write into ...").
     """
-    if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
-        raise ValueError(f"--{flag}={path!r} is not a directory.")
-    try:
-        tf.io.gfile.makedirs(path)
-    except IO_ERRORS as e:
-        raise ValueError(f"--{flag}={path!r}: cannot create the directory: "
-                         f"{error_text(e)}") from None
-    try:
-        _probe(path)
-    except IO_ERRORS as e:
-        raise ValueError(f"--{flag}={path!r}: cannot write into it: "
-                         f"{error_text(e)}") from None
+    problem = _writable_dir_problem(path)
+    if problem:
+        raise ValueError(f"--{flag}={path!r}: {problem}")
 
 
 def ensure_output_file(path, flag):
@@ -72,7 +79,9 @@ def ensure_output_file(path, flag):
     """
     if tf.io.gfile.isdir(path):
         raise ValueError(f"--{flag}={path!r} is a directory; give a file name.")
-    ensure_output_dir(os.path.dirname(path) or ".", flag)
+    problem = _writable_dir_problem(os.path.dirname(path) or ".")
+    if problem:
+        raise ValueError(f"--{flag}={path!r}: {problem}")
 
 
 def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):

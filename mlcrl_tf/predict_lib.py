@@ -243,13 +243,17 @@ def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_s
         kept, logits, problems = client.score([data for _, _, data in readable])
         for problem in problems:
             i, path, _ = readable[problem.index]
-            records[i] = {"filename": path,
-                          "error": f"not a decodable image: {problem.reason}"}
+            records[i] = {"filename": path, "error": _problem_text(problem.reason)}
         for k, row in zip(kept, logits):
             i, path, _ = readable[k]
             records[i] = _record(path, row, client.class_names, threshold, top_k,
                                  all_probabilities)
         yield from records
+
+
+def _problem_text(reason):
+    undecodable = (serving.EMPTY, serving.UNKNOWN_FORMAT, serving.CORRUPT)
+    return f"not a decodable image: {reason}" if reason in undecodable else reason
 
 
 def _is_found(paths):

@@ -101,7 +101,7 @@ def check_batch(batch, name, max_batch_size):
                                        "one image."], name=f"check_{name}_not_empty"),
         tf.debugging.Assert(
             size <= max_batch_size,
-            [f"{name}: the batch has", size, f"images, above this export's limit "
+            [f"{name}: the batch has", size, f"images, above the limit of this export, "
              f"max_batch_size={max_batch_size}; split the request (nothing was "
              "scored)."], name=f"check_{name}_batch_size"),
     ]

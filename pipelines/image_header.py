@@ -397,9 +397,14 @@ def header_info(image_bytes):
     height = tf.where(is_jpeg, jpeg_h, tf.where(is_gif, _u16le(head, 8), height))
     pixels = tf.where(is_gif, gif_frames * tf.maximum(width * height, largest),
                       width * height)
+    checked &= ~jpeg_unfinished & ~gif_unfinished
+
+    def known(value, otherwise=0):  # An unchecked header tells nothing.
+        return tf.where(checked, value, tf.constant(otherwise, tf.int64))
+
     return {"format": tf.gather(tf.constant([""] + list(_FORMATS)), index),
-            "width": width, "height": height, "frames": gif_frames, "pixels": pixels,
-            "checked": checked & ~jpeg_unfinished & ~gif_unfinished}
+            "width": known(width), "height": known(height),
+            "frames": known(gif_frames, 1), "pixels": known(pixels), "checked": checked}
 
 
 def _u16le(head, q):
