@@ -120,6 +120,7 @@ def check_checkpoint(model_dir, checkpoint=None, best=False):
     Raises:
         ValueError: no run or checkpoint, or one that cannot be read, named.
     """
+    checkpoints.read_run(model_dir)  # Not a training run: say that first.
     path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
     try:
         reader = tf.train.load_checkpoint(path)

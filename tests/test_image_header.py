@@ -177,7 +177,7 @@ def test_walks_are_bounded_and_refuse_what_they_cannot_finish():
             data, BUDGET)
         start = time.perf_counter()
         assert _graph(data) == _python(data)
-        assert time.perf_counter() - start < 10.0
+        assert time.perf_counter() - start < 60.0  # ~1 s each on an idle machine.
     # A 3 MB GIF of full 255-byte sub-blocks is walked 64 blocks per step.
     big = gif_of_frames(2000, 1500, 1)
     assert len(big) > 2_000_000 and ih.read_header(big).frames == 1
