@@ -111,7 +111,7 @@ def main(argv):
         return
     with tempfile.TemporaryDirectory() as directory:
         path = export(os.path.join(directory, "model"))
-        print(f"| B | outcome | seconds | RSS after warm-up (MB) | peak RSS (MB) |\n"
+        print("| B | outcome | seconds | RSS after warm-up (MB) | peak RSS (MB) |\n"
               "|---:|---|---:|---:|---:|")
         for batch in map(int, FLAGS.batch_sizes):
             outcome, seconds, base, peak = run_child(path, batch)

@@ -105,8 +105,8 @@ class _Search:
                 with os.scandir(directory) as listing:
                     entries = sorted(listing, key=lambda entry: entry.name)
             except OSError as e:
-                self.found.append((directory, f"cannot list the directory: "
-                                              f"{e.strerror or e}"))
+                self.found.append((directory,
+                                   f"cannot list the directory: {e.strerror or e}"))
                 continue
             subdirectories = []
             for entry in entries:

@@ -13,23 +13,31 @@ Server side (`ServingModule`, written by `mlcrl_tf.export_lib`):
   `top_k_scores` float32, `top_k_class_ids` int32 and `top_k_classes`
   string, each (B, k) (rectangular outputs, as TF Serving's REST API needs);
 - `metadata` (no inputs): `class_names`, `threshold`, `top_k`, `image_size`,
-  `backbone`, `variant`; `assets/labels.txt` holds the class names too.
+  `backbone`, `variant`, `max_batch_size`, `max_image_pixels`;
+  `assets/labels.txt` holds the class names too.
 
-Bad `image_bytes`: the whole request fails with one
-`tf.errors.InvalidArgumentError` (HTTP 400 from TF Serving) whose message
-names `image_bytes`, the index of every bad element and why ("empty",
-"unknown format ...", "corrupt or truncated ..."). Decoding runs through a
-small in-graph `tf.data` pipeline with `ignore_errors`, which is how the graph
-learns which elements failed. An empty batch (B = 0) is an
-InvalidArgumentError too, on both image signatures.
+Bad requests fail whole, with one `tf.errors.InvalidArgumentError` (HTTP 400
+from TF Serving) naming the input, the limit or the bad indices, before the
+costly step (docs/reliability.md):
+- an empty batch, or more than `max_batch_size` images (both signatures);
+- `image_bytes` elements above the pixel budget `max_image_pixels`, read from
+  the header by `pipelines.image_header` before anything is decoded;
+- `image_bytes` elements that do not decode ("empty", "unknown format ...",
+  "corrupt or truncated ..."): decoding runs through a small in-graph
+  `tf.data` pipeline with `ignore_errors`, which is how the graph learns
+  which elements failed (and why it cannot tell a corrupt image from an
+  out-of-memory decoder);
+- `images` with a NaN, an infinity or a value outside [0, 255].
 
 Client side (`ExportClient`, used by `mlcrl_tf.evaluate` and
 `mlcrl_tf.predict`): loads an export, reads its metadata, and
-`ExportClient.score` scores a list of encoded images; since one bad image
-fails a whole request, a failing request is retried image by image and each
-bad image gets a structured `ImageProblem` (its index and the reason, from
-`image_bytes_problem`, the same rule the graph uses) instead of a parsed
-error message.
+`ExportClient.score` scores a list of encoded images in requests of at most
+the export's `max_batch_size`; images above its pixel budget are refused from
+their header without a request; since one bad image fails a whole request, a
+failing request is retried image by image and each bad image gets a
+structured `ImageProblem` (its index and the reason, from
+`image_bytes_problem`, the same rule the graph uses, or `OUT_OF_MEMORY` for a
+`ResourceExhaustedError`) instead of a parsed error message.
 """
 
 import dataclasses
@@ -97,13 +105,13 @@ def check_batch(batch, name, max_batch_size):
     """Assertions: 0 < B <= max_batch_size, naming the input and the limit."""
     size = tf.shape(batch)[0]
     return [
-        tf.debugging.Assert(size > 0, [f"{name}: the batch is empty; send at least "
-                                       "one image."], name=f"check_{name}_not_empty"),
+        tf.debugging.Assert(size > 0, [f"{name}: the batch is empty; send at least one "
+                                       "image."], name=f"check_{name}_not_empty"),
         tf.debugging.Assert(
             size <= max_batch_size,
-            [f"{name}: the batch has", size, f"images, above the limit of this export, "
-             f"max_batch_size={max_batch_size}; split the request (nothing was "
-             "scored)."], name=f"check_{name}_batch_size"),
+            [f"{name}: the batch has", size,
+             (f"images, above the limit of this export, max_batch_size={max_batch_size}; "
+              "split the request (nothing was scored).")], name=f"check_{name}_batch_size"),
     ]
 
 
@@ -116,8 +124,8 @@ def check_pixel_budgets(image_bytes, max_pixels):
         tf.size(bad) == 0,
         [f"{IMAGE_BYTES_KEY}: refused before decoding the element(s) at index", bad,
          "problem:", tf.gather(problems, bad),
-         f"(the export's pixel budget max_image_pixels={max_pixels} counts width x "
-         "height, times the frames of a GIF; nothing was scored)"],
+         (f"(the export's pixel budget max_image_pixels={max_pixels} counts width x "
+          "height, times the frames of a GIF; nothing was scored)")],
         summarize=64, name="check_pixel_budget")
 
 
@@ -131,8 +139,8 @@ def check_pixels(images):
         tf.size(bad) == 0,
         [f"{IMAGES_KEY}: NaN, infinite or outside [0, 255] at index", bad,
          "(non-finite:", tf.reshape(tf.where(~finite), [-1]),
-         ") (expected RGB pixels in [0, 255]; clip after resizing; nothing was "
-         "scored)"], summarize=64, name="check_images_values")
+         (") (expected RGB pixels in [0, 255]; clip after resizing; nothing was "
+          "scored)")], summarize=64, name="check_images_values")
 
 
 def decode_image_batch(image_bytes, image_size, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):

@@ -431,8 +431,8 @@ def budget_problem(image_bytes, max_pixels):
                    tf.where(tf.equal(info["format"], GIF),
                             f"more than {MAX_HEADER_STEPS} blocks",
                             f"more than {MAX_HEADER_STEPS} segments"))
-    unchecked = tf.strings.join([info["format"], " whose size cannot be checked against "
-                                 "the pixel budget (", why, ")"])
+    unchecked = tf.strings.join(
+        [info["format"], " whose size cannot be checked against the pixel budget (", why, ")"])
     over = tf.strings.join([described, f", above the pixel budget of {max_pixels}"])
     return tf.where(~info["checked"], unchecked,
                     tf.where(info["pixels"] > max_pixels, over, ""))
