@@ -2,7 +2,7 @@
 
     python -m mlcrl_tf.export --model_dir=runs/demo --export_dir=saved_models/demo \
         [--version=N] [--best | --checkpoint=PREFIX] [--use_ema=true] \
-        [--threshold=0.5] [--top_k=5] [--max_batch_size=256] \
+        [--threshold=0.5] [--top_k=5] [--max_batch_size=64] \
         [--max_image_pixels=100000000]
 
 Writes `<export_dir>/<version>/` (see `mlcrl_tf.export_lib` and the contract

@@ -22,7 +22,7 @@ Decisions (also in docs/serving.md):
   TF Serving never sees a half-written version; a failed export removes its
   temporary directory.
 - Resource limits of a request are export options stored in `metadata`:
-  `max_batch_size` (default 256 images per request) and `max_image_pixels`
+  `max_batch_size` (default 64 images per request) and `max_image_pixels`
   (default 100 million pixels per image, read from the header before
   decoding); above them a request fails with INVALID_ARGUMENT naming the
   limit (docs/reliability.md).

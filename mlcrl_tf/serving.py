@@ -59,7 +59,8 @@ OUTPUT_KEYS = ("logits", "probabilities", "predicted", "top_k_scores",
                "top_k_class_ids", "top_k_classes")
 
 # Export options (stored in the `metadata` signature).
-DEFAULT_MAX_BATCH_SIZE = 256
+# ResNet-101 at 448 px: ~37 MB per image in a request (docs/reliability.md).
+DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_PIXELS
 
 EMPTY = "empty"
