@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow as tf
 
+from mlcrl_tf import checkpoints
 from mlcrl_tf import io_checks
 from pipelines import image_header
 from pipelines import input_pipeline
@@ -388,7 +389,7 @@ def run(model_dir, paths, output_dir, restore_options, stdout=None, stderr=None,
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     io_checks.ensure_output_dir(output_dir, "output_dir")
-    model, _, class_names, _ = io_checks.restore_model(model_dir, **restore_options)
+    model, _, class_names, _ = checkpoints.restore_model(model_dir, **restore_options)
     written, problems = visualize_files(model, class_names, paths, output_dir,
                                         **visualize_options)
     for path in written:

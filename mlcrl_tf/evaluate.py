@@ -54,8 +54,6 @@ def main(argv):
         for flag in ("output_json", "output_scores"):
             if f[flag].value:
                 io_checks.ensure_output_file(f[flag].value, flag)
-        if f.model_dir and not f.saved_model:
-            io_checks.check_checkpoint(f.model_dir, f.checkpoint, f.best)
         result, class_names, name = evaluate_lib.evaluate_target(
             f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
             f.labels_file, f.batch_size, f.max_steps, f.threshold,

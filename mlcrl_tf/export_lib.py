@@ -38,6 +38,7 @@ import uuid
 from absl import logging
 import tensorflow as tf
 
+from mlcrl_tf import checkpoints
 from mlcrl_tf import io_checks
 from mlcrl_tf import serving
 
@@ -210,7 +211,7 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
     """
     _check_limits(max_batch_size, max_image_pixels)
     io_checks.ensure_output_dir(export_dir, "export_dir")
-    model, config, class_names, path = io_checks.restore_model(
+    model, config, class_names, path = checkpoints.restore_model(
         model_dir, checkpoint=checkpoint, best=best, use_ema=use_ema)
     logging.info("Restored %s", path)
     return export_model(model, export_dir, class_names,

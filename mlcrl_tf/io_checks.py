@@ -1,11 +1,12 @@
-"""Output locations checked before the work, and restores that name the file.
+"""Output locations checked before the work.
 
 Shared by the command lines that write files (`predict --output`,
 `export --export_dir`, `evaluate --output_json/--output_scores`,
-`visualize --output_dir`) and those that restore a checkpoint (export,
-evaluate, visualize): a missing, unwritable or full location and a corrupt
-checkpoint are one `ValueError` naming the flag and the path (the command
-line prints it as one `error:` line), raised before anything long runs.
+`visualize --output_dir`): a missing, unwritable or full location is one
+`ValueError` naming the flag and the path (the command line prints it as one
+`error:` line), raised before anything long runs (before a checkpoint is
+restored or an image read). A damaged checkpoint is one ValueError naming it
+from `checkpoints.restore_model` itself.
 """
 
 import os
@@ -13,14 +14,8 @@ import uuid
 
 import tensorflow as tf
 
-from mlcrl_tf import checkpoints
-
 # What the file systems raise: Python's and TensorFlow's (tf.io.gfile).
 IO_ERRORS = (OSError, tf.errors.OpError)
-# What reading a damaged checkpoint raises: a truncated data file gives
-# IndexError("Read less bytes than requested"), a damaged one OpError
-# (DataLossError, "checksum does not match", "not an sstable").
-RESTORE_ERRORS = IO_ERRORS + (IndexError,)
 
 
 def error_text(error):
@@ -82,49 +77,3 @@ def ensure_output_file(path, flag):
     problem = _writable_dir_problem(os.path.dirname(path) or ".")
     if problem:
         raise ValueError(f"--{flag}={path!r}: {problem}")
-
-
-def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
-    """`checkpoints.restore_model`, with an unreadable checkpoint one error.
-
-    Returns:
-        What `checkpoints.restore_model` returns.
-
-    Raises:
-        ValueError: no run or no checkpoint (from `checkpoints`), or a
-            checkpoint that cannot be read (corrupt, truncated, missing data
-            file, unreadable): the message names the checkpoint.
-    """
-    try:
-        return checkpoints.restore_model(model_dir, checkpoint=checkpoint, best=best,
-                                         use_ema=use_ema)
-    except RESTORE_ERRORS as e:
-        raise _restore_error(e, model_dir, checkpoint, best) from None
-
-
-def _restore_error(error, model_dir, checkpoint, best):
-    try:
-        path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
-    except (ValueError,) + IO_ERRORS:
-        path = checkpoint or model_dir
-    return ValueError(f"cannot restore the checkpoint {path!r} (corrupt, truncated or "
-                      f"unreadable?): {error_text(error)}")
-
-
-def check_checkpoint(model_dir, checkpoint=None, best=False):
-    """Reads every tensor of the checkpoint a restore would load.
-
-    For callers that restore through code that does not convert errors
-    (e.g. `evaluate_lib.evaluate_target`): one read more, one clear error.
-
-    Raises:
-        ValueError: no run or checkpoint, or one that cannot be read, named.
-    """
-    checkpoints.read_run(model_dir)  # Not a training run: say that first.
-    path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
-    try:
-        reader = tf.train.load_checkpoint(path)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-    except RESTORE_ERRORS as e:
-        raise _restore_error(e, model_dir, checkpoint, best) from None

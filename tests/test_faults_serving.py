@@ -321,11 +321,7 @@ def damaged_run(run_dir, tmp_path):
 
 
 def test_damaged_checkpoint_is_one_error_naming_it(damaged_run, tmp_path):
-    with pytest.raises(ValueError, match=r"cannot restore the checkpoint '.*damaged/ckpt-1'"):
-        io_checks.restore_model(damaged_run)
-    with pytest.raises(ValueError, match="cannot restore the checkpoint"):
-        io_checks.check_checkpoint(damaged_run)
-    with pytest.raises(ValueError, match="cannot restore the checkpoint"):
+    with pytest.raises(ValueError, match=r"checkpoint '.*damaged/ckpt-1' cannot be read"):
         export_lib.export_from_model_dir(damaged_run, str(tmp_path / "e"))
     for module, args in [
             ("mlcrl_tf.export", [f"--model_dir={damaged_run}",
@@ -336,7 +332,8 @@ def test_damaged_checkpoint_is_one_error_naming_it(damaged_run, tmp_path):
         proc = run_module(module, args, check=False, timeout=300)
         assert proc.returncode == 1, (module, proc.stderr[-2000:])
         last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: cannot restore the checkpoint"), (module, last)
+        assert last.startswith(f"error: checkpoint '{damaged_run}/ckpt-1' cannot be read"), (
+            module, last)
         assert "Traceback" not in proc.stderr, module
 
 
