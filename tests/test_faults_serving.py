@@ -21,6 +21,7 @@ from conftest import run_module
 from mlcrl_tf import cams, checkpoints, export_lib, io_checks, predict_lib, serving
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
+from pipelines import tfrecord_lib
 from test_image_header import gif_of_frames, png_bomb
 
 NUM_CLASSES = 4
@@ -320,13 +321,25 @@ def damaged_run(run_dir, tmp_path):
     return copy
 
 
-def test_damaged_checkpoint_is_one_error_naming_it(damaged_run, tmp_path):
+@pytest.fixture
+def eval_files(tmp_path):
+    """A one-shard test split of two real JPEGs with the run's classes."""
+    photos = _photos(str(tmp_path / "eval_images"))
+    records = [tfrecord_lib.ImageRecord(p, os.path.basename(p), (i,))
+               for i, p in enumerate(photos)]
+    tfrecord_lib.write_split(records, str(tmp_path / "records"), "test", CLASS_NAMES,
+                             num_shards=1, num_workers=1)
+    return str(tmp_path / "records" / "test-*.tfrecord")
+
+
+def test_damaged_checkpoint_is_one_error_naming_it(damaged_run, eval_files, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint '.*damaged/ckpt-1' cannot be read"):
         export_lib.export_from_model_dir(damaged_run, str(tmp_path / "e"))
     for module, args in [
             ("mlcrl_tf.export", [f"--model_dir={damaged_run}",
                                  f"--export_dir={tmp_path / 'e'}"]),
-            ("mlcrl_tf.evaluate", [f"--model_dir={damaged_run}", "--eval_files=unused"]),
+            ("mlcrl_tf.evaluate", [f"--model_dir={damaged_run}",
+                                   f"--eval_files={eval_files}"]),
             ("mlcrl_tf.visualize", [f"--model_dir={damaged_run}",
                                     f"--output_dir={tmp_path / 'v'}", "x.jpg"])]:
         proc = run_module(module, args, check=False, timeout=300)
