@@ -17,18 +17,40 @@ For one image and one class c, a panel shows side by side:
 Each map is computed at the feature-map resolution (S / stride), upsampled
 bilinearly to the image size, min-max normalised to [0, 1] per map, coloured
 with a NumPy jet colormap and blended over the image. A caption names the
-class and its probability. Files are `<output_dir>/<image stem>_<class>.png`.
+class and its probability.
+
+Files (`visualize_files`, `output_names`) are `<output_dir>/<image>_<class>.png`
+and one run never writes two panels to one name:
+
+- <image> is the input's file name without its extension; inputs whose
+  stems clash (compared case-insensitively, for case-insensitive file
+  systems: `a/x.jpg` and `b/x.jpg`, `x.jpg` and `X.png`) are all named
+  `<stem>~<n>`, n their 1-based position on the command line; two paths of
+  one real file are rendered once;
+- <class> is the class name made file-safe (runs of characters other than
+  `A-Z a-z 0-9 . _ -` become `_`); classes whose safe names clash
+  (`T-shirt/top` and `T-shirt_top`, `Bag` and `bag`) are all named
+  `<safe name>~<class id>`.
+
+An image that cannot be read or decoded (missing, not a regular file, above
+`max_image_bytes` or the pixel budget `max_pixels`, corrupt) is named with
+its reason in `problems` and skipped; the others are rendered.
 """
 
 import os
 import re
+import sys
 import weakref
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow as tf
 
+from mlcrl_tf import checkpoints
+from mlcrl_tf import io_checks
+from pipelines import image_header
 from pipelines import input_pipeline
+from pipelines import tfrecord_lib
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()
 _CAPTION_HEIGHT = 14
@@ -190,64 +212,194 @@ def render_cam_panel(image_uint8, cams, class_name, score=None, tile_size=None,
 
 
 def save_png(array, path):
-    """Writes an RGB uint8 array as PNG (creating the directory)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.asarray(array, np.uint8)).save(path, format="PNG")
+    """Writes an RGB uint8 array as PNG (creating the directory).
+
+    Raises:
+        ValueError: the file cannot be written (naming it; e.g. a full disk).
+    """
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        Image.fromarray(np.asarray(array, np.uint8)).save(path, format="PNG")
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {io_checks.error_text(e)}") from None
 
 
 def _safe_name(text):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "class"
 
 
-def visualize_files(model, class_names, paths, output_dir, classes=None,
-                    top_k=3, tile_size=224):
-    """Writes one CAM panel per (image, class); returns the PNG paths.
+def _disambiguate(names, suffixes):
+    """names[i] + "~" + suffixes[i] where names clash (case-insensitively)."""
+    counts = {}
+    for name in names:
+        counts[name.lower()] = counts.get(name.lower(), 0) + 1
+    return [f"{name}~{suffix}" if counts[name.lower()] > 1 else name
+            for name, suffix in zip(names, suffixes)]
+
+
+def output_names(paths, class_names):
+    """The file-name parts of `visualize_files`'s panels (module docstring).
 
     Args:
-        model: an `MLCRLModel`.
+        paths: the input image paths (duplicates by real path already gone).
         class_names: the C class names.
-        paths: image files (decoded with `input_pipeline.decode_image`).
-        output_dir: where the PNGs go.
-        classes: class names to map for every image; default the `top_k`
-            most probable classes of each image.
-        top_k: used when `classes` is None.
-        tile_size: side of each panel tile.
 
-    Raises:
-        ValueError: an unknown class name or a bad top_k.
+    Returns:
+        (image parts, one per path; class parts, one per class), such that
+        every `<image>_<class>` is distinct, case-insensitively.
     """
-    class_names = list(class_names)
+    stems = [os.path.splitext(os.path.basename(p))[0] or "image" for p in paths]
+    images = _disambiguate(stems, [str(i + 1) for i in range(len(paths))])
+    classes = _disambiguate([_safe_name(c) for c in class_names],
+                            [str(c) for c in range(len(class_names))])
+    panels = [f"{i}_{c}".lower() for i in images for c in classes]
+    if len(set(panels)) != len(panels):
+        # e.g. stems "a_b" + class "c" and stem "a" + class "b_c": fall back
+        # to positions, which cannot clash.
+        images = [f"{stem}~{i + 1}" for i, stem in enumerate(stems)]
+        classes = [f"{name}~{c}" for c, name in enumerate(classes)]
+    return images, classes
+
+
+def _unique_paths(paths):
+    seen, unique = set(), []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
+
+
+def load_image(path, image_size, max_pixels=image_header.DEFAULT_MAX_PIXELS,
+               max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES):
+    """Reads, checks and decodes one image file to the model's input.
+
+    Returns:
+        (float32 (S, S, 3) tensor, RGB in [0, 255]; None) or (None, reason).
+    """
+    try:
+        data = tfrecord_lib.read_image_file(path, max_bytes)
+    except tfrecord_lib.ImageError as e:
+        return None, e.reason
+    problem = image_header.pixel_budget_problem(data, max_pixels)
+    if problem:
+        return None, f"{problem} (--max_image_pixels)"
+    try:
+        image = input_pipeline.decode_image(data)
+        return input_pipeline.preprocess_eval(image, image_size), None
+    except tf.errors.ResourceExhaustedError:
+        return None, "out of memory while decoding it"
+    except tf.errors.InvalidArgumentError:
+        kind = image_header.image_format(data)
+        return None, ("corrupt or truncated image data" if kind
+                      else "not an image (unknown format)")
+
+
+def _class_ids(model, class_names, classes, top_k):
+    """A function image -> the class ids to map (validated once)."""
     if classes:
         unknown = [c for c in classes if c not in class_names]
         if unknown:
             raise ValueError(f"classes: unknown class name(s) {unknown}; the model knows "
                              f"{class_names}.")
-        fixed = [class_names.index(c) for c in classes]
-    elif not 1 <= top_k <= len(class_names):
+        fixed = np.asarray([[class_names.index(c) for c in classes]])
+        return lambda resized: fixed
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not (
+            1 <= top_k <= len(class_names)):
         raise ValueError(f"top_k must be in [1, {len(class_names)}], got {top_k}.")
-    written = []
-    for path in paths:
-        with open(path, "rb") as f:
-            image = input_pipeline.decode_image(f.read())
-        resized = input_pipeline.preprocess_eval(image, model.image_size)
+
+    def top(resized):
+        logits = model.inference_model(resized[None], training=False)
+        return np.argsort(-np.asarray(logits)[0], kind="stable")[None, :top_k]
+    return top
+
+
+def visualize_files(model, class_names, paths, output_dir, classes=None,
+                    top_k=3, tile_size=224, max_pixels=image_header.DEFAULT_MAX_PIXELS,
+                    max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES):
+    """Writes one CAM panel per (image, class); bad images are skipped.
+
+    Args:
+        model: an `MLCRLModel`.
+        class_names: the C class names.
+        paths: image files (decoded with `input_pipeline.decode_image`).
+        output_dir: where the PNGs go (names: module docstring).
+        classes: class names to map for every image; default the `top_k`
+            most probable classes of each image.
+        top_k: used when `classes` is None.
+        tile_size: side of each panel tile.
+        max_pixels: pixel budget of one image, read from its header.
+        max_bytes: larger files are skipped unread.
+
+    Returns:
+        (written PNG paths, problems: a list of (path, reason) of the
+        images skipped).
+
+    Raises:
+        ValueError: an unknown class name, a bad top_k, or a panel that
+            cannot be written.
+    """
+    class_names = list(class_names)
+    choose = _class_ids(model, class_names, classes, top_k)
+    paths = _unique_paths(paths)
+    image_parts, class_parts = output_names(paths, class_names)
+    written, problems = [], []
+    for path, image_part in zip(paths, image_parts):
+        resized, problem = load_image(path, model.image_size, max_pixels, max_bytes)
+        if problem:
+            problems.append((path, problem))
+            continue
         shown = _to_uint8(resized.numpy())
-        if classes:
-            ids = np.asarray([fixed])
-        else:
-            logits = model.inference_model(resized[None], training=False)
-            ids = np.argsort(-np.asarray(logits)[0], kind="stable")[None, :top_k]
-        maps = compute_cams(model, resized.numpy()[None], ids)
-        stem = os.path.splitext(os.path.basename(path))[0]
+        maps = compute_cams(model, resized.numpy()[None], choose(resized))
         for k, c in enumerate(maps["class_ids"][0]):
             cams = {"direct": maps["direct"][0, k],
                     "f_conv": None if maps["f_conv"] is None else maps["f_conv"][0, k]}
             panel = render_cam_panel(shown, cams, class_names[c],
                                      score=float(maps["probabilities"][0, c]),
                                      tile_size=tile_size)
-            out = os.path.join(output_dir, f"{stem}_{_safe_name(class_names[c])}.png")
+            out = os.path.join(output_dir, f"{image_part}_{class_parts[c]}.png")
             save_png(panel, out)
             written.append(out)
-    return written
+    return written, problems
+
+
+def run(model_dir, paths, output_dir, restore_options, stdout=None, stderr=None,
+        **visualize_options):
+    """The `mlcrl_tf.visualize` command: returns the exit code.
+
+    Checks `output_dir` before restoring the model (`io_checks`), writes the
+    panels, prints their paths on stdout and each skipped image as one
+    `warning: <path>: <reason>` line on stderr.
+
+    Args:
+        model_dir: a training run's directory.
+        paths: image files.
+        output_dir: where the PNGs go.
+        restore_options: dict of `checkpoint`, `best`, `use_ema`.
+        stdout, stderr: streams (default sys's).
+        **visualize_options: passed to `visualize_files`.
+
+    Returns:
+        0 when at least one image was rendered, 1 otherwise.
+
+    Raises:
+        ValueError: an unusable output directory, an unreadable checkpoint
+            or run, bad options (each named).
+    """
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    io_checks.ensure_output_dir(output_dir, "output_dir")
+    model, _, class_names, _ = checkpoints.restore_model(model_dir, **restore_options)
+    written, problems = visualize_files(model, class_names, paths, output_dir,
+                                        **visualize_options)
+    for path in written:
+        stdout.write(path + "\n")
+    for path, reason in problems:
+        stderr.write(f"warning: {path}: {reason}\n")
+    rendered = len(_unique_paths(paths)) - len(problems)
+    stderr.write(f"Rendered {rendered} image(s) ({len(written)} panel(s)), "
+                 f"{len(problems)} skipped.\n")
+    return 0 if rendered else 1
 
 
 # --------------------------------------------------------------------------

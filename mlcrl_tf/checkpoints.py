@@ -44,6 +44,7 @@ import keras
 import tensorflow as tf
 
 from mlcrl_tf import config as config_lib
+from mlcrl_tf import io_checks
 from mlcrl_tf import model as model_lib
 from mlcrl_tf import optim
 from mlcrl_tf import run_lock
@@ -69,12 +70,6 @@ _UNREADABLE = (tf.errors.OpError, IndexError)
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or restored, or the run lost its lock."""
-
-
-def _first_line(error):
-    """The first line of an exception's message (TensorFlow's are long)."""
-    text = str(getattr(error, "message", None) or error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _write_atomically(path, text):
@@ -298,7 +293,8 @@ def resolve_checkpoint(model_dir, checkpoint=None, best=False):
     return path
 
 
-def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
+def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
+                  precision="float32"):
     """Rebuilds a run's model and restores its weights for inference.
 
     Args:
@@ -306,6 +302,8 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
         checkpoint: an explicit checkpoint prefix; default the latest.
         best: take the best-by-mAP checkpoint instead of the latest.
         use_ema: load the EMA weights when the run kept an EMA.
+        precision: the Keras policy to build the model under (its variables
+            are float32 whatever the policy, so any checkpoint restores).
 
     Returns:
         (model, config, class_names, checkpoint_path).
@@ -316,7 +314,8 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
     """
     config, class_names = read_run(model_dir)
     path = resolve_checkpoint(model_dir, checkpoint, best)
-    model = build_model_for(config)
+    with dtype_policy(precision):
+        model = build_model_for(config)
     objects = {"model": model}
     ema = None
     if use_ema and config.ema_decay > 0:
@@ -326,7 +325,8 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True):
         status = tf.train.Checkpoint(**objects).restore(path)
     except _UNREADABLE as e:
         raise ValueError(
-            f"checkpoint {path!r} cannot be read ({type(e).__name__}: {_first_line(e)}); "
+            f"checkpoint {path!r} cannot be read "
+            f"({type(e).__name__}: {io_checks.error_text(e)}); "
             "it is truncated, corrupt or incomplete. Choose another one with "
             "--checkpoint=<prefix> (or resume training, which sets it aside).") from None
     # Every variable of the rebuilt model must come from the checkpoint (the
@@ -436,11 +436,11 @@ class CheckpointRun:
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         except _UNREADABLE as e:
-            return f"{type(e).__name__}: {_first_line(e)}"
+            return f"{type(e).__name__}: {io_checks.error_text(e)}"
         except AssertionError as e:
             raise ValueError(
                 f"checkpoint {path!r} does not hold what this run saves "
-                f"({_first_line(e)}); was a setting that changes the saved state "
+                f"({io_checks.error_text(e)}); was a setting that changes the saved state "
                 "(e.g. --ema_decay, --mixed_precision) changed? Resume with the run's "
                 "settings or use a new --model_dir.") from None
         return None
@@ -537,7 +537,7 @@ class CheckpointRun:
         if tf.io.gfile.isdir(temp):
             tf.io.gfile.rmtree(temp)
         reason = (os.strerror(error.errno) if isinstance(error, OSError) and error.errno
-                  else f"{type(error).__name__}: {_first_line(error)}")
+                  else f"{type(error).__name__}: {io_checks.error_text(error)}")
         return CheckpointError(
             f"could not save the checkpoint of step {step} in {directory!r} ({reason}); "
             f"training stopped. The last good checkpoint is {self.latest or '(none yet)'}: "

@@ -61,6 +61,10 @@ class Config:
     random_flip: bool = _field(False, "Random horizontal flips (off in the paper).")
     crop_scales: tuple = _field((), "Multi-scale random crop scales, e.g. "
                                 "1.0,0.875,0.75 (off in the paper).", element=float)
+    max_image_pixels: int = _field(100_000_000, "Pixel budget of one image (width x "
+                                   "height, x frames for a GIF), read from its header "
+                                   "before decoding: a larger image is skipped undecoded "
+                                   "(a decompression bomb cannot exhaust memory).")
     antialias: bool = _field(False, "Antialiased (PIL-like) bilinear resizing, as the "
                              "paper's PyTorch preprocessing; about 3x slower input on "
                              "640x480 photos (docs/performance.md). Stored with the run: "
@@ -189,7 +193,8 @@ def _validate_ranges(config):
         if not getattr(config, name):
             raise ValueError(f"--{name} is required.")
     positive = ("image_size", "batch_size", "epochs", "checkpoint_every_steps",
-                "keep_checkpoints", "log_every_steps", "lock_timeout_secs")
+                "keep_checkpoints", "log_every_steps", "lock_timeout_secs",
+                "max_image_pixels")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}.")

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from mlcrl_tf import evaluate_lib
+from mlcrl_tf import io_checks
 from pipelines import console
 from pipelines import progress
 
@@ -54,21 +55,29 @@ def main(argv):
     f = flags.FLAGS
     with progress.Progress(unit="images", description="eval") as bar:
         try:
+            for flag in ("output_json", "output_scores"):
+                if f[flag].value:
+                    io_checks.ensure_output_file(f[flag].value, flag)
             result, class_names, name = evaluate_lib.evaluate_target(
                 f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
                 f.labels_file, f.batch_size, f.max_steps, f.threshold,
                 keep_scores=bool(f.output_scores), progress=bar)
         except ValueError as e:
             sys.exit(f"error: {e}")
+        except io_checks.IO_ERRORS as e:
+            sys.exit(f"error: {type(e).__name__}: {io_checks.error_text(e)}")
     print(f"{name}: {result.num_examples} images"
           + (f", {result.num_skipped} undecodable skipped" if result.num_skipped else ""))
     print(evaluate_lib.format_report(result, class_names, name, f.per_class))
-    if f.output_json:
-        evaluate_lib.write_json(result, class_names, name, f.output_json)
-        logging.info("Wrote %s", f.output_json)
-    if f.output_scores:
-        evaluate_lib.write_scores(result, class_names, f.output_scores)
-        logging.info("Wrote %s", f.output_scores)
+    try:
+        if f.output_json:
+            evaluate_lib.write_json(result, class_names, name, f.output_json)
+            logging.info("Wrote %s", f.output_json)
+        if f.output_scores:
+            evaluate_lib.write_scores(result, class_names, f.output_scores)
+            logging.info("Wrote %s", f.output_scores)
+    except io_checks.IO_ERRORS as e:
+        sys.exit(f"error: cannot write the output (disk full?): {io_checks.error_text(e)}")
 
 
 if __name__ == "__main__":

@@ -334,7 +334,8 @@ def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoin
     counter = input_pipeline.SkipCounter()
     dataset = input_pipeline.make_dataset(
         eval_files, batch_size, config.image_size, config.num_classes, training=False,
-        skip_counter=counter, data_dir=config.data_dir, antialias=config.antialias)
+        skip_counter=counter, data_dir=config.data_dir, antialias=config.antialias,
+        max_pixels=config.max_image_pixels)
     _start(progress, eval_files, batch_size, max_steps)
     result = evaluate_model(model, dataset, config.num_classes, threshold, max_steps,
                             skip_counter=counter, keep_scores=keep_scores,

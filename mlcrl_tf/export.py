@@ -2,7 +2,8 @@
 
     python -m mlcrl_tf.export --model_dir=runs/demo --export_dir=saved_models/demo \
         [--version=N] [--best | --checkpoint=PREFIX] [--use_ema=true] \
-        [--threshold=0.5] [--top_k=5]
+        [--threshold=0.5] [--top_k=5] [--max_batch_size=64] \
+        [--max_image_pixels=100000000]
 
 Writes `<export_dir>/<version>/` (see `mlcrl_tf.export_lib` and the contract
 in `mlcrl_tf.serving`; clients in docs/serving.md).
@@ -15,6 +16,7 @@ from absl import app
 from absl import flags
 
 from mlcrl_tf import export_lib
+from mlcrl_tf import serving
 from pipelines import console
 from pipelines import progress
 
@@ -34,6 +36,17 @@ def define_flags():
     flags.DEFINE_float("threshold", None, "Threshold of the `predicted` output; "
                        "default the run's --threshold.")
     flags.DEFINE_integer("top_k", None, "k of the top_k_* outputs; default min(5, C).")
+    flags.DEFINE_integer("max_batch_size", serving.DEFAULT_MAX_BATCH_SIZE,
+                         "The most images one request may hold (both image signatures); "
+                         "a larger request fails with INVALID_ARGUMENT.")
+    flags.DEFINE_integer("max_image_pixels", serving.DEFAULT_MAX_IMAGE_PIXELS,
+                         "Pixel budget of one encoded image (width x height, x frames "
+                         "for a GIF), read from its header before decoding; a request "
+                         "with a larger image fails with INVALID_ARGUMENT.")
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                      "Compute precision of the served model: mixed_bfloat16 is faster "
+                      "on AMX/AVX512-BF16 CPUs and Ampere+ GPUs (variables, inputs "
+                      "and outputs stay float32; docs/performance.md has its accuracy).")
 
 
 def main(argv):
@@ -46,7 +59,9 @@ def main(argv):
     try:
         path = export_lib.export_from_model_dir(
             f.model_dir, f.export_dir, version=f.version, checkpoint=f.checkpoint,
-            best=f.best, use_ema=f.use_ema, threshold=f.threshold, top_k=f.top_k)
+            best=f.best, use_ema=f.use_ema, threshold=f.threshold, top_k=f.top_k,
+            max_batch_size=f.max_batch_size, max_image_pixels=f.max_image_pixels,
+            precision=f.precision)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"Exported {f.model_dir} to {path}")

@@ -21,6 +21,14 @@ Decisions (also in docs/serving.md):
   renamed into place when complete (atomic on local/POSIX file systems), so
   TF Serving never sees a half-written version; a failed export removes its
   temporary directory.
+- Resource limits of a request are export options stored in `metadata`:
+  `max_batch_size` (default 64 images per request) and `max_image_pixels`
+  (default 100 million pixels per image, read from the header before
+  decoding); above them a request fails with INVALID_ARGUMENT naming the
+  limit (docs/reliability.md).
+- An export directory that cannot be created or written, a disk that fills
+  up and a checkpoint that cannot be read are one ValueError naming the
+  path; `export_from_model_dir` checks the directory before restoring.
 """
 
 import os
@@ -31,6 +39,7 @@ from absl import logging
 import tensorflow as tf
 
 from mlcrl_tf import checkpoints
+from mlcrl_tf import io_checks
 from mlcrl_tf import serving
 
 DEFAULT_TOP_K = 5
@@ -63,6 +72,15 @@ def _resolve_version(export_dir, version):
     return version
 
 
+def _check_limits(max_batch_size, max_image_pixels):
+    for name, value in (("max_batch_size", max_batch_size),
+                        ("max_image_pixels", max_image_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if max_batch_size > 2 ** 31 - 1:
+        raise ValueError(f"max_batch_size must be below 2**31, got {max_batch_size}.")
+
+
 def _check_arguments(model, class_names, threshold, top_k):
     """Validates export_model's arguments; returns (class_names, top_k)."""
     needed = ("inference_model", "backbone_name", "image_size", "num_classes", "variant")
@@ -93,8 +111,9 @@ def _check_arguments(model, class_names, threshold, top_k):
     return class_names, top_k
 
 
-def export_model(model, export_dir, class_names, threshold=0.5,
-                 version=None, top_k=None):
+def export_model(model, export_dir, class_names, threshold=0.5, version=None, top_k=None,
+                 max_batch_size=serving.DEFAULT_MAX_BATCH_SIZE,
+                 max_image_pixels=serving.DEFAULT_MAX_IMAGE_PIXELS, antialias=False):
     """Writes the inference branch as `<export_dir>/<version>/` for TF Serving.
 
     Args:
@@ -107,20 +126,25 @@ def export_model(model, export_dir, class_names, threshold=0.5,
         version: integer version; default the next free one. An existing
             version is never overwritten.
         top_k: k of the `top_k_*` outputs; default min(5, C).
+        max_batch_size: the most images one request may hold (both image
+            signatures); a larger request fails with INVALID_ARGUMENT.
+        max_image_pixels: the pixel budget of one encoded image
+            (`serving_default`), checked on its header before decoding.
+        antialias: the resize of the run (`serving_default` resizes like
+            the run's evaluation did).
 
     Returns:
         The path of the written version directory.
 
     Raises:
-        ValueError: a bad argument (named in the message) or an existing
-            version.
+        ValueError: a bad argument (named in the message), an existing
+            version, or an export directory that cannot be created or
+            written (full disk included).
     """
     class_names, top_k = _check_arguments(model, class_names, threshold, top_k)
-    tf.io.gfile.makedirs(export_dir)
+    _check_limits(max_batch_size, max_image_pixels)
+    io_checks.ensure_output_dir(export_dir, "export_dir")
     version = _resolve_version(export_dir, version)
-    final_dir = os.path.join(export_dir, str(version))
-    # Hidden and not an integer: TF Serving and existing_versions ignore it.
-    temp_dir = os.path.join(export_dir, f"{TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory() as local:
         labels_path = os.path.join(local, serving.LABELS_FILE)
         with open(labels_path, "w", encoding="utf-8") as f:
@@ -128,26 +152,48 @@ def export_model(model, export_dir, class_names, threshold=0.5,
         info = serving.ServingInfo(
             class_names=tuple(class_names), backbone=model.backbone_name,
             image_size=model.image_size, threshold=float(threshold), top_k=top_k,
-            variant=model.variant)
+            variant=model.variant, max_batch_size=max_batch_size,
+            max_image_pixels=max_image_pixels, antialias=bool(antialias),
+            precision=model.dtype_policy.name)
         module = serving.ServingModule(model.inference_model, info, labels_path)
-        try:
-            tf.saved_model.save(module, temp_dir, signatures=module.signatures())
-            try:
-                tf.io.gfile.rename(temp_dir, final_dir, overwrite=False)
-            except tf.errors.OpError as e:
-                raise ValueError(
-                    f"could not move the export into {final_dir!r} (another export "
-                    f"took version {version}?): {e.message}") from e
-        finally:
-            if tf.io.gfile.exists(temp_dir):
-                tf.io.gfile.rmtree(temp_dir)
+        final_dir = _save_atomically(module, export_dir, version)
     logging.info("Exported %s/%s (%d classes) to %s", model.variant, model.backbone_name,
                  len(class_names), final_dir)
     return final_dir
 
 
+def _save_atomically(module, export_dir, version):
+    """Saves into a hidden temporary sibling, then renames it to `version`."""
+    final_dir = os.path.join(export_dir, str(version))
+    # Hidden and not an integer: TF Serving and existing_versions ignore it.
+    temp_dir = os.path.join(export_dir, f"{TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            tf.saved_model.save(module, temp_dir, signatures=module.signatures())
+        except io_checks.IO_ERRORS as e:
+            raise ValueError(f"--export_dir={export_dir!r}: cannot write the export "
+                             f"(disk full or unwritable?): {io_checks.error_text(e)}"
+                             ) from None
+        try:
+            tf.io.gfile.rename(temp_dir, final_dir, overwrite=False)
+        except tf.errors.OpError as e:
+            raise ValueError(
+                f"could not move the export into {final_dir!r} (another export "
+                f"took version {version}?): {e.message}") from e
+    finally:
+        try:
+            if tf.io.gfile.exists(temp_dir):
+                tf.io.gfile.rmtree(temp_dir)
+        except io_checks.IO_ERRORS as e:
+            logging.warning("Could not remove %s: %s", temp_dir, io_checks.error_text(e))
+    return final_dir
+
+
 def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
-                          best=False, use_ema=True, threshold=None, top_k=None):
+                          best=False, use_ema=True, threshold=None, top_k=None,
+                          max_batch_size=serving.DEFAULT_MAX_BATCH_SIZE,
+                          max_image_pixels=serving.DEFAULT_MAX_IMAGE_PIXELS,
+                          precision="float32"):
     """Restores a training run and exports it; returns the version directory.
 
     Args:
@@ -159,10 +205,23 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
         use_ema: export the EMA weights when the run kept them.
         threshold: default the run's --threshold.
         top_k: default min(5, C).
+        max_batch_size: see `export_model`.
+        max_image_pixels: see `export_model`.
+        precision: "float32", or "mixed_bfloat16" for a bfloat16 serving
+            model (float32 variables and outputs; faster on AMX/AVX512-BF16
+            CPUs and recent GPUs; docs/performance.md has its accuracy).
+
+    Raises:
+        ValueError: see `export_model`; also an export directory that cannot
+            be written (checked before restoring) and a checkpoint that cannot
+            be read (named).
     """
+    _check_limits(max_batch_size, max_image_pixels)
+    io_checks.ensure_output_dir(export_dir, "export_dir")
     model, config, class_names, path = checkpoints.restore_model(
-        model_dir, checkpoint=checkpoint, best=best, use_ema=use_ema)
+        model_dir, checkpoint=checkpoint, best=best, use_ema=use_ema, precision=precision)
     logging.info("Restored %s", path)
     return export_model(model, export_dir, class_names,
                         threshold=config.threshold if threshold is None else threshold,
-                        version=version, top_k=top_k)
+                        version=version, top_k=top_k, max_batch_size=max_batch_size,
+                        max_image_pixels=max_image_pixels, antialias=config.antialias)

@@ -2,7 +2,7 @@
 
     python -m mlcrl_tf.predict --saved_model=saved_models/demo/1 IMAGE_OR_DIR... \
         [--threshold=0.5 | --top_k=3] [--batch_size=16] [--output=preds.jsonl] \
-        [--all_probabilities]
+        [--all_probabilities] [--overwrite] [--max_image_bytes=268435456]
 
 Each line is `{"filename": ..., "labels": [...], "scores": [...]}` or
 `{"filename": ..., "error": ...}`; see `mlcrl_tf.predict_lib`.
@@ -14,6 +14,8 @@ from absl import app
 from absl import flags
 
 from mlcrl_tf import predict_lib
+from pipelines import console
+from pipelines import progress
 
 
 def define_flags():
@@ -24,7 +26,12 @@ def define_flags():
                        "default the export's.")
     flags.DEFINE_integer("top_k", None, "Label the k most probable classes instead.")
     flags.DEFINE_integer("batch_size", 16, "Images per signature call.")
-    flags.DEFINE_string("output", None, "Write the JSON lines here instead of stdout.")
+    flags.DEFINE_string("output", None, "Write the JSON lines here instead of stdout; "
+                        "refused if it has an image extension, is one of the inputs or "
+                        "exists (without --overwrite).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --output file.")
+    flags.DEFINE_integer("max_image_bytes", predict_lib.DEFAULT_MAX_IMAGE_BYTES,
+                         "Larger files are reported and not read.")
     flags.DEFINE_bool("all_probabilities", False, "Add every class's probability.")
 
 
@@ -33,14 +40,18 @@ def main(argv):
     if not paths:
         raise app.UsageError("give at least one image file or directory.")
     f = flags.FLAGS
-    try:
-        code = predict_lib.run(f.saved_model, paths, f.threshold, f.top_k, f.batch_size,
-                               f.output, f.all_probabilities)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    # Progress on stderr: stdout may carry the JSON lines.
+    with progress.Progress(unit="images", description="predict") as bar:
+        try:
+            code = predict_lib.run(f.saved_model, paths, f.threshold, f.top_k,
+                                   f.batch_size, f.output, f.all_probabilities,
+                                   overwrite=f.overwrite,
+                                   max_image_bytes=f.max_image_bytes, progress=bar)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     sys.exit(code)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -1,4 +1,4 @@
-"""One training run at a time per model_dir, and writable output directories.
+"""One training run at a time per model_dir.
 
 `run_lock(model_dir, is_chief, stale_after_secs)` is the lock a training run
 holds for its lifetime: the file `model_dir/.lock`, created with
@@ -9,8 +9,7 @@ holder; a lock whose process is gone (same host) or whose heartbeat is
 older than `stale_after_secs` (`--lock_timeout_secs`) is broken with a
 warning. `check_lock` (called by `checkpoints.CheckpointRun` before every
 save) stops a run whose lock another run broke, so two runs never write the
-same checkpoints. `ensure_writable_dir` checks an output directory before
-any work starts.
+same checkpoints.
 """
 
 import contextlib
@@ -23,7 +22,6 @@ import time
 import uuid
 
 from absl import logging
-import tensorflow as tf
 
 LOCK_FILE = ".lock"
 # A lock whose heartbeat is older than this is stale (another host); the holder
@@ -253,21 +251,3 @@ def check_lock(model_dir):
             f"--model_dir={model_dir!r} is no longer this run's: {lock.lost} (its "
             "heartbeat was judged stale). Training stopped without saving, so that two "
             "runs never write the same checkpoints.")
-
-
-def ensure_writable_dir(path, flag):
-    """Creates directory `path` if needed and checks a file can be written in it.
-
-    Raises:
-        ValueError: it cannot be created or written (names `flag`).
-    """
-    try:
-        tf.io.gfile.makedirs(path)
-        probe = os.path.join(path, f".write_test-{uuid.uuid4().hex}")
-        with tf.io.gfile.GFile(probe, "w") as f:
-            f.write("ok")
-        tf.io.gfile.remove(probe)
-    except (OSError, tf.errors.OpError) as e:
-        message = str(getattr(e, "message", None) or e).strip().splitlines()
-        raise ValueError(f"{flag}={path!r} is not writable: "
-                         f"{message[0] if message else type(e).__name__}") from None

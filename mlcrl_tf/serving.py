@@ -13,23 +13,33 @@ Server side (`ServingModule`, written by `mlcrl_tf.export_lib`):
   `top_k_scores` float32, `top_k_class_ids` int32 and `top_k_classes`
   string, each (B, k) (rectangular outputs, as TF Serving's REST API needs);
 - `metadata` (no inputs): `class_names`, `threshold`, `top_k`, `image_size`,
-  `backbone`, `variant`; `assets/labels.txt` holds the class names too.
+  `backbone`, `variant`, `max_batch_size`, `max_image_pixels`, `antialias`
+  (the resize the model was trained with) and `precision` (float32, or
+  mixed_bfloat16 for a bfloat16 serving model; outputs stay float32);
+  `assets/labels.txt` holds the class names too.
 
-Bad `image_bytes`: the whole request fails with one
-`tf.errors.InvalidArgumentError` (HTTP 400 from TF Serving) whose message
-names `image_bytes`, the index of every bad element and why ("empty",
-"unknown format ...", "corrupt or truncated ..."). Decoding runs through a
-small in-graph `tf.data` pipeline with `ignore_errors`, which is how the graph
-learns which elements failed. An empty batch (B = 0) is an
-InvalidArgumentError too, on both image signatures.
+Bad requests fail whole, with one `tf.errors.InvalidArgumentError` (HTTP 400
+from TF Serving) naming the input, the limit or the bad indices, before the
+costly step (docs/reliability.md):
+- an empty batch, or more than `max_batch_size` images (both signatures);
+- `image_bytes` elements above the pixel budget `max_image_pixels`, read from
+  the header by `pipelines.image_header` before anything is decoded;
+- `image_bytes` elements that do not decode ("empty", "unknown format ...",
+  "corrupt or truncated ..."): decoding runs through a small in-graph
+  `tf.data` pipeline with `ignore_errors`, which is how the graph learns
+  which elements failed (and why it cannot tell a corrupt image from an
+  out-of-memory decoder);
+- `images` with a NaN, an infinity or a value outside [0, 255].
 
 Client side (`ExportClient`, used by `mlcrl_tf.evaluate` and
 `mlcrl_tf.predict`): loads an export, reads its metadata, and
-`ExportClient.score` scores a list of encoded images; since one bad image
-fails a whole request, a failing request is retried image by image and each
-bad image gets a structured `ImageProblem` (its index and the reason, from
-`image_bytes_problem`, the same rule the graph uses) instead of a parsed
-error message.
+`ExportClient.score` scores a list of encoded images in requests of at most
+the export's `max_batch_size`; images above its pixel budget are refused from
+their header without a request; since one bad image fails a whole request, a
+failing request is retried image by image and each bad image gets a
+structured `ImageProblem` (its index and the reason, from
+`image_bytes_problem`, the same rule the graph uses, or `OUT_OF_MEMORY` for a
+`ResourceExhaustedError`) instead of a parsed error message.
 """
 
 import dataclasses
@@ -38,6 +48,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from pipelines import image_header
 from pipelines import input_pipeline
 
 SERVING_DEFAULT = "serving_default"
@@ -49,75 +60,122 @@ LABELS_FILE = "labels.txt"
 OUTPUT_KEYS = ("logits", "probabilities", "predicted", "top_k_scores",
                "top_k_class_ids", "top_k_classes")
 
-# Leading bytes of the formats `tf.io.decode_image` reads: (offset, bytes).
-_FORMAT_SIGNATURES = {
-    "JPEG": [(0, b"\xff\xd8\xff")],
-    "PNG": [(0, b"\x89PNG\r\n\x1a\n")],
-    "GIF87a": [(0, b"GIF87a")],
-    "GIF89a": [(0, b"GIF89a")],
-    "BMP": [(0, b"BM")],
-    "WebP": [(0, b"RIFF"), (8, b"WEBP")],
-    "JPEG XL codestream": [(0, b"\xff\x0a")],
-    "JPEG XL container": [(0, b"\x00\x00\x00\x0cJXL \r\n\x87\n")],
-}
-_HEAD_BYTES = 12
+# Export options (stored in the `metadata` signature).
+# ResNet-101 at 448 px: ~37 MB per image in a request (docs/reliability.md).
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_PIXELS
+
 EMPTY = "empty"
 UNKNOWN_FORMAT = "unknown format (not JPEG, PNG, GIF, BMP or WebP)"
-CORRUPT = "corrupt or truncated image data"
+# What the graph can say of an element of a known format that failed to
+# decode: its in-graph tf.data step drops every error alike (ignore_errors),
+# so it cannot tell a corrupt file from a decoder that ran out of memory.
+CORRUPT = ("corrupt or truncated image data (or the server ran out of memory "
+           "decoding it)")
+OUT_OF_MEMORY = "out of memory while scoring it (ResourceExhaustedError)"
 
 
 # --------------------------------------------------------------------------
 # Why an encoded image cannot be decoded (one rule, in Python and in-graph).
 # --------------------------------------------------------------------------
 
-def image_bytes_problem(data):
-    """The problem of encoded image bytes that failed to decode, as a string.
+def image_bytes_problem(data, max_pixels=None):
+    """Why encoded image bytes cannot be scored, as a string.
 
-    `EMPTY`, `UNKNOWN_FORMAT` (no known signature) or `CORRUPT` (a known
-    signature whose data does not decode).
+    `EMPTY`, `UNKNOWN_FORMAT` (no known signature), the pixel-budget problem
+    (`image_header.pixel_budget_problem`, when `max_pixels` is given) or
+    `CORRUPT` (a known signature whose data does not decode).
     """
     if not data:
         return EMPTY
-    for parts in _FORMAT_SIGNATURES.values():
-        if all(data[offset:offset + len(magic)] == magic for offset, magic in parts):
-            return CORRUPT
-    return UNKNOWN_FORMAT
+    if not image_header.image_format(data):
+        return UNKNOWN_FORMAT
+    if max_pixels is not None:
+        problem = image_header.pixel_budget_problem(data, max_pixels)
+        if problem:
+            return problem
+    return CORRUPT
 
 
 def _image_bytes_problems(image_bytes):
-    """`image_bytes_problem` in the graph: string (B,)."""
-    head = tf.strings.join(
-        [tf.strings.substr(image_bytes, 0, _HEAD_BYTES), b"\x00" * _HEAD_BYTES])
-    known = tf.zeros_like(image_bytes, dtype=tf.bool)
-    for parts in _FORMAT_SIGNATURES.values():
-        match = tf.ones_like(known)
-        for offset, magic in parts:
-            match &= tf.equal(tf.strings.substr(head, offset, len(magic)), magic)
-        known |= match
+    """`image_bytes_problem` (without the budget) in the graph: string (B,)."""
+    known = tf.not_equal(image_header.format_name(image_bytes), "")
     empty = tf.equal(tf.strings.length(image_bytes), 0)
     return tf.where(empty, EMPTY, tf.where(known, CORRUPT, UNKNOWN_FORMAT))
 
 
-def decode_image_batch(image_bytes, image_size):
+def check_batch(batch, name, max_batch_size):
+    """Assertions: 0 < B <= max_batch_size, naming the input and the limit."""
+    size = tf.shape(batch)[0]
+    return [
+        tf.debugging.Assert(size > 0, [f"{name}: the batch is empty; send at least one "
+                                       "image."], name=f"check_{name}_not_empty"),
+        tf.debugging.Assert(
+            size <= max_batch_size,
+            [f"{name}: the batch has", size,
+             (f"images, above the limit of this export, max_batch_size={max_batch_size}; "
+              "split the request (nothing was scored).")], name=f"check_{name}_batch_size"),
+    ]
+
+
+def check_pixel_budgets(image_bytes, max_pixels):
+    """An assertion naming every element above the pixel budget (or whose
+    size cannot be read from its header), before anything is decoded."""
+    problems = image_header.batch_budget_problems(image_bytes, max_pixels)
+    bad = tf.reshape(tf.where(tf.not_equal(problems, "")), [-1])
+    return tf.debugging.Assert(
+        tf.size(bad) == 0,
+        [f"{IMAGE_BYTES_KEY}: refused before decoding the element(s) at index", bad,
+         "problem:", tf.gather(problems, bad),
+         (f"(the export's pixel budget max_image_pixels={max_pixels} counts width x "
+          "height, times the frames of a GIF; nothing was scored)")],
+        summarize=64, name="check_pixel_budget")
+
+
+def check_pixels(images):
+    """An assertion naming every image with a NaN, an infinity or a value
+    outside [0, 255] (serve_tensor takes RGB pixels in [0, 255])."""
+    finite = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
+    in_range = tf.reduce_all((images >= 0.0) & (images <= 255.0), axis=[1, 2, 3])
+    bad = tf.reshape(tf.where(~(finite & in_range)), [-1])
+    return tf.debugging.Assert(
+        tf.size(bad) == 0,
+        [f"{IMAGES_KEY}: NaN, infinite or outside [0, 255] at index", bad,
+         "(non-finite:", tf.reshape(tf.where(~finite), [-1]),
+         (") (expected RGB pixels in [0, 255]; clip after resizing; nothing was "
+          "scored)")], summarize=64, name="check_images_values")
+
+
+def decode_image_batch(image_bytes, image_size, max_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+                       antialias=False):
     """Decodes and resizes encoded images exactly like evaluation does.
+
+    The pixel budget is checked on every element's header first: nothing is
+    decoded when one element is above it.
 
     Args:
         image_bytes: string tensor (B,) of encoded images (any sizes).
         image_size: side S of the model input.
+        max_pixels: the pixel budget of one image (width x height, x frames
+            for a GIF; `pipelines.image_header`).
+        antialias: the run's resize (`input_pipeline.preprocess_eval`).
 
     Returns:
         float32 (B, S, S, 3), RGB in [0, 255].
 
     Raises:
-        tf.errors.InvalidArgumentError: an element cannot be decoded; the
-            message names `image_bytes`, every bad index and its problem.
+        tf.errors.InvalidArgumentError: an element is above the pixel budget
+            or cannot be decoded; the message names `image_bytes`, every bad
+            index and its problem.
     """
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    with tf.control_dependencies([check_pixel_budgets(image_bytes, max_pixels)]):
+        image_bytes = tf.identity(image_bytes)
     count = tf.size(image_bytes)
 
     def decode(index, data):
         image = input_pipeline.decode_image(data)
-        return index, input_pipeline.preprocess_eval(image, image_size)
+        return index, input_pipeline.preprocess_eval(image, image_size, antialias)
 
     # A tf.data map with ignore_errors drops the elements whose decoding
     # fails instead of stopping the graph, so the survivors' indices tell
@@ -168,6 +226,10 @@ class ServingInfo:
     threshold: float
     top_k: int
     variant: str
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    antialias: bool = False
+    precision: str = "float32"
 
 
 class ServingModule(tf.Module):
@@ -226,13 +288,18 @@ class ServingModule(tf.Module):
         }
 
     def _serve_image_bytes(self, image_bytes):
-        with tf.control_dependencies([_check_not_empty(image_bytes, IMAGE_BYTES_KEY)]):
-            images = decode_image_batch(image_bytes, self._info.image_size)
+        info = self._info
+        with tf.control_dependencies(
+                check_batch(image_bytes, IMAGE_BYTES_KEY, info.max_batch_size)):
+            images = decode_image_batch(tf.identity(image_bytes), info.image_size,
+                                        info.max_image_pixels, info.antialias)
         return self._outputs(images)
 
     def _serve_tensor(self, images):
-        with tf.control_dependencies([_check_not_empty(images, IMAGES_KEY)]):
-            images = tf.identity(images)
+        checks = check_batch(images, IMAGES_KEY, self._info.max_batch_size)
+        with tf.control_dependencies(checks):
+            with tf.control_dependencies([check_pixels(images)]):
+                images = tf.identity(images)
         return self._outputs(images)
 
     def _metadata(self):
@@ -244,14 +311,11 @@ class ServingModule(tf.Module):
             "image_size": tf.constant(info.image_size, tf.int32),
             "backbone": tf.constant(info.backbone),
             "variant": tf.constant(info.variant),
+            "max_batch_size": tf.constant(info.max_batch_size, tf.int32),
+            "max_image_pixels": tf.constant(info.max_image_pixels, tf.int64),
+            "antialias": tf.constant(info.antialias),
+            "precision": tf.constant(info.precision),
         }
-
-
-def _check_not_empty(batch, name):
-    """An empty batch is an error (the backbone cannot run on B = 0)."""
-    return tf.debugging.Assert(
-        tf.shape(batch)[0] > 0,
-        [f"{name}: the batch is empty; send at least one image."], name=f"check_{name}")
 
 
 def _captured_variables(functions):
@@ -317,6 +381,11 @@ class ExportClient:
         self.class_names = [n.decode("utf-8") for n in metadata["class_names"].numpy()]
         self.threshold = float(metadata["threshold"].numpy())
         self.image_size = int(metadata["image_size"].numpy())
+        # Exports older than these options have no limit to respect.
+        self.max_batch_size = (int(metadata["max_batch_size"].numpy())
+                               if "max_batch_size" in metadata else None)
+        self.max_image_pixels = (int(metadata["max_image_pixels"].numpy())
+                                 if "max_image_pixels" in metadata else None)
 
     def outputs(self, image_bytes):
         """The signature's outputs for a request; raises InvalidArgumentError."""
@@ -326,8 +395,11 @@ class ExportClient:
     def score(self, image_bytes, key="logits"):
         """Scores encoded images; bad ones are reported, not fatal.
 
-        One request first; if the export refuses it (one bad image fails a
-        whole request), each image is retried alone.
+        Images above the export's pixel budget are refused here, from their
+        header, without a request. The others are sent in requests of at
+        most the export's `max_batch_size`; a refused request (one bad image
+        fails a whole request) or one that runs out of memory is retried
+        image by image.
 
         Args:
             image_bytes: a sequence of encoded images.
@@ -335,14 +407,39 @@ class ExportClient:
 
         Returns:
             (indices of the scored images, their `key` rows (n, C),
-            a list of `ImageProblem` for the others).
+            a list of `ImageProblem` for the others, in index order).
         """
         image_bytes = list(image_bytes)
-        if not image_bytes:
-            return [], np.zeros((0, len(self.class_names)), np.float32), []
+        problems, todo = [], []
+        for i, data in enumerate(image_bytes):
+            reason = self._header_problem(data)
+            if reason:
+                problems.append(ImageProblem(i, reason))
+            else:
+                todo.append(i)
+        kept, rows = [], []
+        step = self.max_batch_size or max(len(todo), 1)
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            k, r, p = self._score_chunk([image_bytes[i] for i in chunk], key)
+            kept += [chunk[j] for j in k]
+            rows += list(r)
+            problems += [ImageProblem(chunk[q.index], q.reason) for q in p]
+        rows = np.stack(rows) if rows else np.zeros((0, len(self.class_names)), np.float32)
+        return kept, rows, sorted(problems, key=lambda q: q.index)
+
+    def _header_problem(self, data):
+        if not data:
+            return EMPTY
+        if self.max_image_pixels is None:
+            return None
+        return image_header.pixel_budget_problem(data, self.max_image_pixels)
+
+    def _score_chunk(self, image_bytes, key):
+        """`score` for one request's worth of images."""
         try:
-            return list(range(len(image_bytes))), self.outputs(image_bytes)[key], []
-        except tf.errors.InvalidArgumentError:
+            return list(range(len(image_bytes))), list(self.outputs(image_bytes)[key]), []
+        except (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError):
             pass
         kept, rows, problems = [], [], []
         for i, data in enumerate(image_bytes):
@@ -350,6 +447,8 @@ class ExportClient:
                 rows.append(self.outputs([data])[key][0])
                 kept.append(i)
             except tf.errors.InvalidArgumentError:
-                problems.append(ImageProblem(i, image_bytes_problem(data)))
-        rows = np.stack(rows) if rows else np.zeros((0, len(self.class_names)), np.float32)
+                problems.append(ImageProblem(i, image_bytes_problem(data,
+                                                                    self.max_image_pixels)))
+            except tf.errors.ResourceExhaustedError:
+                problems.append(ImageProblem(i, OUT_OF_MEMORY))
         return kept, rows, problems

@@ -38,6 +38,7 @@ from mlcrl_tf import data as data_lib
 from mlcrl_tf import distribute
 from mlcrl_tf import evaluate_lib
 from mlcrl_tf import export_lib
+from mlcrl_tf import io_checks
 from mlcrl_tf import losses
 from mlcrl_tf import optim
 from mlcrl_tf import progress as progress_lib
@@ -150,7 +151,7 @@ class Trainer:
                 shuffle_buffer=c.shuffle_buffer, input_context=input_context,
                 augmentation=augmentation, seed=c.seed * 100003 + epoch,
                 skip_batches=skip_steps, data_dir=c.data_dir, antialias=c.antialias,
-                deterministic=c.deterministic)
+                deterministic=c.deterministic, max_pixels=c.max_image_pixels)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -158,7 +159,8 @@ class Trainer:
         c = self.config
         return input_pipeline.make_dataset(source, c.batch_size, c.image_size,
                                            c.num_classes, training=False,
-                                           data_dir=c.data_dir, antialias=c.antialias)
+                                           data_dir=c.data_dir, antialias=c.antialias,
+                                           max_pixels=c.max_image_pixels)
 
     # --- checkpoints ------------------------------------------------------------
 
@@ -235,7 +237,7 @@ class Trainer:
         def dataset_fn(input_context):
             return input_pipeline.padded_eval_dataset(
                 source, c.batch_size, c.image_size, c.num_classes, input_context, batches,
-                data_dir=c.data_dir, antialias=c.antialias)
+                data_dir=c.data_dir, antialias=c.antialias, max_pixels=c.max_image_pixels)
 
         return evaluate_lib.evaluate_distributed(
             self.model, self.strategy, dataset_fn, steps, c.num_classes,
@@ -352,9 +354,9 @@ def train_and_evaluate(config):
         tf.config.experimental.enable_op_determinism()
     config, class_names, num_records = data_lib.resolve_data(config)
     chief = distribute.is_chief(strategy)
-    run_lock.ensure_writable_dir(config.model_dir, "--model_dir")
+    io_checks.ensure_output_dir(config.model_dir, "model_dir")
     if config.export_dir and chief:  # checked before the first step, not after the last
-        run_lock.ensure_writable_dir(config.export_dir, "--export_dir")
+        io_checks.ensure_output_dir(config.export_dir, "export_dir")
     with run_lock.run_lock(config.model_dir, chief, config.lock_timeout_secs):
         _prepare_model_dir(config, class_names, chief)
         return _train_and_export(config, class_names, strategy, num_records)
@@ -369,11 +371,10 @@ def _train_and_export(config, class_names, strategy, num_records):
     result = trainer.train()
     export_path = None
     if config.export_dir and trainer.is_chief:
-        if trainer.ema is not None:
-            trainer.ema.copy_to_model()
-        export_path = export_lib.export_model(
-            trainer.model, config.export_dir, trainer.class_names,
-            threshold=config.threshold)
+        # From the final checkpoint, rebuilt in float32 (whatever the training
+        # precision), with the EMA weights if the run kept them.
+        export_path = export_lib.export_from_model_dir(config.model_dir,
+                                                       config.export_dir)
     return {"model_dir": config.model_dir, "step": int(trainer.step.numpy()),
             "metrics": result.metrics if result else None, "export_path": export_path,
             "fingerprint": trainer.weights_fingerprint()}

@@ -5,18 +5,20 @@
 
 One panel per (image, class): the image, the direct head's CAM and the
 `f_conv` map (see `mlcrl_tf.cams`). Files are
-`<output_dir>/<image stem>_<class>.png`.
+`<output_dir>/<image stem>_<class>.png` (clashing names get `~<n>`, see
+`mlcrl_tf.cams`). An image that cannot be read is named on stderr and
+skipped; the exit code is 1 only if no image was rendered.
 """
 
 import sys
 
 from absl import app
 from absl import flags
-import tensorflow as tf
 
 from mlcrl_tf import cams
-from mlcrl_tf import checkpoints
 from pipelines import console
+from pipelines import image_header
+from pipelines import tfrecord_lib
 
 
 def define_flags():
@@ -31,6 +33,11 @@ def define_flags():
                       "else on its --eval_files).")
     flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
     flags.DEFINE_integer("tile_size", 224, "Side of each tile of a panel, in pixels.")
+    flags.DEFINE_integer("max_image_pixels", image_header.DEFAULT_MAX_PIXELS,
+                         "Images above this many pixels (read from the header) are "
+                         "skipped before decoding.")
+    flags.DEFINE_integer("max_image_bytes", tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES,
+                         "Larger files are skipped unread.")
 
 
 def main(argv):
@@ -39,15 +46,13 @@ def main(argv):
         raise app.UsageError("give at least one image file.")
     f = flags.FLAGS
     try:
-        model, _, class_names, _ = checkpoints.restore_model(
-            f.model_dir, checkpoint=f.checkpoint, best=f.best, use_ema=f.use_ema)
-        written = cams.visualize_files(model, class_names, paths, f.output_dir,
-                                       classes=f.classes, top_k=f.top_k,
-                                       tile_size=f.tile_size)
-    except (ValueError, OSError, tf.errors.InvalidArgumentError) as e:
-        sys.exit(f"error: {getattr(e, 'message', None) or e}")
-    for path in written:
-        print(path)
+        code = cams.run(f.model_dir, paths, f.output_dir,
+                        {"checkpoint": f.checkpoint, "best": f.best, "use_ema": f.use_ema},
+                        classes=f.classes, top_k=f.top_k, tile_size=f.tile_size,
+                        max_pixels=f.max_image_pixels, max_bytes=f.max_image_bytes)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

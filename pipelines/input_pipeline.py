@@ -55,6 +55,7 @@ import random
 from absl import logging
 import tensorflow as tf
 
+from pipelines import image_header
 from pipelines import record_stream
 from pipelines import tfds_source
 from pipelines import tfrecord_lib
@@ -141,7 +142,7 @@ def decode_example(serialized, num_classes):
     return _labels_to_multi_hot(_parse_example(serialized), num_classes)
 
 
-def decode_image(image_bytes):
+def decode_image(image_bytes, max_pixels=None):
     """Decodes JPEG/PNG/GIF/BMP bytes (by content, not name) to RGB.
 
     Grayscale and RGBA become 3-channel RGB; an animated GIF gives its first
@@ -150,13 +151,19 @@ def decode_image(image_bytes):
 
     Args:
         image_bytes: scalar string tensor.
+        max_pixels: optional pixel budget read from the header BEFORE
+            decoding (`pipelines.image_header`): a decompression bomb is
+            refused without being decoded.
 
     Returns:
         uint8 tensor (H, W, 3).
 
     Raises:
-        tf.errors.InvalidArgumentError: the bytes are not a decodable image.
+        tf.errors.InvalidArgumentError: the bytes are not a decodable image,
+            or the image is above `max_pixels`.
     """
+    if max_pixels is not None:
+        image_bytes = image_header.within_pixel_budget(image_bytes, max_pixels)
     image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
                                expand_animations=False)
     image.set_shape([None, None, 3])
@@ -334,7 +341,8 @@ class SkipCounter:
 def make_dataset(source, batch_size, image_size, num_classes, training, *,
                  shuffle_buffer=2048, input_context=None, augmentation=None,
                  seed=None, skip_counter=None, skip_batches=0, data_dir=None,
-                 antialias=False, deterministic=False):
+                 antialias=False, deterministic=False,
+                 max_pixels=image_header.DEFAULT_MAX_PIXELS):
     """Builds the batched tf.data pipeline over TFRecord shards (or TFDS).
 
     Args:
@@ -363,6 +371,8 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
         data_dir: TensorFlow Datasets' data directory for a `tfds:` source.
         antialias: antialiased resize (see `preprocess_eval`).
         deterministic: training decodes in order too (bit-reproducible runs).
+        max_pixels: pixel budget of one image, read from its header before
+            decoding; a larger image is skipped (counted) undecoded.
 
     Returns:
         A `tf.data.Dataset` of dicts: `images` float32 (B, S, S, 3) RGB in
@@ -383,8 +393,8 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
     ds, parse, files = _records(source, training, seed, input_context, data_dir,
                                 shuffle_buffer)
     ds = _number_images(ds, skip_batches * (batch_size // num_pipelines))
-    ds = _decode(ds, parse, image_size, training, augmentation, seed, antialias,
-                 ordered=deterministic or not training)
+    ds = _decode(ds, parse, image_size, training, augmentation, seed,
+                 (antialias, max_pixels), ordered=deterministic or not training)
     ds = record_stream.check_stream(ds, files, ordered=deterministic or not training)
     if skip_counter is not None:
         ds = ds.map(skip_counter.record)
@@ -494,18 +504,20 @@ def _number_images(ds, skip):
     return ds
 
 
-def _decode(ds, parse, image_size, training, augmentation, seed, antialias, ordered):
+def _decode(ds, parse, image_size, training, augmentation, seed, image_options, ordered):
     """Parses, decodes and preprocesses in parallel; drops what fails.
 
     End markers are not decoded: they always reach `check_stream`.
+    `image_options` is (antialias, max_pixels).
     """
+    antialias, max_pixels = image_options
     blank = {"images": tf.zeros([image_size, image_size, 3], tf.float32),
              "filename": tf.constant(""), "label_ids": tf.zeros([0], tf.int64),
              "difficult_ids": tf.zeros([0], tf.int64)}
 
     def decode_and_preprocess(element):
         features = parse(element["record"])
-        image = decode_image(features.pop("image_bytes"))
+        image = decode_image(features.pop("image_bytes"), max_pixels)
         if training:
             image = preprocess_train(
                 image, image_size, augmentation,

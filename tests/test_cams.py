@@ -136,15 +136,16 @@ def test_visualize_files_from_a_training_run(models, data, tmp_path):
     model, config, class_names, _ = checkpoints.restore_model(model_dir)
     image_path = str(tmp_path / "outfit.png")
     Image.fromarray(data[0][0]).resize((100, 80)).save(image_path)
-    written = cams.visualize_files(model, class_names, [image_path],
-                                        str(tmp_path / "cams"), classes=["Bag", "T-shirt/top"],
-                                        tile_size=64)
+    written, problems = cams.visualize_files(model, class_names, [image_path],
+                                             str(tmp_path / "cams"),
+                                             classes=["Bag", "T-shirt/top"], tile_size=64)
+    assert problems == []
     assert [os.path.basename(p) for p in written] == ["outfit_Bag.png",
                                                       "outfit_T-shirt_top.png"]
     for path in written:
         assert Image.open(path).size == (3 * 64, 64 + 14)
-    top = cams.visualize_files(model, class_names, [image_path],
-                                    str(tmp_path / "top"), top_k=2)
+    top, _ = cams.visualize_files(model, class_names, [image_path],
+                                  str(tmp_path / "top"), top_k=2)
     assert len(top) == 2
     with pytest.raises(ValueError, match="Hat"):
         cams.visualize_files(model, class_names, [image_path],

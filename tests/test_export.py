@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import train_briefly
-from mlcrl_tf import backbones, checkpoints, export_lib, serving
+from mlcrl_tf import backbones, checkpoints, evaluate_lib, export_lib, serving, train_lib
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
 from pipelines import fashion_mnist
@@ -376,3 +376,29 @@ def test_cli_exports_a_training_run(trained, tmp_path, encoded_images):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already exists"):
         export_lib.export_from_model_dir(model_dir, export_dir, version=3)
+
+
+def test_bfloat16_export_serves_float32_close_to_the_float32_export(tmp_path, demo_data):
+    """--precision=mixed_bfloat16: a bfloat16 serving model whose outputs stay
+    float32 and score the demo test images like the float32 export."""
+    config = config_lib.Config(
+        model_dir=str(tmp_path / "run"), train_files=demo_data["train_files"],
+        backbone="small_cnn", backbone_weights=None, lr_decay_epochs=(), image_size=48,
+        batch_size=8, epochs=1, steps_per_epoch=4, learning_rate=0.05,
+        backbone_learning_rate=0.05, num_summary_images=0, antialias=True)
+    train_lib.train_and_evaluate(config)
+    paths = {p: export_lib.export_from_model_dir(config.model_dir, str(tmp_path / p),
+                                                 precision=p)
+             for p in ("float32", "mixed_bfloat16")}
+    results = {}
+    for precision, path in paths.items():
+        loaded = tf.saved_model.load(path)
+        metadata = loaded.signatures["metadata"]()
+        assert metadata["precision"].numpy().decode() == precision
+        assert bool(metadata["antialias"].numpy())  # the run's resize travels along
+        results[precision] = evaluate_lib.evaluate_saved_model(
+            path, demo_data["test_files"], 10, keep_scores=True)
+    f32, bf16 = results["float32"], results["mixed_bfloat16"]
+    assert bf16.scores["logits"].dtype == np.float32
+    np.testing.assert_allclose(bf16.scores["logits"], f32.scores["logits"], atol=0.1)
+    assert abs(bf16.metrics["mAP"] - f32.metrics["mAP"]) < 0.02

@@ -144,3 +144,14 @@ def test_train_cli_stops_with_one_line_when_nothing_decodes(shards, tmp_path):
     assert "error: training data: no image could be decoded" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr) < 20_000, "warnings must be rate-limited"
+
+
+def test_images_above_the_pixel_budget_are_skipped_undecoded(shards):
+    """The budget is read from the header before decoding (issue 13 item 13):
+    the 48x48 demo canvases (2,304 px) are all above a 2,000 px budget."""
+    counter = input_pipeline.SkipCounter()
+    ds = input_pipeline.make_dataset(shards, 8, 48, 10, training=False, max_pixels=2000,
+                                     skip_counter=counter)
+    assert _collect(ds) == [] and counter.skipped == 32
+    assert len(_collect(input_pipeline.make_dataset(shards, 8, 48, 10, training=False,
+                                                    max_pixels=2304))) == 32
