@@ -209,7 +209,7 @@ def test_mirrored_two_replicas_matches_one_device(demo_data, tmp_path):
     nothing about our distributed arithmetic.
     """
     args = SMALL + [f"--train_files={demo_data['train_files']}", "--epochs=1",
-                    "--steps_per_epoch=3", "--weight_decay=1e-4"]
+                    "--steps_per_epoch=3", "--weight_decay=1e-4", "--deterministic"]
     exact = {"TF_ENABLE_ONEDNN_OPTS": "0"}
     run_module("mlcrl_tf.train", args + [f"--model_dir={tmp_path / 'one'}"], env=exact)
     mirrored = run_module("mlcrl_tf.train", args + [
