@@ -7,7 +7,9 @@ The input pipeline against its decode limit, in one process, interleaved.
    cropped and colour-jittered) and converts them with the real CSV
    converter into 8 shards of our schema (80 classes, 1-4 labels each).
 2. Times, `--repeats` rounds, each round every pipeline in turn (so load
-   changes hit all of them alike), the best round reported:
+   changes hit all of them alike; each timed on a fresh iterator that is
+   dropped afterwards, so that no pipeline prefetches in the background
+   while another is timed), the best round reported:
    - `limit`: TFRecordDataset -> parse -> tf.io.decode_jpeg -> tf.image.resize
      (S, bilinear) -> batch, parallel non-deterministic map: the plain
      decode+resize limit;
@@ -21,6 +23,7 @@ Timings are wall-clock on a shared machine: the load average is printed.
 """
 
 import csv
+import gc
 import os
 import shutil
 import tempfile
@@ -114,25 +117,30 @@ def pipelines(pattern):
     }
 
 
-def images_per_second(iterator, batches):
+def images_per_second(dataset):
+    """Images/s of a fresh iterator after warm-up; the iterator is then
+    dropped, so no pipeline prefetches in the background while another is
+    timed."""
+    iterator = iter(dataset)
+    for _ in range(FLAGS.warmup):
+        next(iterator)
     start = time.perf_counter()
     count = 0
-    for _ in range(batches):
+    for _ in range(FLAGS.batches):
         batch = next(iterator)
         count += int(tf.shape(batch["images"] if isinstance(batch, dict) else batch)[0])
-    return count / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    del iterator
+    gc.collect()
+    return count / seconds
 
 
 def measure(datasets):
     """Best images/s of each dataset over interleaved rounds."""
-    iterators = {name: iter(ds) for name, ds in datasets.items()}
-    for iterator in iterators.values():
-        for _ in range(FLAGS.warmup):
-            next(iterator)
     best = {name: 0.0 for name in datasets}
     for _ in range(FLAGS.repeats):
-        for name, iterator in iterators.items():
-            best[name] = max(best[name], images_per_second(iterator, FLAGS.batches))
+        for name, dataset in datasets.items():
+            best[name] = max(best[name], images_per_second(dataset))
     return best
 
 

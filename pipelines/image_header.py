@@ -461,6 +461,32 @@ def within_pixel_budget(image_bytes, max_pixels):
         return tf.identity(image_bytes)
 
 
+def within_pixel_budget_fast(image_bytes, max_pixels):
+    """`within_pixel_budget` for pipelines that skip failing images anyway.
+
+    A JPEG's size comes from libjpeg's own header reader
+    (`tf.io.extract_jpeg_shape`, a native op) instead of the segment walk
+    in the graph, which copies the whole file into a tensor: the input
+    pipeline runs at its decode limit this way (docs/performance.md). A JPEG
+    whose header libjpeg cannot read raises its error, which `ignore_errors`
+    turns into a counted skip, as for any undecodable image. Other formats
+    are checked by `check_pixel_budget`.
+    """
+    is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 3), b"\xff\xd8\xff")
+
+    def jpeg_check():
+        shape = tf.io.extract_jpeg_shape(image_bytes, output_type=tf.int64)
+        return tf.debugging.Assert(
+            shape[0] * shape[1] <= max_pixels,
+            ["JPEG of", shape[1], "x", shape[0], "pixels, above the pixel budget of",
+             max_pixels], name="check_jpeg_pixel_budget")
+
+    check = tf.cond(is_jpeg, jpeg_check,
+                    lambda: check_pixel_budget(image_bytes, max_pixels))
+    with tf.control_dependencies([check]):
+        return tf.identity(image_bytes)
+
+
 def batch_budget_problems(image_bytes, max_pixels):
     """`budget_problem` of each element of a string vector (B,) -> (B,)."""
     return tf.map_fn(lambda data: budget_problem(data, max_pixels), image_bytes,

@@ -163,7 +163,7 @@ def decode_image(image_bytes, max_pixels=None):
             or the image is above `max_pixels`.
     """
     if max_pixels is not None:
-        image_bytes = image_header.within_pixel_budget(image_bytes, max_pixels)
+        image_bytes = image_header.within_pixel_budget_fast(image_bytes, max_pixels)
     image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
                                expand_animations=False)
     image.set_shape([None, None, 3])

@@ -227,3 +227,28 @@ def test_within_pixel_budget_in_tf_data_refuses_before_decoding(real_images):
     assert time.perf_counter() - start < 5.0  # Decoding the bomb takes ~12 s.
     with pytest.raises(tf.errors.InvalidArgumentError, match="pixel budget"):
         tf.function(lambda d: ih.within_pixel_budget(d, BUDGET))(tf.constant(bomb))
+
+
+def _real_jpeg_claiming(width, height):
+    """A valid small JPEG whose SOF0 header claims width x height."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("jpeg header of 60000x50000", _real_jpeg_claiming(60000, 50000)),
+    ("png bomb", png_bomb(20000, 20000)),
+    ("gif frames", gif_of_frames(200, 100, 60)),
+])
+def test_the_fast_check_of_the_input_pipeline_refuses_the_same_bombs(name, data,
+                                                                     real_images):
+    """within_pixel_budget_fast (libjpeg's header reader for JPEG) refuses what
+    the graph twin refuses, and passes real images of every format."""
+    with pytest.raises(tf.errors.InvalidArgumentError, match="pixel budget"):
+        ih.within_pixel_budget_fast(tf.constant(data), BUDGET)
+    for fmt, good in real_images.items():
+        assert ih.within_pixel_budget_fast(tf.constant(good), BUDGET).numpy() == good, fmt
