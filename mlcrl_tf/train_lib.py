@@ -133,6 +133,8 @@ class Trainer:
         # Only what the step needs: XLA cannot take the string filenames.
         inputs = {"images": batch["images"], "labels": batch["labels"]}
         per_replica = self.strategy.run(self._replica_fn, args=(inputs,))
+        if self.strategy.num_replicas_in_sync == 1:
+            return per_replica
         # train_step returns global values from every replica (see
         # MLCRLModel.train_step): their mean is the global batch's value.
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
