@@ -400,5 +400,6 @@ def test_bfloat16_export_serves_float32_close_to_the_float32_export(tmp_path, de
             path, demo_data["test_files"], 10, keep_scores=True)
     f32, bf16 = results["float32"], results["mixed_bfloat16"]
     assert bf16.scores["logits"].dtype == np.float32
-    np.testing.assert_allclose(bf16.scores["logits"], f32.scores["logits"], atol=0.1)
-    assert abs(bf16.metrics["mAP"] - f32.metrics["mAP"]) < 0.02
+    # The tolerance stated in docs/performance.md.
+    np.testing.assert_allclose(bf16.scores["logits"], f32.scores["logits"], atol=0.25)
+    assert abs(bf16.metrics["mAP"] - f32.metrics["mAP"]) <= 0.005
