@@ -6,4 +6,4 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 # shellcheck disable=SC1091
 . scripts/setup.sh
-python -m pytest -q "$@"
+python -m pytest -q -n auto "$@"
