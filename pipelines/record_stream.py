@@ -64,8 +64,11 @@ def expected_counts(files, count_unreported=False):
 
 def _marked(records, file_index, expected):
     """One file's records, then its end marker; with running counts."""
-    dummy = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
-                                  records.element_spec)
+    # A placeholder record of the stream's structure: variable dimensions
+    # (a TFDS source's label-id vectors) are empty.
+    dummy = tf.nest.map_structure(
+        lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype),
+        records.element_spec)
     stream = records.map(lambda r: (r, False)).concatenate(
         tf.data.Dataset.from_tensors((dummy, True)))
 
