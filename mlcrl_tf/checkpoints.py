@@ -61,6 +61,9 @@ STATE_FILE = "checkpoint"
 CORRUPT_DIR = ".corrupt"
 # Fields that define the network: a resumed run must agree on them.
 MODEL_FIELDS = ("backbone", "variant", "image_size", "num_classes")
+# A resumed run must also keep its preprocessing (evaluate/export follow run.json).
+RESUME_FIELDS = MODEL_FIELDS + ("antialias",)
+EVALUATED_FILE = "evaluated.json"
 _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})$")
 _TEMP_DIR = re.compile(r"^ckpt-\d+_temp$")
 # What reading a truncated, corrupt or missing checkpoint raises (measured on
@@ -132,8 +135,9 @@ def read_run(model_dir):
     values = {k: v for k, v in payload["config"].items() if k in fields}
     for key in ("crop_scales", "lr_decay_epochs"):
         values[key] = tuple(values.get(key, ()))
-    # Runs of format 1 resized with antialiasing (it was not a flag yet).
-    values.setdefault("antialias", payload.get("format", 1) < RUN_FORMAT)
+    # Runs from before --antialias resized with antialiasing; every run.json
+    # written since has the key.
+    values.setdefault("antialias", True)
     return config_lib.Config(**values), payload["class_names"]
 
 
@@ -160,8 +164,9 @@ def check_resumable(model_dir, config):
 
 
 def check_resume_compatible(saved, config):
-    """Raises ValueError if `config` would build a different network."""
-    for name in MODEL_FIELDS:
+    """Raises ValueError if `config` would build a different network (or
+    preprocess differently)."""
+    for name in RESUME_FIELDS:
         if getattr(saved, name) != getattr(config, name):
             raise ValueError(
                 f"--{name}={getattr(config, name)!r} differs from the run already in "
@@ -530,6 +535,24 @@ class CheckpointRun:
         except (OSError, tf.errors.OpError) as e:
             raise self._save_failed(best_dir, step, e) from None
         self._clean_worker_dir()
+
+    def evaluated_step(self):
+        """The step of the run's last finished end-of-epoch evaluation, or -1."""
+        path = os.path.join(self.model_dir, EVALUATED_FILE)
+        try:
+            with tf.io.gfile.GFile(path) as f:
+                return int(json.load(f)["step"])
+        except (tf.errors.NotFoundError, ValueError, KeyError, TypeError):
+            return -1
+
+    def mark_evaluated(self, step):
+        """Records that the end-of-epoch evaluation of `step` finished (chief)."""
+        if self.is_chief:
+            try:
+                write_json_atomically(os.path.join(self.model_dir, EVALUATED_FILE),
+                                      {"step": int(step)})
+            except (OSError, tf.errors.OpError) as e:
+                raise self._save_failed(self.model_dir, step, e) from None
 
     def _save_failed(self, directory, step, error):
         """The error of a failed save; removes the save's temporary directory."""

@@ -39,11 +39,15 @@ def resolve_data(config):
         class_names, labels_file = _label_map(train_files)
         num_records = None
     if config.labels_file:
-        class_names = _read_labels_file(config.labels_file)
-        labels_file = config.labels_file
+        # It names the classes; the training data must agree with it.
+        file_names = _read_labels_file(config.labels_file)
+        check_same_classes(class_names, file_names, f"--train_files={config.train_files!r}",
+                           config.labels_file)
+        class_names, labels_file = file_names, config.labels_file
     for flag in ("eval_files", "selection_files"):
         _check_source(config, flag, class_names, labels_file)
-    if config.selection_files and not tfds_source.is_tfds(config.train_files):
+    if (config.selection_files and not tfds_source.is_tfds(config.train_files)
+            and not tfds_source.is_tfds(config.selection_files)):
         _check_held_out(config.selection_files, train_files)
     num_classes = _num_classes(config.num_classes, class_names, labels_file)
     if class_names is None:

@@ -261,10 +261,9 @@ class Trainer:
             self.summaries.write_eval(step, selection, self.model, self.class_names,
                                       prefix="selection_metrics")
         chosen = selection or reported
-        if chosen is None:
-            return None
-        improved = self._maybe_save_best(
+        improved = chosen is not None and self._maybe_save_best(
             "selection_files" if selection else "eval_files", chosen, reported)
+        self.checkpoints.mark_evaluated(step)
         if reported:
             progress.message(evaluate_lib.format_result_line(
                 reported.metrics, epoch + 1, improved and not selection))
@@ -285,12 +284,14 @@ class Trainer:
         """Runs (or resumes) training to the last step; returns the last eval."""
         c = self.config
         start = self.restore_or_initialize()
+        if self.is_chief:  # only once the checkpoint loaded: a refused resume changes nothing
+            checkpoints.write_run(c.model_dir, c, self.class_names)
         progress = progress_lib.Progress(self.total_steps, c.batch_size)
         progress.start(start)
         if start:
             progress.message(f"Resuming at step {start}/{self.total_steps} "
                              f"(epoch {start // self.steps_per_epoch + 1}).")
-        last_eval = None
+        last_eval = self._missed_evaluation(start, progress)
         for epoch in range(start // self.steps_per_epoch, c.epochs):
             self._train_epoch(epoch, progress)
             path = self.save()
@@ -299,6 +300,18 @@ class Trainer:
             last_eval = self._evaluate_epoch(epoch, progress) or last_eval
         self.summaries.flush()
         return last_eval
+
+    def _missed_evaluation(self, start, progress):
+        """Runs the evaluation of the epoch that ended at `start` if the run
+        stopped after its checkpoint but before the evaluation finished."""
+        c = self.config
+        if (not start or start % self.steps_per_epoch or not (c.eval_files or c.selection_files)
+                or self.checkpoints.evaluated_step() >= start):
+            return None
+        epoch = start // self.steps_per_epoch - 1
+        progress.message(f"Evaluating epoch {epoch + 1}: the run stopped before its "
+                         "evaluation finished.")
+        return self._evaluate_epoch(epoch, progress)
 
     def _train_epoch(self, epoch, progress):
         """The steps of one epoch (from the current step, when resuming)."""
@@ -360,7 +373,9 @@ def train_and_evaluate(config):
     if config.export_dir and chief:  # checked before the first step, not after the last
         io_checks.ensure_output_dir(config.export_dir, "export_dir")
     with run_lock.run_lock(config.model_dir, chief, config.lock_timeout_secs):
-        _prepare_model_dir(config, class_names, chief)
+        # A resumed run must be the same network (run.json is rewritten by
+        # Trainer.train once its checkpoint has loaded).
+        checkpoints.check_resumable(config.model_dir, config)
         return _train_and_export(config, class_names, strategy, num_records)
 
 
@@ -380,10 +395,3 @@ def _train_and_export(config, class_names, strategy, num_records):
     return {"model_dir": config.model_dir, "step": int(trainer.step.numpy()),
             "metrics": result.metrics if result else None, "export_path": export_path,
             "fingerprint": trainer.weights_fingerprint()}
-
-
-def _prepare_model_dir(config, class_names, chief):
-    """Checks a resumed run is the same network, writes run.json (under the lock)."""
-    checkpoints.check_resumable(config.model_dir, config)
-    if chief:
-        checkpoints.write_run(config.model_dir, config, class_names)

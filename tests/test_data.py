@@ -122,3 +122,31 @@ def test_an_out_of_range_class_id_stops_training_with_one_line(demo_data, tmp_pa
     assert proc.returncode != 0
     assert "error: training data:" in proc.stderr and "num_classes=10" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_labels_file_that_disagrees_with_the_shards_is_refused(demo_data, tmp_path):
+    names = tfrecord_lib.read_class_names(demo_data["labels_file"])
+    swapped = tmp_path / "labels.txt"
+    swapped.write_text("".join(f"{n}\n" for n in [names[1], names[0], *names[2:]]))
+    with pytest.raises(ValueError, match=r"--train_files=.*label map differs.*class id 0"):
+        data.resolve_data(_config(demo_data, tmp_path, labels_file=str(swapped)))
+    same = tmp_path / "same.txt"
+    same.write_text("".join(f"{n}\n" for n in names))
+    _, class_names, _ = data.resolve_data(_config(demo_data, tmp_path, labels_file=str(same)))
+    assert class_names == names
+
+
+def test_tfds_selection_files_with_shard_training_files(demo_data, tmp_path, monkeypatch):
+    """Failed before: the held-out check globbed 'tfds:...' as a file pattern."""
+    names = tfrecord_lib.read_class_names(demo_data["labels_file"])
+
+    class Split:  # what data needs of a tfds_source.TfdsSplit
+        class_names = names
+
+    opened = []
+    monkeypatch.setattr(data.tfds_source, "open_split",
+                        lambda source, **kwargs: opened.append(source) or Split())
+    config = _config(demo_data, tmp_path, selection_files="tfds:outfits:validation")
+    resolved, class_names, _ = data.resolve_data(config)
+    assert opened == ["tfds:outfits:validation"]
+    assert class_names == names and resolved.num_classes == len(names)

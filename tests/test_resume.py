@@ -1,0 +1,72 @@
+"""Resuming a run: what is refused, and an evaluation the run never finished."""
+
+import json
+import os
+
+import pytest
+
+from mlcrl_tf import checkpoints
+from mlcrl_tf import config as config_lib
+from mlcrl_tf import train_lib
+
+
+def _config(demo_data, model_dir, **overrides):
+    values = dict(model_dir=str(model_dir), train_files=demo_data["train_files"],
+                  eval_files=demo_data["test_files"], backbone="small_cnn",
+                  image_size=48, batch_size=8, epochs=2, steps_per_epoch=2,
+                  learning_rate=0.05, backbone_learning_rate=0.005, log_every_steps=1,
+                  checkpoint_every_steps=2, num_summary_images=0, shuffle_buffer=64,
+                  backbone_weights=None, lr_decay_epochs=())
+    values.update(overrides)
+    return config_lib.Config(**values)
+
+
+def _run_json(model_dir):
+    with open(os.path.join(model_dir, checkpoints.RUN_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_an_evaluation_killed_after_the_checkpoint_runs_on_resume(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "run")
+    first = train_lib.train_and_evaluate(config)
+    assert first["metrics"] is not None
+    evaluated = os.path.join(config.model_dir, checkpoints.EVALUATED_FILE)
+    with open(evaluated, encoding="utf-8") as f:
+        assert json.load(f) == {"step": 4}
+    # As if killed during the last epoch's evaluation: its checkpoint (step 4)
+    # exists, the evaluation record says epoch 1 (step 2).
+    with open(evaluated, "w", encoding="utf-8") as f:
+        json.dump({"step": 2}, f)
+    again = train_lib.train_and_evaluate(config)
+    assert again["step"] == 4
+    assert again["metrics"] is not None  # evaluated now, not skipped
+    assert again["metrics"]["mAP"] == pytest.approx(first["metrics"]["mAP"], abs=1e-9)
+    with open(evaluated, encoding="utf-8") as f:
+        assert json.load(f) == {"step": 4}
+    # A finished and evaluated run has nothing left to do.
+    assert train_lib.train_and_evaluate(config)["metrics"] is None
+
+
+def test_a_refused_resume_leaves_run_json_alone(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "run", epochs=1)
+    train_lib.train_and_evaluate(config)
+    before = _run_json(config.model_dir)
+    # The checkpoints hold no EMA: the resume fails, run.json must not claim one.
+    with pytest.raises((ValueError, checkpoints.CheckpointError)):
+        train_lib.train_and_evaluate(_config(demo_data, tmp_path / "run", epochs=2,
+                                             ema_decay=0.5))
+    assert _run_json(config.model_dir) == before
+    with pytest.raises(ValueError, match="--antialias=True differs"):
+        train_lib.train_and_evaluate(_config(demo_data, tmp_path / "run", epochs=2,
+                                             antialias=True))
+    assert _run_json(config.model_dir) == before
+
+
+def test_a_run_json_without_antialias_predates_the_flag(tmp_path):
+    model_dir = tmp_path / "old"
+    model_dir.mkdir()
+    config = config_lib.Config(model_dir=str(model_dir), num_classes=3)
+    payload = {"config": {k: v for k, v in config.__dict__.items() if k != "antialias"},
+               "class_names": ["a", "b", "c"], "format": checkpoints.RUN_FORMAT}
+    (model_dir / checkpoints.RUN_FILE).write_text(json.dumps(payload))
+    assert checkpoints.read_run(str(model_dir))[0].antialias is True
