@@ -314,8 +314,9 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
         (model, config, class_names, checkpoint_path).
 
     Raises:
-        ValueError: no run.json, no checkpoint, or the checkpoint cannot be
-            read (truncated, corrupt, files missing): the message names it.
+        ValueError: no run.json, no checkpoint, the checkpoint cannot be
+            read (truncated, corrupt, files missing) or holds another model:
+            the message names it.
     """
     config, class_names = read_run(model_dir)
     path = resolve_checkpoint(model_dir, checkpoint, best)
@@ -336,7 +337,15 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
             "--checkpoint=<prefix> (or resume training, which sets it aside).") from None
     # Every variable of the rebuilt model must come from the checkpoint (the
     # optimizer state in it is not needed here).
-    status.assert_existing_objects_matched().expect_partial()
+    try:
+        status.assert_existing_objects_matched().expect_partial()
+    except AssertionError as e:
+        raise ValueError(
+            f"checkpoint {path!r} does not hold the model described by {model_dir!r}/"
+            f"{RUN_FILE} ({config.variant}/{config.backbone}, {config.num_classes} classes"
+            f"{', EMA' if ema is not None else ''}): {io_checks.error_text(e)[:300]}. Is it "
+            "a checkpoint of another run? (--use_ema=false loads a run without its EMA.)"
+        ) from None
     if ema is not None:
         ema.copy_to_model()
     return model, config, class_names, path
@@ -446,7 +455,7 @@ class CheckpointRun:
             raise ValueError(
                 f"checkpoint {path!r} does not hold what this run saves "
                 f"({io_checks.error_text(e)}); was a setting that changes the saved state "
-                "(e.g. --ema_decay, --mixed_precision) changed? Resume with the run's "
+                "(e.g. --ema_decay, --precision) changed? Resume with the run's "
                 "settings or use a new --model_dir.") from None
         return None
 

@@ -70,3 +70,17 @@ def test_a_run_json_without_antialias_predates_the_flag(tmp_path):
                "class_names": ["a", "b", "c"], "format": checkpoints.RUN_FORMAT}
     (model_dir / checkpoints.RUN_FILE).write_text(json.dumps(payload))
     assert checkpoints.read_run(str(model_dir))[0].antialias is True
+
+
+def test_a_checkpoint_without_what_run_json_describes_is_one_error(crl_run, tmp_path):
+    """Failed before: an AssertionError traceback from TensorFlow."""
+    saved, names = checkpoints.read_run(crl_run.model_dir)
+    claims_ema = saved.replace(model_dir=str(tmp_path / "claims_ema"), ema_decay=0.5)
+    os.makedirs(claims_ema.model_dir)
+    checkpoints.write_run(claims_ema.model_dir, claims_ema, names)
+    latest = checkpoints.resolve_checkpoint(crl_run.model_dir)
+    with pytest.raises(ValueError, match=r"does not hold the model described by.*EMA"):
+        checkpoints.restore_model(claims_ema.model_dir, checkpoint=latest)
+    model, _, _, path = checkpoints.restore_model(claims_ema.model_dir, checkpoint=latest,
+                                                  use_ema=False)
+    assert path == latest and model.variant == "crl"
