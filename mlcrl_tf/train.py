@@ -1,10 +1,17 @@
 """Trains (or resumes) a model: the command users live in.
 
-    python -m mlcrl_tf.train --flagfile=configs/coco.flags --model_dir=runs/coco_crl
+    python -m mlcrl_tf.train --flagfile=coco.flags --model_dir=runs/coco_crl
 
-Flags are defined in `mlcrl_tf.config`; `--flagfile` files under configs/
-include `configs/base.flags` (the paper's recipe). Rerunning the same command
-resumes from the latest checkpoint in --model_dir.
+Flags are defined in `mlcrl_tf.config`. `--flagfile=NAME` is expanded by
+`mlcrl_tf.flagfiles` before absl parses the command line, in place (later
+flags override earlier ones). On the command line NAME is a path relative to
+the working directory; inside a flagfile, an include is resolved relative to
+the directory of the including file, then to the working directory. Failing
+that, NAME is a shipped flagfile (`mlcrl_tf/configs/NAME`; a leading
+`configs/` is dropped), so `--flagfile=coco.flags` works from any directory.
+The shipped dataset flagfiles include `base.flags` (the paper's recipe).
+Rerunning the same command resumes from the latest checkpoint in
+--model_dir (a different network or --antialias is refused).
 """
 
 import functools
