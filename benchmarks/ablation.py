@@ -1,7 +1,7 @@
 r"""python benchmarks/ablation.py --work_dir=runs/ablation --output=docs/results.md
 
 The paper's ablation (Tables 1, 5, 6) in a faithful miniature of its regime
-(paper §5.1, issue 14), on the Fashion-MNIST "outfits" demo set (SPEC §8):
+(paper §5.1, issue 14), on the Fashion-MNIST "outfits" demo set (README, pipelines/demo_lib.py):
 
 1. Pretraining once (the "ImageNet stage", `benchmarks/pretrain_backbone.py`):
    the small CNN learns single-item classification of Fashion-MNIST TRAIN

@@ -175,7 +175,7 @@ def budget_lines(c, runs):
     return [
         "## Data, budget, convergence",
         "",
-        f"Data: the Fashion-MNIST \"outfits\" demo set (SPEC §8) at {c.canvas_size} px, "
+        f"Data: the Fashion-MNIST \"outfits\" demo set (README, `pipelines/demo_lib.py`) at {c.canvas_size} px, "
         f"{c.num_train} train / {c.num_test} test canvases per setting (generator seed "
         f"{c.data_seed}); train canvases from Fashion-MNIST's train photos only, test "
         "canvases from its test photos only.",

@@ -27,12 +27,12 @@ What a record holds (keys and dtypes of `input_pipeline`'s tf.Example parse):
 * `label_ids` int64 (n,), sorted: from the dataset's labels, in this order
   of preference: `labels` (a sequence of class labels, e.g. VOC), the set of
   `objects/label` (detection datasets, e.g. COCO), `label` (one class).
-* `difficult_ids` int64 (n,): VOC's rule (SPEC §5/§6): a class is difficult
+* `difficult_ids` int64 (n,): VOC's rule (docs/design.md, Data): a class is difficult
   for an image iff all its objects there are difficult, i.e. it is in
   `labels` but not in `labels_no_difficult`. Empty for other datasets.
 
 Images without any label are dropped when the labels come from `objects`
-(SPEC §5's rule for COCO: as our COCO converter and ML-GCN do); `count()`
+(our rule for COCO: as our COCO converter and ML-GCN do); `count()`
 says how many. Class ids are TFDS's: VOC's 20 classes in the alphabetical
 order of our VOC converter; COCO's 80 in the order of the annotation file's
 `categories`, which in the official `instances_*2014.json` is the category-id

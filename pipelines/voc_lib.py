@@ -6,7 +6,7 @@
   `Annotations/<id>.xml`. The stored filename is `<id>.jpg`.
 * Classes: the 20 VOC classes in the standard alphabetical order
   (`VOC_CLASSES`), written to `labels.txt`.
-* Difficult (SPEC §5): a class is difficult for an image iff *every* object
+* Difficult (docs/design.md, Data): a class is difficult for an image iff *every* object
   of that class in the image is marked `<difficult>1</difficult>`. Difficult
   classes are listed in `image/class/label` and in `image/class/difficult`
   (evaluation ignores them, training treats them as positive).
