@@ -27,6 +27,10 @@ from keras import layers, ops
 from mlcrl_tf import keras_hub_backbones
 
 BACKBONES = ("resnet101", "resnet50", "vgg16", "small_cnn")
+# The built-in backbones with ImageNet weights (keras.applications).
+IMAGENET_BACKBONES = ("resnet101", "resnet50", "vgg16")
+# Spellings of "random initialisation" of --backbone_weights, for every backbone.
+RANDOM_WEIGHTS = keras_hub_backbones.RANDOM_WEIGHTS
 
 # keras.applications' "caffe" mode (ResNet, VGG): BGR order, ImageNet mean.
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -48,6 +52,17 @@ def check_backbone_name(name):
         raise ValueError(
             f"backbone={name!r} is unknown; choose one of {', '.join(BACKBONES)} "
             "or keras_hub:<preset>.")
+
+
+def check_backbone_available(name):
+    """Raises ValueError unless backbone `name` can be built in this environment.
+
+    A `keras_hub:<preset>` backbone needs keras-hub installed (the error,
+    a `keras_hub_backbones.KerasHubNotInstalledError`, says how).
+    """
+    check_backbone_name(name)
+    if keras_hub_backbones.is_keras_hub(name):
+        keras_hub_backbones.require_keras_hub(name)
 
 
 def _builtin(name, table):
@@ -138,10 +153,16 @@ def normalization_spec(name):
     """
     check_backbone_name(name)
     if keras_hub_backbones.is_keras_hub(name):
-        spec = keras_hub_backbones.normalization(keras_hub_backbones.preset_of(name))
-        return {"divisor": tuple(1.0 / s for s in spec["scale"]),
-                "offset": spec["offset"], "reverse_channels": spec["reverse_channels"]}
+        return _from_keras_hub(
+            keras_hub_backbones.normalization(keras_hub_backbones.preset_of(name)))
     return dict(_NORMALIZATION[name])
+
+
+def _from_keras_hub(spec):
+    """A KerasHub converter spec (`x * scale + offset`) as `InputNormalization`
+    arguments."""
+    return {"divisor": tuple(1.0 / s for s in spec["scale"]),
+            "offset": spec["offset"], "reverse_channels": spec["reverse_channels"]}
 
 
 def input_normalization(name):
@@ -169,9 +190,11 @@ def build_backbone(name, image_size, weights=None):
     Args:
         name: a name from `BACKBONES` or `keras_hub:<preset>`.
         image_size: input side in pixels (square images).
-        weights: None (random init), "imagenet" (keras.applications download,
-            resnet/vgg only) or a path to a local `.h5`/`.weights.h5` file of
-            the same architecture without top.
+        weights: None (random init; also any spelling of `RANDOM_WEIGHTS`:
+            "", "none", "random"), "imagenet" (keras.applications download,
+            `IMAGENET_BACKBONES` only; a KerasHub preset's own weights) or a
+            path to a local `.h5`/`.weights.h5` file of the same architecture
+            without top.
 
     Returns:
         A `keras.Model` named "backbone": (B, S, S, 3) -> (B, S/s, S/s, D).
@@ -180,15 +203,31 @@ def build_backbone(name, image_size, weights=None):
         ValueError: unknown name, imagenet weights for small_cnn, or a weights
             path that does not exist.
     """
+    return build_backbone_and_normalization(name, image_size, weights)[0]
+
+
+def build_backbone_and_normalization(name, image_size, weights=None):
+    """(`build_backbone(...)`, `input_normalization(name)`), reading a KerasHub
+    preset's converter once (the model needs both)."""
     check_backbone_name(name)
     if keras_hub_backbones.is_keras_hub(name):
-        return keras_hub_backbones.build(name, image_size, weights).model
+        built = keras_hub_backbones.build(name, image_size, weights)
+        return built.model, InputNormalization(**_from_keras_hub(built.normalization),
+                                               name="input_normalization")
+    normalization = input_normalization(name)
+    return _build_builtin(name, image_size, weights), normalization
+
+
+def _build_builtin(name, image_size, weights):
+    """`build_backbone` of a name from `BACKBONES`."""
+    if weights in RANDOM_WEIGHTS:
+        weights = None
     if weights not in (None, "imagenet") and not os.path.exists(weights):
         raise ValueError(f"backbone_weights={weights!r}: no such file.")
-    if weights == "imagenet" and name == "small_cnn":
+    if weights == "imagenet" and name not in IMAGENET_BACKBONES:
         raise ValueError(
-            "backbone_weights='imagenet' is not available for small_cnn; use "
-            "None or a local weights file.")
+            f"backbone_weights='imagenet' is not available for {name}; use "
+            "None (random) or a local weights file.")
     shape = (image_size, image_size, 3)
     if name == "small_cnn":
         model = _small_cnn(shape)

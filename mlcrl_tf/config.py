@@ -18,6 +18,8 @@ import os
 from absl import flags
 
 from mlcrl_tf import backbones
+from mlcrl_tf import losses
+from mlcrl_tf import run_lock
 from mlcrl_tf.backbones import BACKBONES
 from mlcrl_tf.model import VARIANTS
 
@@ -74,7 +76,8 @@ class Config:
                            f"{', '.join(BACKBONES)} or keras_hub:<preset> (e.g. "
                            "keras_hub:resnet_101_imagenet).")
     backbone_weights: str | None = _field("imagenet", "'imagenet', a local weights file, "
-                                          "or empty for random initialisation.")
+                                          "or empty (or 'random') for random "
+                                          "initialisation.")
     variant: str = _field("crl", "Model variant (SPEC §3).", choices=VARIANTS)
     image_size: int = _field(448, "Square input size.")
     # --- optimisation ---
@@ -98,7 +101,7 @@ class Config:
     crl_image_weight: float = _field(0.5, "CRL lambda_1 (image term).")
     crl_label_weight: float = _field(0.5, "CRL lambda_2 (label term).")
     crl_reduction: str = _field("mean", "Mean over valid triplets (default) or the "
-                                "paper's plain sums.", choices=("mean", "sum"))
+                                "paper's plain sums.", choices=losses.TRIPLET_REDUCTIONS)
     # --- runtime ---
     strategy: str = _field("default", "default (one device), mirrored (all local GPUs) "
                            "or multi_worker (from TF_CONFIG).", choices=STRATEGIES)
@@ -119,7 +122,8 @@ class Config:
     checkpoint_every_steps: int = _field(500, "Checkpoint period (also at each epoch "
                                          "end).")
     keep_checkpoints: int = _field(3, "Latest checkpoints kept.")
-    lock_timeout_secs: int = _field(300, "A model_dir lock whose heartbeat is older than "
+    lock_timeout_secs: int = _field(run_lock.LOCK_STALE_AFTER_SECS,
+                                    "A model_dir lock whose heartbeat is older than "
                                     "this is stale (its run died on another host) and is "
                                     "broken; the holder refreshes it every tenth of it.")
     log_every_steps: int = _field(50, "Progress line and TensorBoard period.")
@@ -167,7 +171,7 @@ def config_from_flags(flag_values=flags.FLAGS):
         if field.metadata["element"]:
             value = tuple(field.metadata["element"](v) for v in value)
         values[field.name] = value
-    if values["backbone_weights"] in ("", "none", "None"):
+    if values["backbone_weights"] in backbones.RANDOM_WEIGHTS:
         values["backbone_weights"] = None
     for name in ("export_dir", "eval_files", "selection_files", "labels_file", "data_dir"):
         if not values[name]:
@@ -259,9 +263,6 @@ def _validate_names(config):
                          f"{', '.join(STRATEGIES)}.")
 
 
-RANDOM_INIT_BACKBONES = ("resnet101", "resnet50", "vgg16")
-
-
 def warnings_for(config):
     """Legal but probably unintended settings, as one message each.
 
@@ -269,7 +270,8 @@ def warnings_for(config):
         A list of warning strings (empty when the setting is the recipe's).
     """
     messages = []
-    if (config.backbone in RANDOM_INIT_BACKBONES and config.backbone_weights is None
+    if (config.backbone in backbones.IMAGENET_BACKBONES
+            and config.backbone_weights in backbones.RANDOM_WEIGHTS
             and config.backbone_learning_rate < config.learning_rate):
         messages.append(
             f"--backbone={config.backbone} is trained from random initialisation "

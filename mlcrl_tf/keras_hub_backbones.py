@@ -89,9 +89,22 @@ def preset_of(name):
     return preset
 
 
-def _require_keras_hub():
+class KerasHubNotInstalledError(ImportError, ValueError):
+    """A `keras_hub:<preset>` backbone is asked for but keras-hub is not installed.
+
+    Also a ValueError, so that every CLI reports it as its one `error:` line.
+    """
+
+
+def require_keras_hub(name=None):
+    """Raises KerasHubNotInstalledError (saying how to install) without keras-hub.
+
+    Args:
+        name: the `--backbone` value that needs it, named in the message.
+    """
     if keras_hub is None:
-        raise ImportError(_INSTALL)
+        needed_by = f" (needed by --backbone={name})" if name else ""
+        raise KerasHubNotInstalledError(_INSTALL.replace(": pip", f"{needed_by}: pip", 1))
 
 
 def normalization(preset):
@@ -107,7 +120,7 @@ def normalization(preset):
     Raises:
         ValueError: the preset has no image converter.
     """
-    _require_keras_hub()
+    require_keras_hub()
     try:
         converter = keras_hub.layers.ImageConverter.from_preset(preset)
     except (ValueError, FileNotFoundError) as e:
@@ -170,12 +183,13 @@ def build(name, image_size, weights="imagenet"):
         A `KerasHubBackbone`.
 
     Raises:
-        ImportError: keras-hub is not installed.
+        KerasHubNotInstalledError: keras-hub is not installed (an ImportError
+            and a ValueError).
         ValueError: bad name, missing weights file, a preset that cannot be
             loaded or gives no feature map, or image_size below the stride.
     """
     preset = preset_of(name)
-    _require_keras_hub()
+    require_keras_hub(name)
     extractor = _feature_extractor(preset, _load(preset, weights))
     probe = extractor.compute_output_shape((1, _PROBE_SIZE, _PROBE_SIZE, 3))
     stride, feature_dim = _PROBE_SIZE // int(probe[1]), int(probe[-1])

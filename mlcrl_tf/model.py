@@ -189,7 +189,16 @@ class MLCRLModel(keras.Model):
     of `pipelines.input_pipeline.make_dataset`. Use
     `mlcrl_tf.optim.make_optimizer(model, ...)` for the paper's SGD with
     its two learning rates. The CLI training loop calls the same
-    `train_step`, so both optimise one definition of the objective.
+    `train_step`, so both optimise one definition of the objective. There
+    are no per-image sample weights (`fit(sample_weight=...)`,
+    `class_weight` and `(images, labels, weights)` data raise ValueError):
+    the paper's objective has none.
+
+    Saving: `get_config` holds the architecture (and `backbone_weights`, as
+    a record; `from_config` builds a randomly initialised backbone, the
+    saved weights fill it); the compile config holds the optimizer (with
+    `PaperSGD`'s per-variable rate multipliers) and the objective, so
+    `keras.saving.load_model` returns a model compiled as it was saved.
 
     Args:
         num_classes: C, number of labels.
@@ -218,8 +227,10 @@ class MLCRLModel(keras.Model):
         c = self.num_classes
 
         # === Layers ===
-        self.input_normalization = backbones.input_normalization(backbone)
-        self.backbone = backbones.build_backbone(backbone, image_size, backbone_weights)
+        backbone_model, normalization = backbones.build_backbone_and_normalization(
+            backbone, image_size, backbone_weights)
+        self.input_normalization = normalization
+        self.backbone = backbone_model
         self.fused_pool = FusedPooling(name="fused_pool")
         self.classifier = layers.Dense(c, name="classifier")
         self.f_conv = (layers.Conv2D(c, 1, name="f_conv")
@@ -276,16 +287,39 @@ class MLCRLModel(keras.Model):
     def compile(self, optimizer="rmsprop", objective=None, **kwargs):
         """Keras' compile, plus the objective (default: the paper's, Eq. 10).
 
+        The second positional argument is the objective, not Keras' `loss`:
+        `compile(optimizer, "bce")` is refused (the model trains its own
+        objective). The objective is part of the compile config, so a model
+        saved with `model.save(...)` loads compiled with it.
+
         Args:
             optimizer: a Keras optimizer, e.g. `optim.make_optimizer(model, ...)`.
             objective: a `losses.Objective`; None = the paper's weights.
             **kwargs: other `keras.Model.compile` arguments (not `loss`).
+
+        Raises:
+            ValueError: a `loss`, or an objective that is not a `losses.Objective`.
         """
         if kwargs.get("loss") is not None:
             raise ValueError("MLCRLModel trains its own objective: pass "
                              "objective=losses.Objective(...), not loss=.")
+        if objective is not None and not isinstance(objective, losses.Objective):
+            raise ValueError(
+                f"objective must be a losses.Objective (or None for the paper's), got "
+                f"{objective!r}: MLCRLModel trains its own objective, and compile's "
+                "second argument is that objective, not a Keras loss.")
         super().compile(optimizer=optimizer, **kwargs)
         self.objective = objective if objective is not None else losses.Objective()
+        self._compile_config.config.pop("loss", None)
+        self._compile_config.config["objective"] = self.objective
+
+    def compile_from_config(self, config):
+        """Compiles from `get_compile_config()` (when `keras.saving.load_model`
+        loads a saved model): optimizer, objective and Keras' other arguments."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def loss_terms(self, outputs, labels):
         """This replica's share of every loss term (see `losses.Objective`)."""
@@ -304,10 +338,25 @@ class MLCRLModel(keras.Model):
 
     @staticmethod
     def _unpack(data):
-        """(images, labels) from a pair or a `make_dataset` dict."""
+        """(images, labels) from a pair or a `make_dataset` dict.
+
+        Raises:
+            ValueError: no labels, or per-image sample weights (a third
+                element, or `fit(sample_weight=...)`/`class_weight=`).
+        """
         if isinstance(data, dict):
-            return data["images"], data["labels"]
-        return data[0], data[1]
+            images, labels, weights = data["images"], data["labels"], None
+        else:
+            images, labels, weights = keras.utils.unpack_x_y_sample_weight(data)
+        if labels is None:
+            raise ValueError("MLCRLModel trains on (images, labels): the data gives "
+                             "no labels.")
+        if weights is not None:
+            raise ValueError(
+                "MLCRLModel does not support sample weights (a third element of the "
+                "data, fit(sample_weight=...) or class_weight): the paper's objective "
+                "has none, and the ranking loss couples the images of a batch.")
+        return images, labels
 
     def train_step(self, data):
         """One SGD step on the objective; returns every term (global values).
@@ -315,6 +364,11 @@ class MLCRLModel(keras.Model):
         Runs in a replica context under `fit()` and under the CLI loop's
         `strategy.run`. The optimizer sums the replicas' gradients of their
         shares, i.e. applies the gradient of the global batch's objective.
+
+        Args:
+            data: `(images, labels)` or a `make_dataset` dict. Sample weights
+                (`(images, labels, weights)`, `fit(sample_weight=...)`,
+                `class_weight`) raise ValueError: the objective has none.
         """
         images, labels = self._unpack(data)
         with tf.GradientTape() as tape:
@@ -377,7 +431,14 @@ class MLCRLModel(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        """The architecture of `config`, with a randomly initialised backbone.
+
+        `backbone_weights` in the config records where training started
+        ("imagenet", a file); it is not reloaded: the weights come from the
+        saved model (`keras.saving.load_model`) or a checkpoint, and the
+        file may be gone or the download impossible where the model loads.
+        """
+        return cls(**dict(config, backbone_weights=None))
 
 
 def _global_values(terms):
@@ -410,18 +471,23 @@ def build_model(num_classes, backbone="resnet101", image_size=448, variant="crl"
 
     Args:
         num_classes: C, number of labels.
-        backbone: "resnet101" (paper), "resnet50", "vgg16" or "small_cnn".
+        backbone: "resnet101" (paper), "resnet50", "vgg16", "small_cnn", or
+            "keras_hub:<preset>" for a KerasHub image backbone (a preset
+            name, `hf://` or `kaggle://` handle or a local preset directory;
+            needs keras-hub: see `mlcrl_tf.keras_hub_backbones`).
         image_size: square input side (paper: 448).
         variant: "baseline", "tba", "tbc", "mse" or "crl" (paper).
-        backbone_weights: None (random init), "imagenet" (download through
-            keras.applications) or a local weights file.
+        backbone_weights: None (random init; "", "none" and "random" too),
+            "imagenet" (keras.applications' download; a KerasHub preset's
+            own weights) or a local weights file.
 
     Returns:
         An `MLCRLModel`; `.inference_model` is images → final logits.
 
     Raises:
         ValueError: an unknown backbone or variant, bad num_classes or
-            image_size, or a missing weights file.
+            image_size, a missing weights file, or a KerasHub backbone
+            without keras-hub installed (`KerasHubNotInstalledError`).
     """
     return MLCRLModel(num_classes, backbone=backbone, image_size=image_size,
                       variant=variant, backbone_weights=backbone_weights)

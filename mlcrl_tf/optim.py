@@ -38,6 +38,15 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
     update at step `s` (0-based count of updates already applied) is
     `initial · factor^#{b in boundaries: s >= b}`.
 
+    The step is the optimizer's `iterations`, which counts applied updates.
+    Under mixed_float16 (`make_optimizer(loss_scaling=True)`) the
+    `LossScaleOptimizer` skips a step whose gradients are not finite and
+    then does not advance `iterations`, so every skipped step moves each
+    decay one step later than the training loop's step counter (which
+    counts every step). Skips happen mostly in the first steps, while the
+    dynamic loss scale comes down from 2^15: a decay at epoch 30 then comes
+    that many (typically a few) steps late. float32 and bfloat16 skip none.
+
     Args:
         initial_learning_rate: rate before the first boundary.
         boundaries: sorted steps at which the rate is multiplied by `factor`.
@@ -69,12 +78,20 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 class PaperSGD(keras.optimizers.Optimizer):
     """PyTorch's SGD update rule (coupled weight decay, momentum buffer).
 
+    Serialization: `get_config` holds the rate multipliers by variable
+    path (`variable.path`, e.g. "conv1_conv/kernel"); an optimizer made
+    from that config applies them to the variables of those paths when it
+    is built (`model.save` / `keras.saving.load_model` keep the two rates).
+
     Args:
         learning_rate: float or schedule (e.g. `StepDecay`): the base rate.
         momentum: μ in [0, 1).
         coupled_weight_decay: L2 coefficient added to the gradient before
             momentum (PyTorch's `weight_decay`), applied to every variable.
         name: optimizer name.
+        learning_rate_multipliers: {variable path: multiplier} (what
+            `get_config` writes); `set_learning_rate_multiplier` is the
+            usual way to set them.
         **kwargs: other `keras.optimizers.Optimizer` arguments (not
             `weight_decay`, which is Keras' decoupled decay).
 
@@ -88,7 +105,7 @@ class PaperSGD(keras.optimizers.Optimizer):
     """
 
     def __init__(self, learning_rate=0.01, momentum=0.9, coupled_weight_decay=0.0,
-                 name="paper_sgd", **kwargs):
+                 name="paper_sgd", learning_rate_multipliers=None, **kwargs):
         if kwargs.get("weight_decay"):
             raise ValueError("PaperSGD: use coupled_weight_decay (PyTorch's L2), not "
                              "Keras' decoupled weight_decay.")
@@ -100,12 +117,18 @@ class PaperSGD(keras.optimizers.Optimizer):
                 f"coupled_weight_decay must be >= 0, got {coupled_weight_decay!r}.")
         self.momentum = float(momentum)
         self.coupled_weight_decay = float(coupled_weight_decay)
-        self._multipliers = {}
+        self._multipliers = {}  # variable key -> multiplier
+        self._multiplier_paths = {}  # variable key -> variable path (get_config)
+        # {path: multiplier} from a config: given to those variables by `build`.
+        self._path_multipliers = {str(k): float(v) for k, v in
+                                  (learning_rate_multipliers or {}).items()}
 
     def set_learning_rate_multiplier(self, variables, multiplier):
         """Gives `variables` the rate `multiplier · learning_rate` (a param group)."""
         for variable in variables:
-            self._multipliers[self._var_key(variable)] = float(multiplier)
+            key = self._var_key(variable)
+            self._multipliers[key] = float(multiplier)
+            self._multiplier_paths[key] = _path(variable)
 
     def learning_rate_multiplier(self, variable):
         """The multiplier of `variable` (1.0 unless set)."""
@@ -114,6 +137,11 @@ class PaperSGD(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        for variable in variables:  # the multipliers of a config, by path
+            path = _path(variable)
+            if self._var_key(variable) not in self._multipliers and (
+                    path in self._path_multipliers):
+                self.set_learning_rate_multiplier([variable], self._path_multipliers[path])
         super().build(variables)
         self.momentum_buffers = []
         if self.momentum:
@@ -137,8 +165,28 @@ class PaperSGD(keras.optimizers.Optimizer):
     def get_config(self):
         config = super().get_config()
         config.update({"momentum": self.momentum,
-                       "coupled_weight_decay": self.coupled_weight_decay})
+                       "coupled_weight_decay": self.coupled_weight_decay,
+                       "learning_rate_multipliers": self._multipliers_by_path()})
         return config
+
+    def _multipliers_by_path(self):
+        """{variable path: multiplier} of every variable given one."""
+        by_path = dict(self._path_multipliers)
+        given = {}
+        for key, multiplier in self._multipliers.items():
+            path = self._multiplier_paths[key]
+            if given.setdefault(path, multiplier) != multiplier:
+                raise ValueError(
+                    f"PaperSGD: two variables with the path {path!r} have different "
+                    "learning rate multipliers, which a config cannot tell apart; "
+                    "give the layers distinct names.")
+            by_path[path] = multiplier
+        return by_path
+
+
+def _path(variable):
+    """A variable's path (its name for a variable without one)."""
+    return getattr(variable, "path", None) or variable.name
 
 
 def make_optimizer(model, learning_rate, backbone_learning_rate, momentum=0.9,

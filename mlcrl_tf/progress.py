@@ -1,6 +1,6 @@
 """Training's progress line, on top of `pipelines.progress.Progress`.
 
-    step  10/100 ( 10.0%) loss 0.5000 | 1.00 steps/s 4.0 img/s | ETA 1m30s | epoch 1/4
+    step  10/100 ( 10.0%) loss 0.5000 | 1.00 steps/s 4.0 img/s | ETA 1:30 | epoch 1/4
 
 The drawing is `pipelines.progress`'s, shared with the converters and
 `evaluate`: on a terminal one line redrawn in place (messages such as epoch
@@ -8,26 +8,17 @@ summaries stay above it); when stdout is not a TTY (a log file, CI, `nohup`)
 one full line per report, so logs never fill with carriage returns. The
 training loop decides when to report (`--log_every_steps`), so every
 `update` draws. Speeds are those of the interval since the previous report
-(what TensorBoard's throughput scalars show); the ETA uses the mean rate
-since (re)start.
+(what TensorBoard's throughput scalars show), not counting a pause the
+loop marks with `resume()` (an evaluation): the speed after an evaluation
+is that of the training steps alone. The ETA uses the mean rate since
+(re)start, evaluations included (they recur until the end), written as
+`pipelines.progress.format_duration` writes durations (1:02:05).
 """
 
 import sys
 import time
 
 from pipelines import progress
-
-
-def format_duration(seconds):
-    """3725 -> '1h02m05s'; 65 -> '1m05s'; 5.2 -> '5s'."""
-    seconds = int(max(0, round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 class Progress(progress.Progress):
@@ -64,6 +55,14 @@ class Progress(progress.Progress):
         self.step = self.first_step = int(step)
         self.count = 0
 
+    def resume(self):
+        """Starts the next speed interval now, after a pause in training.
+
+        Call it after an evaluation: the speed of the next report is then
+        that of the training steps since, not diluted by the evaluation.
+        """
+        self._last_time = self.clock()
+
     def update(self, step, loss, extra=""):
         """Writes one report; returns the speed since the previous report.
 
@@ -83,7 +82,7 @@ class Progress(progress.Progress):
         """The training line (see the module doc)."""
         overall = self.count / max(self.clock() - self._run_start, 1e-9)
         remaining = self.total_steps - self.step
-        eta = format_duration(remaining / overall) if overall > 0 else "?"
+        eta = progress.format_duration(remaining / overall) if overall > 0 else "?"
         width = len(str(self.total_steps))
         loss = f"{self.loss:.4f}" if self.loss is not None else "?"
         line = (f"step {self.step:>{width}}/{self.total_steps} "

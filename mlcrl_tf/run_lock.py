@@ -3,13 +3,14 @@
 `run_lock(model_dir, is_chief, stale_after_secs)` is the lock a training run
 holds for its lifetime: the file `model_dir/.lock`, created with
 O_CREAT|O_EXCL (atomic on local filesystems and on NFS, where fcntl/flock
-locks often are not), holding host, pid, start time and a heartbeat. A
-second run on the same model_dir is refused with a message naming the
-holder; a lock whose process is gone (same host) or whose heartbeat is
-older than `stale_after_secs` (`--lock_timeout_secs`) is broken with a
-warning. `check_lock` (called by `checkpoints.CheckpointRun` before every
-save) stops a run whose lock another run broke, so two runs never write the
-same checkpoints.
+locks often are not), holding host, pid, start time and a token. Its
+modification time is the heartbeat. A second run on the same model_dir is
+refused with a message naming the holder; a lock whose process is gone
+(same host) or whose heartbeat is older than `stale_after_secs`
+(`--lock_timeout_secs`) is broken with a warning. `check_lock` (called by
+`checkpoints.CheckpointRun` before every save) re-reads the lock file and
+stops a run whose lock another run broke, so two runs never write the same
+checkpoints.
 """
 
 import contextlib
@@ -25,7 +26,8 @@ from absl import logging
 
 LOCK_FILE = ".lock"
 # A lock whose heartbeat is older than this is stale (another host); the holder
-# refreshes it every LOCK_STALE_AFTER_SECS / 10 seconds.
+# refreshes it every LOCK_STALE_AFTER_SECS / 10 seconds. The default of
+# --lock_timeout_secs.
 LOCK_STALE_AFTER_SECS = 300
 
 
@@ -56,19 +58,32 @@ def _format_time(seconds):
     return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _identity(stat):
+    return stat.st_dev, stat.st_ino
+
+
 class RunLock:
     """An exclusive lock on a model_dir for the lifetime of one training run.
 
     The lock is the file `model_dir/.lock`, created with O_CREAT|O_EXCL (atomic
     on local filesystems and on NFS, where fcntl/flock locks often are not),
-    holding JSON {host, pid, started, heartbeat, token}. While held, a thread
-    rewrites the heartbeat every `stale_after_secs / 10` seconds; it also
-    notices when the file is no longer this lock's (another run broke it),
-    after which `check_lock` (called before every save) stops training.
+    holding JSON {host, pid, started, token}; its modification time is the
+    heartbeat. The run keeps the file open and a thread refreshes the
+    heartbeat every `stale_after_secs / 10` seconds through that descriptor,
+    so a heartbeat only ever touches this run's own file: once another run
+    has broken the lock and created its own, the heartbeat cannot rewrite it.
+
+    The lock is this run's while `model_dir/.lock` is the file it created
+    (same inode) and holds its token. `verify` checks that by re-reading the
+    file; the heartbeat thread calls it before every beat and `check_lock`
+    before every save, so a lost lock stops training before its next save.
 
     A lock that exists is stale, and is broken with a warning, when its
     holder's process is gone (same host) or its heartbeat is older than
-    `stale_after_secs` (any host: clocks must agree to well within it).
+    `stale_after_secs` (any host: clocks must agree to well within it). The
+    breaker moves the file aside (one atomic rename: only one breaker wins)
+    and judges the moved file again, putting it back if its holder beat
+    meanwhile.
 
     Use as a context manager; the lock is released on normal exit and on
     exceptions (a SIGKILLed run leaves a stale lock, broken by the next run).
@@ -89,7 +104,8 @@ class RunLock:
         self.lost = None
         self._stop = threading.Event()
         self._thread = None
-        self._holder = {}
+        self._fd = None  # the lock file this run created, open for the heartbeat
+        self._verify_lock = threading.Lock()
 
     def __enter__(self):
         self.acquire()
@@ -104,19 +120,19 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                text, holder = self._read()
-                reason = self._stale_reason(holder)
+                text, holder, heartbeat = self._read()
+                reason = self._stale_reason(holder, heartbeat)
                 if reason is None:
-                    raise ValueError(self._in_use(holder)) from None
+                    raise ValueError(self._in_use(holder, heartbeat)) from None
                 self._break(text, reason)
                 continue
+            self._fd = fd
             now = time.time()
-            self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                            "started": now, "heartbeat": now, "token": self.token}
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self._holder))
-                f.flush()
-                os.fsync(f.fileno())
+            holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                      "started": now, "token": self.token}
+            os.write(fd, json.dumps(holder).encode())
+            os.utime(fd, (now, now))  # the first heartbeat, on this host's clock
+            os.fsync(fd)
             _HELD_LOCKS[os.path.realpath(self.model_dir)] = self
             self._thread = threading.Thread(target=self._beat, daemon=True,
                                             name=f"lock-heartbeat {self.path}")
@@ -131,51 +147,89 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
         _HELD_LOCKS.pop(os.path.realpath(self.model_dir), None)
-        _, holder = self._read()
-        if holder.get("token") == self.token:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        if self._fd is None:
+            return
+        try:
+            if self._lost_reason() is None:
+                self._remove_own()
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
-    def _read(self):
-        """(text, holder dict) of the lock file; ("", {}) when gone or unparsable."""
+    def verify(self):
+        """Re-reads the lock file: True while it is this run's lock.
+
+        Once it is not, `lost` says why (logged once) and stays set.
+        """
+        with self._verify_lock:
+            if self.lost is None and self._fd is not None:
+                reason = self._lost_reason()
+                if reason is not None:
+                    self.lost = reason
+                    logging.error("Lost the lock of --model_dir=%r: %s.",
+                                  self.model_dir, reason)
+            return self.lost is None
+
+    def _lost_reason(self):
+        """Why `path` is not this run's lock file any more, or None if it is."""
         try:
             with open(self.path) as f:
+                same_file = _identity(os.fstat(f.fileno())) == _identity(
+                    os.fstat(self._fd))
                 text = f.read()
         except FileNotFoundError:
-            return "", {}
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = {}
-        return text, holder if isinstance(holder, dict) else {}
+            return f"the lock {self.path} was removed"
+        holder = _parse(text)
+        if same_file and holder.get("token") == self.token:
+            return None
+        return (f"the lock {self.path} was taken by pid {holder.get('pid', '?')} on "
+                f"host {holder.get('host', '?')}")
 
-    def _stale_reason(self, holder):
+    def _remove_own(self):
+        """Removes the lock file, and only if it is the one this run created."""
+        aside = f"{self.path}.release-{self.token}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if _identity(os.stat(aside)) != _identity(os.fstat(self._fd)):
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)  # not ours: put it back
+        os.remove(aside)
+
+    def _read(self):
+        """(text, holder dict, heartbeat) of the lock file.
+
+        ("", {}, None) when it is gone; holder is {} when unparsable (e.g.
+        just being written). The heartbeat is the file's modification time.
+        """
+        try:
+            with open(self.path) as f:
+                heartbeat = os.fstat(f.fileno()).st_mtime
+                text = f.read()
+        except FileNotFoundError:
+            return "", {}, None
+        return text, _parse(text), heartbeat
+
+    def _stale_reason(self, holder, heartbeat):
         """Why the lock `holder` describes is stale, or None if it is live."""
-        heartbeat = holder.get("heartbeat")
-        if not isinstance(heartbeat, (int, float)):
-            # Unreadable or just being written: judge by the file's age.
-            try:
-                heartbeat = os.stat(self.path).st_mtime
-            except FileNotFoundError:
-                return "it is gone"
-        age = time.time() - heartbeat
+        if heartbeat is None:
+            return "it is gone"
         pid = holder.get("pid")
         if (holder.get("host") == socket.gethostname() and isinstance(pid, int)
                 and not _process_alive(pid)):
             return f"its process (pid {pid}) is gone"
+        age = time.time() - heartbeat
         if age > self.stale_after_secs:
             return (f"its heartbeat is {age:.0f} s old, older than "
                     f"{self.stale_after_secs:.0f} s")
         return None
 
-    def _in_use(self, holder):
+    def _in_use(self, holder, heartbeat):
         started = holder.get("started")
         since = f" since {_format_time(started)}" if isinstance(started, (int, float)) else ""
-        heartbeat = holder.get("heartbeat")
         beat = (f", last heartbeat {time.time() - heartbeat:.0f} s ago"
-                if isinstance(heartbeat, (int, float)) else "")
+                if heartbeat is not None else "")
         return (f"--model_dir={self.model_dir!r} is in use by pid {holder.get('pid', '?')} "
                 f"on host {holder.get('host', '?')}{since}{beat} (lock file {self.path}). "
                 "Wait for that run to end or stop it, or use another --model_dir. A lock "
@@ -183,19 +237,22 @@ class RunLock:
                 f"heartbeat is older than {self.stale_after_secs:.0f} s.")
 
     def _break(self, text, reason):
-        """Removes the stale lock whose content was `text` (and only that one)."""
+        """Removes the stale lock whose content was `text` (and only that one).
+
+        The file is moved aside first and judged again there: a new lock
+        taken meanwhile, or a holder that beat meanwhile, is put back.
+        """
         aside = f"{self.path}.stale-{self.token}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return  # another run broke it first
         with open(aside) as f:
+            heartbeat = os.fstat(f.fileno()).st_mtime
             moved = f.read()
-        if moved != text:  # a new lock was taken meanwhile: put it back
-            try:
+        if moved != text or self._stale_reason(_parse(moved), heartbeat) is None:
+            with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)
-            except FileExistsError:
-                pass
             os.remove(aside)
             return
         os.remove(aside)
@@ -204,23 +261,21 @@ class RunLock:
 
     def _beat(self):
         interval = max(0.05, self.stale_after_secs / 10)
-        while not self._stop.wait(interval):
-            _, holder = self._read()
-            if holder.get("token") != self.token:
-                self.lost = (f"the lock {self.path} was taken by pid {holder.get('pid', '?')}"
-                             f" on host {holder.get('host', '?')}" if holder
-                             else f"the lock {self.path} was removed")
-                logging.error("Lost the lock of --model_dir=%r: %s.", self.model_dir,
-                              self.lost)
-                return
-            self._holder["heartbeat"] = time.time()
-            tmp = f"{self.path}.beat-{self.token}"
-            try:
-                with open(tmp, "w") as f:
-                    f.write(json.dumps(self._holder))
-                os.replace(tmp, self.path)
-            except OSError as e:  # e.g. a full disk: try again at the next beat
+        while not self._stop.wait(interval) and self.verify():
+            now = time.time()
+            try:  # through our descriptor: never another run's file
+                os.utime(self._fd, (now, now))
+            except OSError as e:  # e.g. a stale NFS handle: verify tells at the next beat
                 logging.warning("Could not refresh the heartbeat of %s: %s", self.path, e)
+
+
+def _parse(text):
+    """The holder dict of a lock file's text ({} when unparsable)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def run_lock(model_dir, is_chief, stale_after_secs=LOCK_STALE_AFTER_SECS):
@@ -242,12 +297,14 @@ def run_lock(model_dir, is_chief, stale_after_secs=LOCK_STALE_AFTER_SECS):
 def check_lock(model_dir):
     """Raises LockLostError if this process's lock on `model_dir` was lost.
 
-    A no-op when this process holds no lock on it (e.g. a non-chief worker,
-    or a library user running a Trainer without `RunLock`).
+    Re-reads the lock file (`RunLock.verify`), so a lock another run took
+    since the last heartbeat is caught here, before the save. A no-op when
+    this process holds no lock on it (e.g. a non-chief worker, or a library
+    user running a Trainer without `RunLock`).
     """
     lock = _HELD_LOCKS.get(os.path.realpath(model_dir))
-    if lock is not None and lock.lost:
+    if lock is not None and not lock.verify():
         raise LockLostError(
             f"--model_dir={model_dir!r} is no longer this run's: {lock.lost} (its "
-            "heartbeat was judged stale). Training stopped without saving, so that two "
-            "runs never write the same checkpoints.")
+            "heartbeat was judged stale, or the file was removed). Training stopped "
+            "without saving, so that two runs never write the same checkpoints.")

@@ -145,21 +145,38 @@ def write_label_space(embeddings, counts, class_names, max_images=1):
 class TrainingSummaries:
     """The train and eval summary writers of one run.
 
+    The writers open on first use; `close()` flushes and closes them (the
+    trainer calls it when training ends, also on an error). Writing after
+    `close()` opens new writers (new event files).
+
     Args:
         model_dir: the run's directory.
         is_chief: only the chief writes; other workers get no-op writers.
     """
 
     def __init__(self, model_dir, is_chief=True):
+        self.model_dir = model_dir
         self.is_chief = is_chief
         self.projector = ProjectorFiles(os.path.join(model_dir, "eval"))
         self._label_counts = {}  # (source, data_dir) -> LabelCounts or None
-        if is_chief:
-            self.train_writer = tf.summary.create_file_writer(
-                os.path.join(model_dir, "train"))
-            self.eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
-        else:
-            self.train_writer = self.eval_writer = tf.summary.create_noop_writer()
+        self._writers = {}  # "train"/"eval" -> open tf.summary writer
+
+    @property
+    def train_writer(self):
+        """The writer of `model_dir/train`."""
+        return self._writer("train")
+
+    @property
+    def eval_writer(self):
+        """The writer of `model_dir/eval`."""
+        return self._writer("eval")
+
+    def _writer(self, name):
+        if name not in self._writers:
+            self._writers[name] = (
+                tf.summary.create_file_writer(os.path.join(self.model_dir, name))
+                if self.is_chief else tf.summary.create_noop_writer())
+        return self._writers[name]
 
     def write_train(self, step, terms, learning_rates, speed, loss_scale=None):
         """Loss terms, (head, backbone) learning rates, throughput, loss scale."""
@@ -229,5 +246,12 @@ class TrainingSummaries:
         return self._label_counts[key]
 
     def flush(self):
-        self.train_writer.flush()
-        self.eval_writer.flush()
+        """Writes what the open writers buffered to their event files."""
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self):
+        """Flushes and closes the writers (a no-op when none is open)."""
+        writers, self._writers = self._writers, {}
+        for writer in writers.values():
+            writer.close()

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mlcrl_tf import backbones
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import data as data_lib
@@ -281,7 +282,18 @@ class Trainer:
         return int(self.step.numpy())
 
     def train(self):
-        """Runs (or resumes) training to the last step; returns the last eval."""
+        """Runs (or resumes) training to the last step; returns the last eval.
+
+        The TensorBoard writers are flushed and closed when it returns or
+        raises.
+        """
+        try:
+            return self._train_epochs()
+        finally:
+            self.summaries.close()
+
+    def _train_epochs(self):
+        """The body of `train`."""
         c = self.config
         start = self.restore_or_initialize()
         if self.is_chief:  # only once the checkpoint loaded: a refused resume changes nothing
@@ -292,13 +304,14 @@ class Trainer:
             progress.message(f"Resuming at step {start}/{self.total_steps} "
                              f"(epoch {start // self.steps_per_epoch + 1}).")
         last_eval = self._missed_evaluation(start, progress)
+        progress.resume()
         for epoch in range(start // self.steps_per_epoch, c.epochs):
             self._train_epoch(epoch, progress)
             path = self.save()
             progress.message(f"Epoch {epoch + 1}/{c.epochs} done at step "
                              f"{int(self.step.numpy())}; checkpoint {path}")
             last_eval = self._evaluate_epoch(epoch, progress) or last_eval
-        self.summaries.flush()
+            progress.resume()  # the next speed is of training steps only
         return last_eval
 
     def _missed_evaluation(self, start, progress):
@@ -355,12 +368,14 @@ def train_and_evaluate(config):
 
     Raises:
         ValueError: bad flags or data (message names the flag), an unwritable
-            --model_dir or --export_dir, a --model_dir in use by another run.
+            --model_dir or --export_dir, a --model_dir in use by another run,
+            a keras_hub: backbone without keras-hub installed.
         NonFiniteLossError: the loss diverged.
         checkpoints.CheckpointError: a checkpoint could not be saved (e.g. a
             full disk), none of the run's checkpoints loads, or the lock was lost.
     """
     config_lib.validate(config)
+    backbones.check_backbone_available(config.backbone)  # before reading any data
     for message in config_lib.warnings_for(config):
         logging.warning("%s", message)
     strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -43,6 +44,48 @@ def crl_run(demo_data, tmp_path_factory):
         num_summary_images=0, backbone_weights=None, lr_decay_epochs=())
     train_lib.train_and_evaluate(config)
     return config
+
+
+class FifoUnblocker:
+    """Opens FIFOs for writing once a reader may have been blocked on them for
+    `after` seconds, so that a reader that blocks gets EOF instead of hanging
+    the suite. `rescued` lists every FIFO it had to open: a non-blocking
+    reader never needs it. Stopped (its threads joined) by `stop`."""
+
+    def __init__(self):
+        self.rescued = []
+        self._stop = threading.Event()
+        self._threads = []
+
+    def __call__(self, path, after=10):
+        def unblock():
+            if self._stop.wait(after):
+                return
+            while not self._stop.is_set():
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                    self.rescued.append(path)
+                except OSError:  # No reader (any more), or the FIFO is gone.
+                    pass
+                self._stop.wait(0.1)
+
+        thread = threading.Thread(target=unblock, name=f"unblock {path}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+@pytest.fixture
+def fifo_unblocker():
+    """`fifo_unblocker(path)` guards a FIFO a test hands to a reader (see
+    `FifoUnblocker`); its thread is stopped and joined at teardown."""
+    unblocker = FifoUnblocker()
+    yield unblocker
+    unblocker.stop()
 
 
 def free_port():

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -381,11 +382,14 @@ def test_cli_unusable_directory_is_one_line(demo_data, tmp_path, flag):
 # The run lock (item 3).
 # ---------------------------------------------------------------------------
 
-def _write_lock(model_dir, **fields):
+def _write_lock(model_dir, heartbeat=None, **fields):
+    """Another run's lock; its heartbeat is the file's modification time."""
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-              "heartbeat": time.time(), "token": "other"}
+              "token": "other"}
     holder.update(fields)
     (model_dir / ".lock").write_text(json.dumps(holder))
+    if heartbeat is not None:
+        os.utime(model_dir / ".lock", (heartbeat, heartbeat))
 
 
 def _dead_pid():
@@ -399,7 +403,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
         holder = json.loads((tmp_path / ".lock").read_text())
         assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
         assert holder["token"] == lock.token
-        assert holder["started"] <= holder["heartbeat"] <= time.time()
+        assert holder["started"] <= os.stat(tmp_path / ".lock").st_mtime <= time.time()
         with pytest.raises(ValueError, match=rf"is in use by pid {os.getpid()} on host "
                                              rf"{socket.gethostname()} since 20"):
             run_lock.RunLock(str(tmp_path)).acquire()
@@ -432,20 +436,21 @@ def test_stale_locks_are_broken_live_ones_refused(tmp_path, caplog, fields, stal
 
 def test_heartbeat_is_refreshed_and_a_lost_lock_stops_saving(tmp_path):
     run, _ = _run(tmp_path)
+    lock_file = tmp_path / ".lock"
     with run_lock.RunLock(str(tmp_path), stale_after_secs=1) as lock:
-        first = json.loads((tmp_path / ".lock").read_text())["heartbeat"]
-        time.sleep(0.5)
-        assert json.loads((tmp_path / ".lock").read_text())["heartbeat"] > first
+        first = os.stat(lock_file).st_mtime  # the heartbeat
+        # The heartbeat runs every 0.1 s; the deadline only bounds a failure.
+        deadline = time.monotonic() + 60
+        while os.stat(lock_file).st_mtime <= first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.stat(lock_file).st_mtime > first
         run.save(1)
-        for _ in range(20):  # another run breaks it (again, if a heartbeat raced us)
-            _write_lock(tmp_path, host="elsewhere", pid=7)
-            time.sleep(0.25)
-            if lock.lost:
-                break
-        assert lock.lost and "pid 7 on host elsewhere" in lock.lost
+        _write_lock(tmp_path, host="elsewhere", pid=7)  # another run breaks it
+        # The save re-reads the lock: no heartbeat needs to notice first.
         with pytest.raises(checkpoints.CheckpointError, match="no longer this run's"):
             run.save(2)
-    assert json.loads((tmp_path / ".lock").read_text())["pid"] == 7  # theirs, kept
+        assert lock.lost and "pid 7 on host elsewhere" in lock.lost
+    assert json.loads(lock_file.read_text())["pid"] == 7  # theirs, kept
 
 
 _HOLDER = """
@@ -465,7 +470,11 @@ def test_two_processes_cannot_share_a_model_dir(demo_data, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(model_dir)], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        # A deadline, so that a holder that hangs before locking fails the test.
+        ready, _, _ = select.select([holder.stdout], [], [], 300)
+        assert ready, "the holder did not lock the model_dir within 300 s"
+        assert holder.stdout.readline().strip() == "locked", (
+            f"the holder did not print 'locked' (returncode {holder.poll()})")
         args = SMALL + [f"--model_dir={model_dir}", "--epochs=1", "--steps_per_epoch=2",
                         f"--train_files={demo_data['train_files']}"]
         refused = run_module("mlcrl_tf.train", args, check=False)
@@ -476,6 +485,7 @@ def test_two_processes_cannot_share_a_model_dir(demo_data, tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+        holder.stdout.close()
     # The killed holder left a stale lock: the next run breaks it and trains.
     proc = run_module("mlcrl_tf.train", args)
     assert "Breaking the stale lock" in proc.stderr and f"pid {holder.pid}" in proc.stderr

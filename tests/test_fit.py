@@ -7,7 +7,6 @@ end with the same weights, on one device and under `MirroredStrategy` with
 two logical CPU devices; Keras callbacks (TensorBoard, BackupAndRestore) work.
 """
 
-import glob
 import json
 import os
 import subprocess
@@ -91,9 +90,3 @@ def test_fit_and_the_cli_loop_end_with_the_same_weights(demo_data, tmp_path, str
             "crl_label_term"} <= set(result["keys"])
     assert result["events"] >= 1
 
-
-def test_readme_shows_the_fit_snippet():
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    assert "model.fit(" in readme and "optim.make_optimizer(" in readme
-    assert glob.glob(os.path.join(REPO, "tests", "test_readme.py"))

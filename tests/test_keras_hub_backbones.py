@@ -190,3 +190,29 @@ def test_the_model_with_a_keras_hub_backbone_trains_exports_and_adds_d_times_c_p
     served = tf.saved_model.load(path).signatures["serve_tensor"](images=tf.constant(images))
     np.testing.assert_allclose(served["logits"].numpy(),
                                crl.inference_model(images).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_reads_the_preset_once(resnet18, monkeypatch):
+    """Failed before: building the model loaded the preset's image converter
+    twice (once for the normalisation layer, once inside the backbone)."""
+    loads = []
+    real = keras_hub.layers.ImageConverter.from_preset
+
+    def counting(*args, **kwargs):
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(keras_hub.layers.ImageConverter, "from_preset", counting)
+    model = model_lib.build_model(5, f"keras_hub:{resnet18}", 64, "baseline",
+                                  backbone_weights="random")
+    assert len(loads) == 1
+    np.testing.assert_allclose(model.input_normalization.divisor,
+                               255.0 * np.array(STD), rtol=1e-6)
+
+
+def test_a_missing_keras_hub_is_also_a_value_error(monkeypatch):
+    """Every CLI reports a ValueError as one `error:` line."""
+    monkeypatch.setattr(khb, "keras_hub", None)
+    with pytest.raises(ValueError, match=r"needed by --backbone=keras_hub:x\): pip install"):
+        backbones.check_backbone_available("keras_hub:x")
+    backbones.check_backbone_available("small_cnn")

@@ -326,3 +326,84 @@ def test_checkpoints_of_earlier_versions_still_restore(variant, tmp_path):
     got = {key: list(shape) for key, shape in tf.train.list_variables(path)
            if key.startswith("model/")}
     assert got == expected
+
+
+# --------------------------------------------------------------------------
+# Keras compile/fit and serialization.
+# --------------------------------------------------------------------------
+
+def _small_compiled(**compile_kwargs):
+    model = build_model(4, backbone="small_cnn", image_size=32, variant="crl")
+    model.compile(optimizer=optim.make_optimizer(model, 0.01, 0.001), **compile_kwargs)
+    return model
+
+
+def test_compile_refuses_a_keras_loss_as_the_objective():
+    """Failed before: compile(optimizer, "bce") took "bce" as the objective
+    and training failed deep inside (AttributeError in a traced step)."""
+    model = build_model(4, backbone="small_cnn", image_size=32, variant="crl")
+    optimizer = optim.make_optimizer(model, 0.01, 0.001)
+    with pytest.raises(ValueError, match="objective must be a losses.Objective.*'bce'"):
+        model.compile(optimizer, "bce")
+    with pytest.raises(ValueError, match="not loss="):
+        model.compile(optimizer, loss="bce")
+    model.compile(optimizer, losses.Objective(margin=0.3))  # positional objective: fine
+    assert model.objective.margin == 0.3
+
+
+def test_sample_weights_are_refused_not_dropped():
+    """Failed before: fit() with sample weights trained as if there were none."""
+    model = _small_compiled()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    labels = (rng.random((4, 4)) < 0.5).astype(np.float32)
+    with pytest.raises(ValueError, match="does not support sample weights"):
+        model.fit(images, labels, sample_weight=np.ones(4, np.float32), epochs=1,
+                  batch_size=4, verbose=0)
+    with pytest.raises(ValueError, match="does not support sample weights"):
+        model.train_step((images, labels, np.ones(4, np.float32)))
+    with pytest.raises(ValueError, match="no labels"):
+        model.train_step((images,))
+    model.train_step((images, labels, None))  # Keras' spelling of "no weights"
+
+
+def test_from_config_does_not_reload_the_backbone_weights(tmp_path):
+    """Failed before: from_config rebuilt with backbone_weights, so a model
+    whose weights file is gone (or 'imagenet' offline) could not be loaded."""
+    path = str(tmp_path / "small_cnn.weights.h5")
+    backbones.build_backbone("small_cnn", 32).save_weights(path)
+    model = build_model(4, backbone="small_cnn", image_size=32, backbone_weights=path)
+    config = model.get_config()
+    assert config["backbone_weights"] == path  # recorded
+    saved = str(tmp_path / "model.keras")
+    model.save(saved)
+    pathlib.Path(path).unlink()
+    clone = MLCRLModel.from_config(config)
+    assert clone.backbone_weights is None and clone.count_params() == model.count_params()
+    loaded = keras.saving.load_model(saved)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_saved_model_loads_compiled_with_its_objective_and_two_rates(tmp_path):
+    """Failed before: the objective was not in the compile config (the model
+    loaded uncompiled, with a warning) and PaperSGD's multipliers were lost."""
+    model = _small_compiled(objective=losses.Objective(margin=0.25, reduction="sum"))
+    assert "objective" in model.get_compile_config()
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.objective.get_config() == model.objective.get_config()
+    inner = optim.inner_optimizer(loaded.optimizer)
+    assert isinstance(inner, optim.PaperSGD)
+    assert [inner.learning_rate_multiplier(v) for v in loaded.backbone_variables] == [
+        pytest.approx(0.1)] * len(loaded.backbone_variables)
+    assert {inner.learning_rate_multiplier(v) for v in loaded.head_variables} == {1.0}
+
+
+def test_random_weights_spellings_work_for_every_backbone():
+    """Failed before: "random" was a KerasHub-only spelling ("no such file")."""
+    for spelling in backbones.RANDOM_WEIGHTS:
+        model = build_model(4, backbone="small_cnn", image_size=32,
+                            backbone_weights=spelling)
+        assert model.backbone.name == "backbone"

@@ -119,3 +119,108 @@ def test_bad_arguments():
 
 def test_docstring_examples():
     assert doctest.testmod(optim, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+# ---------------------------------------------------------------------------
+# ExponentialMovingAverage against its NumPy recursion.
+# ---------------------------------------------------------------------------
+
+def ema_reference(initial, updates, decay):
+    """NumPy: shadow starts as a copy of the weights the EMA is built from;
+    after each update `ema = decay * ema + (1 - decay) * w` (w the weights then).
+
+    Returns the shadow values after each update.
+    """
+    shadow = [np.array(w, np.float64) for w in initial]
+    history = []
+    for weights in updates:
+        for i, w in enumerate(weights):
+            shadow[i] = decay * shadow[i] + (1.0 - decay) * np.asarray(w, np.float64)
+        history.append([s.copy() for s in shadow])
+    return history
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.5, 0.0])
+def test_ema_follows_the_numpy_recursion(decay):
+    rng = np.random.default_rng(4)
+    initial = [rng.normal(0, 1, (3, 4)), rng.normal(0, 1, (5,))]
+    updates = [[rng.normal(0, 1, w.shape) for w in initial] for _ in range(6)]
+    variables = [tf.Variable(w.astype(np.float32)) for w in initial]
+    ema = optim.ExponentialMovingAverage(variables, decay)
+    # Initialisation: a copy of the weights at construction (not zeros), and a
+    # copy, not an alias: moving the weights leaves the shadow where it was.
+    for s, w in zip(ema.shadow, initial):
+        np.testing.assert_array_equal(s.numpy(), w.astype(np.float32))
+    expected = ema_reference(initial, updates, decay)
+    for step, weights in enumerate(updates):
+        for v, w in zip(variables, weights):
+            v.assign(w.astype(np.float32))
+        ema.update()
+        for v, w in zip(variables, weights):  # update never touches the weights
+            np.testing.assert_array_equal(v.numpy(), w.astype(np.float32))
+        for s, e in zip(ema.shadow, expected[step]):
+            np.testing.assert_allclose(s.numpy(), e, rtol=0, atol=1e-6,
+                                       err_msg=f"update {step}")
+    if decay:  # the test can fail: the average is not the last weights
+        assert max(np.abs(s.numpy() - w).max()
+                   for s, w in zip(ema.shadow, updates[-1])) > 0.1
+
+
+def test_ema_swap_twice_is_the_identity_and_copy_to_model():
+    rng = np.random.default_rng(5)
+    variables = [tf.Variable(rng.normal(0, 1, (4, 3)).astype(np.float32)),
+                 tf.Variable(rng.normal(0, 1, (7,)).astype(np.float32))]
+    ema = optim.ExponentialMovingAverage(variables, 0.8)
+    for _ in range(3):
+        for v in variables:
+            v.assign(rng.normal(0, 1, v.shape).astype(np.float32))
+        ema.update()
+    raw = [v.numpy().copy() for v in variables]
+    averaged = [s.numpy().copy() for s in ema.shadow]
+    assert all(np.abs(a - r).max() > 0.1 for a, r in zip(averaged, raw))
+    ema.swap()  # model <- averages, averages <- model
+    for v, s, a, r in zip(variables, ema.shadow, averaged, raw):
+        np.testing.assert_array_equal(v.numpy(), a)
+        np.testing.assert_array_equal(s.numpy(), r)
+    ema.swap()  # and back: bit-identical
+    for v, s, a, r in zip(variables, ema.shadow, averaged, raw):
+        np.testing.assert_array_equal(v.numpy(), r)
+        np.testing.assert_array_equal(s.numpy(), a)
+    ema.copy_to_model()
+    for v, s, a in zip(variables, ema.shadow, averaged):
+        np.testing.assert_array_equal(v.numpy(), a)
+        np.testing.assert_array_equal(s.numpy(), a)
+
+
+def test_the_rate_multipliers_survive_get_config():
+    """Failed before: from_config(get_config()) gave every variable rate 1.0."""
+    head = keras.Variable(np.ones(2, np.float32), name="kernel")
+    backbone = keras.Variable(np.ones(2, np.float32), name="conv_kernel")
+    optimizer = optim.PaperSGD(learning_rate=optim.StepDecay(0.1, [5], 0.1), momentum=0.9)
+    optimizer.set_learning_rate_multiplier([backbone], 0.1)
+    config = optimizer.get_config()
+    assert config["learning_rate_multipliers"] == {backbone.path: 0.1}
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    clone.build([head, backbone])
+    assert clone.learning_rate_multiplier(backbone) == pytest.approx(0.1)
+    assert clone.learning_rate_multiplier(head) == 1.0
+    assert clone.get_config()["learning_rate_multipliers"] == {backbone.path: 0.1}
+    # Inside a LossScaleOptimizer (mixed_float16) too.
+    wrapped = keras.optimizers.deserialize(keras.optimizers.serialize(
+        keras.optimizers.LossScaleOptimizer(optimizer)))
+    wrapped.build([head, backbone])
+    assert optim.inner_optimizer(wrapped).learning_rate_multiplier(backbone) == (
+        pytest.approx(0.1))
+
+
+def test_a_skipped_float16_step_does_not_advance_the_schedule():
+    """What optim.StepDecay documents: LossScaleOptimizer skips a step with
+    non-finite gradients without advancing `iterations`, the schedule's step."""
+    variable = keras.Variable(np.ones(2, np.float32))
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        optim.PaperSGD(learning_rate=optim.StepDecay(0.1, [1], 0.1), momentum=0.0))
+    optimizer.build([variable])
+    optimizer.apply_gradients([(tf.constant([np.inf, 0.0]), variable)])
+    assert int(optimizer.iterations.numpy()) == 0
+    np.testing.assert_array_equal(variable.numpy(), [1.0, 1.0])
+    assert float(optim.inner_optimizer(optimizer).learning_rate) == pytest.approx(0.1)

@@ -221,7 +221,28 @@ def test_training_writes_closeness_vs_cooccurrence(crl_run):
     width, height = (int(v) for v in images[-1][1][:2])
     assert tf.io.decode_png(images[-1][1][2]).shape == (height, width, 3)
     rhos = _summaries(eval_dir, summaries.SPEARMAN_TAG)
-    assert [step for step, _ in rhos] == [2, 4] and all(-1 <= r <= 1 for _, r in rhos)
+    assert [step for step, _ in rhos] == [2, 4]
+    # Each logged rho is the correlation of that step's label embeddings (the
+    # checkpoint saved at the end of the epoch, just before its evaluation)
+    # with the PMI of the training labels, recomputed here: by label_space
+    # and by the plain loop reference.
+    counts = label_stats.count_labels(crl_run.train_files, 10)
+    pmi = label_stats.pmi(counts)
+    upper = list(itertools.combinations(range(10), 2))
+    for step, rho in rhos:
+        model, _, _, _ = checkpoints.restore_model(
+            crl_run.model_dir, checkpoint=os.path.join(crl_run.model_dir, f"ckpt-{step}"),
+            use_ema=False)
+        embeddings = model.label_embeddings().numpy()
+        expected, num_pairs = label_space.cooccurrence_correlation(embeddings, pmi)
+        assert num_pairs == len(upper) == 45
+        closeness = [-math.dist(embeddings[i].astype(np.float64),
+                                embeddings[j].astype(np.float64)) for i, j in upper]
+        together = [float(pmi[i, j]) for i, j in upper]
+        by_loops = _loop_pearson(_loop_ranks(closeness), _loop_ranks(together))
+        assert expected == pytest.approx(by_loops, abs=1e-9)
+        assert np.isfinite(expected)
+        assert float(rho) == pytest.approx(expected, abs=1e-6), step  # float32 scalar
 
 
 def test_nothing_for_a_variant_without_a_label_projector(tmp_path):

@@ -117,9 +117,9 @@ def test_demo_flags_end_to_end(demo_data, tmp_path):
 def test_flagfiles_parse():
     """Every flagfile under configs/ is valid and includes base.flags."""
     from absl import flags  # pylint: disable=import-outside-toplevel
-    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.flags"))):
-        if path.endswith("keras_hub.flags"):
-            continue  # --backbone=keras_hub:...: see test_flagfiles until config takes it
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.flags")))
+    assert any(p.endswith("coco_keras_hub.flags") for p in paths)
+    for path in paths:
         values = flags.FlagValues()
         config_lib.define_flags(values)
         values(flagfiles.expand(
@@ -128,10 +128,13 @@ def test_flagfiles_parse():
         config_lib.validate(config)
         if not path.endswith("base.flags"):
             text = open(path).read()
-            assert ("--flagfile=base.flags" in text
-                    or "--flagfile=demo.flags" in text)
+            # base.flags directly, or through demo.flags / coco.flags.
+            assert any(f"--flagfile={parent}" in text
+                       for parent in ("base.flags", "demo.flags", "coco.flags")), path
             assert open(path).read().startswith("#"), "states its command first"
-        if path.endswith(("coco.flags", "voc.flags", "base.flags")):
+        if path.endswith("coco_keras_hub.flags"):
+            assert config.backbone == "keras_hub:resnet_101_imagenet"
+        if path.endswith(("coco.flags", "voc.flags", "base.flags", "coco_keras_hub.flags")):
             assert (config.learning_rate, config.backbone_learning_rate) == (0.01, 0.001)
             assert (config.momentum, config.weight_decay, config.image_size) == (0.9, 1e-4, 448)
             assert (config.crl_margin, config.crl_image_weight) == (0.5, 0.5)
@@ -327,17 +330,97 @@ def test_two_learning_rates_momentum_and_decay_match_pytorch(demo_data, tmp_path
     assert max(result["errors"]) < 1e-5, result["errors"]
 
 
-def test_ema_weights_are_evaluated_and_restored(demo_data, tmp_path):
+def _checkpoint_keys_under(prefix, root):
+    """{object path: checkpoint key} of every variable reachable from the
+    checkpoint's top-level object `root` ("model" or "ema"), read from the
+    checkpoint's own object graph, except the optimizer's (a compiled model
+    tracks its optimizer).
+
+    A variable is saved once, under its shortest path: with an EMA, whose
+    `_model_variables` list tracks the model's trainable variables, the raw
+    trainable weights are stored under `ema/_model_variables/<i>/` and the
+    `model/` keys hold only the BatchNorm statistics, so the keys of the
+    model's variables must be found through the graph, not by name.
+    """
+    from tensorflow.core.protobuf import (  # pylint: disable=import-outside-toplevel
+        trackable_object_graph_pb2)
+    reader = tf.train.load_checkpoint(prefix)
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    (start,) = [c.node_id for c in graph.nodes[0].children if c.local_name == root]
+    keys, stack, seen = {}, [(root, start)], set()
+    while stack:
+        path, node_id = stack.pop()
+        if node_id in seen:
+            continue
+        seen.add(node_id)
+        node = graph.nodes[node_id]
+        for attribute in node.attributes:
+            if attribute.name == "VARIABLE_VALUE":
+                keys[path] = attribute.checkpoint_key
+        stack += [(f"{path}/{c.local_name}", c.node_id) for c in node.children
+                  if c.local_name != "optimizer"]
+    return keys
+
+
+def _value_multiset(arrays):
+    import collections  # pylint: disable=import-outside-toplevel
+    return collections.Counter(
+        (a.dtype.str, a.shape, np.ascontiguousarray(a).tobytes()) for a in arrays)
+
+
+def test_ema_weights_are_evaluated_and_restored(demo_data, tmp_path, monkeypatch):
+    trainers = []
+
+    class RecordingTrainer(train_lib.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(train_lib, "Trainer", RecordingTrainer)
     config = _config(demo_data, tmp_path / "ema", ema_decay=0.5)
     result = train_lib.train_and_evaluate(config)
     assert result["metrics"] is not None
+    (trainer,) = trainers
     model, _, _, _ = checkpoints.restore_model(config.model_dir, use_ema=True)
     raw, _, _, _ = checkpoints.restore_model(config.model_dir, use_ema=False)
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(config.model_dir))
+    latest = tf.train.latest_checkpoint(config.model_dir)
+    assert latest.endswith("ckpt-3")  # saved at the end of the epoch, before its eval
+    reader = tf.train.load_checkpoint(latest)
     kernel = model.classifier.kernel
     assert not np.allclose(kernel.numpy(), raw.classifier.kernel.numpy())
-    shadow = [n for n in reader.get_variable_to_shape_map() if n.startswith("ema/")]
-    assert shadow
+
+    # After the run (the eval swapped the EMA in and out again) the live model
+    # holds the raw weights: those the checkpoint saved for the model.
+    model_keys = _checkpoint_keys_under(latest, "model")
+    assert len(model_keys) == len(trainer.model.variables)
+    saved_model = [reader.get_tensor(k) for k in model_keys.values()]
+    assert _value_multiset(saved_model) == _value_multiset(
+        [v.numpy() for v in trainer.model.variables])
+    # ...and the shadow holds the averages, saved as ema/shadow/<i> in the order
+    # of the model's trainable variables.
+    shadow_keys = sorted((k for k in reader.get_variable_to_shape_map()
+                          if k.startswith("ema/shadow/")),
+                         key=lambda k: int(k.split("/")[2]))
+    assert len(shadow_keys) == len(trainer.model.trainable_variables) == len(
+        trainer.ema.shadow)
+    differs = 0
+    for key, shadow, live, ema_restored, raw_restored in zip(
+            shadow_keys, trainer.ema.shadow, trainer.model.trainable_variables,
+            model.trainable_variables, raw.trainable_variables):
+        saved = reader.get_tensor(key)
+        np.testing.assert_array_equal(shadow.numpy(), saved, err_msg=key)
+        np.testing.assert_array_equal(ema_restored.numpy(), saved, err_msg=key)
+        np.testing.assert_array_equal(raw_restored.numpy(), live.numpy(), err_msg=key)
+        differs += not np.array_equal(saved, live.numpy())
+    assert differs > len(shadow_keys) // 2  # the average is not the raw weights
+    # best/ was saved after that eval: the same raw weights and averages.
+    best = tf.train.latest_checkpoint(os.path.join(config.model_dir, "best"))
+    assert best.endswith("ckpt-3")
+    best_reader = tf.train.load_checkpoint(best)
+    for key in list(model_keys.values()) + shadow_keys:
+        np.testing.assert_array_equal(best_reader.get_tensor(key), reader.get_tensor(key),
+                                      err_msg=key)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -409,10 +492,23 @@ def test_best_is_selected_on_held_out_training_shards(demo_data, tmp_path):
     best = json.loads((tmp_path / "sel" / "best" / "metrics.json").read_text())
     assert best["selected_on"] == "selection_files"
     assert best["selection_files"] == held_out
-    assert 0 <= best["selection_mAP"] <= 1
     assert set(best["metrics"]) >= {"mAP", "CF1"}  # the --eval_files (test) metrics
     tags = _event_tags(str(tmp_path / "sel" / "eval"))
-    assert [s for s, _ in tags["selection_metrics/mAP"]] == [2, 4]
+    logged = sorted(tags["selection_metrics/mAP"])
+    assert [s for s, _ in logged] == [2, 4]
+    # best/ is the evaluation with the highest selection mAP (the first one on
+    # a tie: a later one must beat it), and stores that mAP (TensorBoard keeps
+    # it as float32).
+    values = [v for _, v in logged]
+    first_best = int(np.argmax(values))
+    assert best["step"] == logged[first_best][0], (best["step"], logged)
+    assert best["selection_mAP"] == pytest.approx(max(values), rel=1e-6, abs=1e-7)
+    assert tf.train.latest_checkpoint(
+        str(tmp_path / "sel" / "best")).endswith(f"ckpt-{best['step']}")
+    # The reported metrics are the --eval_files ones of that same step.
+    eval_maps = dict(tags["metrics/mAP"])
+    assert best["metrics"]["mAP"] == pytest.approx(eval_maps[best["step"]], rel=1e-6,
+                                                   abs=1e-7)
     overlapping = config.replace(model_dir=str(tmp_path / "overlap"),
                                  selection_files=demo_data["train_files"])
     with pytest.raises(ValueError, match="--selection_files.*held out"):
@@ -478,7 +574,14 @@ def test_progress_is_line_based_without_tty():
     text = stream.getvalue()
     assert "\r" not in text and text.count("\n") == 2
     assert "step  10/100" in text and "ETA" in text and speed["images_per_sec"] > 0
-    assert progress_lib.format_duration(3725) == "1h02m05s"
+    # Durations are written as everywhere else (pipelines.progress): 1:02:05.
+    now = [0.0]
+    progress = progress_lib.Progress(total_steps=100, global_batch_size=4, stream=stream,
+                                     is_tty=False, clock=lambda: now[0])
+    progress.start(0)
+    now[0] = 3725.0 / 9  # 10 steps: the 90 left take 3725 s
+    progress.update(10, 0.5)
+    assert stream.getvalue().splitlines()[-1].endswith("ETA 1:02:05")
 
 
 def test_progress_redraws_one_line_on_a_tty_with_interval_speed_and_eta():
@@ -501,9 +604,76 @@ def test_progress_redraws_one_line_on_a_tty_with_interval_speed_and_eta():
     progress.message("Epoch 1/2 done")
     text = stream.getvalue()
     assert text.startswith("\rstep  30/100 ( 30.0%) loss 0.5000 | 1.00 steps/s 4.0 img/s"
-                           " | ETA 1m10s | epoch 1/2")
+                           " | ETA 1:10 | epoch 1/2")
     assert speed["steps_per_sec"] == 5.0
     # 20 steps in 12 s since the restart: 60 steps left take 36 s.
-    assert "\rstep  40/100 ( 40.0%) loss 0.2500 | 5.00 steps/s 20.0 img/s | ETA 36s" in text
+    assert "\rstep  40/100 ( 40.0%) loss 0.2500 | 5.00 steps/s 20.0 img/s | ETA 0:36" in text
     assert "Epoch 1/2 done\n" in text and text.count("\n") == 1  # one line kept
-    assert text.endswith("ETA 36s")  # the progress line is drawn again below it
+    assert text.endswith("ETA 0:36")  # the progress line is drawn again below it
+
+
+def test_the_speed_after_an_evaluation_counts_training_steps_only():
+    """Failed before: the first report after an evaluation divided the steps
+    by the training time plus the evaluation time."""
+    import io  # pylint: disable=import-outside-toplevel
+    now = [0.0]
+    progress = progress_lib.Progress(total_steps=100, global_batch_size=4,
+                                     stream=io.StringIO(), is_tty=False,
+                                     clock=lambda: now[0])
+    progress.start(0)
+    now[0] += 10
+    assert progress.update(10, 0.5)["steps_per_sec"] == 1.0
+    now[0] += 50  # an evaluation
+    progress.resume()
+    now[0] += 10
+    assert progress.update(20, 0.5) == {"steps_per_sec": 1.0, "images_per_sec": 4.0}
+
+
+def test_the_summary_writers_are_closed_when_training_fails(demo_data, tmp_path,
+                                                            monkeypatch):
+    """Failed before: TrainingSummaries had no close() and the trainer left
+    its tf.summary writers open, also after an error."""
+    closed = []
+    real_close = train_lib.summaries_lib.TrainingSummaries.close
+
+    def spy(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(train_lib.summaries_lib.TrainingSummaries, "close", spy)
+
+    def diverge(self, epoch, progress):
+        self.summaries.write_train(1, {"loss": 1.0}, (0.1, 0.01),
+                                   {"images_per_sec": 1.0, "steps_per_sec": 1.0})
+        raise train_lib.NonFiniteLossError("diverged")
+
+    monkeypatch.setattr(train_lib.Trainer, "_train_epoch", diverge)
+    config = _config(demo_data, tmp_path / "run", eval_files=None)
+    with pytest.raises(train_lib.NonFiniteLossError, match="diverged"):
+        train_lib.train_and_evaluate(config)
+    (summaries,) = closed
+    assert summaries._writers == {}  # pylint: disable=protected-access
+    assert _event_tags(str(tmp_path / "run" / "train"))["loss/loss"] == [(1, 1.0)]
+
+
+_WITHOUT_KERAS_HUB = """
+import runpy, sys
+sys.modules["keras_hub"] = None  # `import keras_hub` raises ImportError
+sys.argv = ["train"] + sys.argv[1:]
+runpy.run_module("mlcrl_tf.train", run_name="__main__")
+"""
+
+
+def test_a_keras_hub_backbone_without_keras_hub_is_one_error_line(demo_data, tmp_path):
+    """Failed before: an ImportError traceback from deep in the model build."""
+    args = SMALL + [f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps_per_epoch=1",
+                    f"--train_files={demo_data['train_files']}",
+                    "--backbone=keras_hub:resnet_18_imagenet"]
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_KERAS_HUB, *args], cwd=REPO,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert "KerasHub is not installed" in line and "pip install" in line
+    assert "mlcrl_tf[keras_hub]" in line
