@@ -3,7 +3,7 @@
 This is the only module that reads the training FLAGS (`config_from_flags`);
 everything below it takes a `Config`.
 
-The defaults are the paper's COCO recipe (SPEC §4, paper §5.1, with
+The defaults are the paper's COCO recipe (paper §5.1; docs/design.md, Training; with
 ML-GCN's schedule where the paper is silent): ResNet-101 from ImageNet
 weights at 448 px, SGD momentum 0.9 with coupled weight decay 1e-4, learning
 rate 0.01 for the head and 0.001 for the backbone, batch 16, 40 epochs with
@@ -78,7 +78,7 @@ class Config:
     backbone_weights: str | None = _field("imagenet", "'imagenet', a local weights file, "
                                           "or empty (or 'random') for random "
                                           "initialisation.")
-    variant: str = _field("crl", "Model variant (SPEC §3).", choices=VARIANTS)
+    variant: str = _field("crl", "Model variant (docs/design.md, Model).", choices=VARIANTS)
     image_size: int = _field(448, "Square input size.")
     # --- optimisation ---
     batch_size: int = _field(16, "Global batch size (all replicas).")

@@ -36,7 +36,7 @@ Decisions (also recorded in docs/design.md):
 - Computation is float32 (float64 when the inputs are float64); float16 /
   bfloat16 inputs (mixed precision) are upcast to float32.
 - The losses take labels as given: VOC "difficult" labels count as positive
-  in training (SPEC §6), which the input pipeline already encodes.
+  in training (docs/design.md, Data), which the input pipeline already encodes.
 - Bad input raises ValueError naming the argument. Static shapes are checked
   at trace time; values (labels in {0, 1}, finite floats) only when running
   eagerly, so compiled training steps pay nothing for them.

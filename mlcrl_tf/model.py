@@ -1,6 +1,6 @@
 """The paper's model: backbone, direct head, `f_conv` and the co-projector.
 
-Data flow (SPEC §1, paper Eq. 1–5):
+Data flow (paper Eq. 1–5; docs/design.md, Model):
 
     images ─ f_cnn ─ Fx (B,h,w,D) ─┬─ fpool (GAP+GMP) ─ Dense(C) ─ direct ─┐
                                    │                                        (+)─ logits P
@@ -13,7 +13,7 @@ At inference only backbone + direct head + `f_conv` remain:
 `model.inference_model` (images → final logits) holds exactly
 D×C + C more weights than the baseline's.
 
-Variants (SPEC §3): `baseline` (direct head only), `tba` (adds the `f_conv`
+Variants (docs/design.md, Model): `baseline` (direct head only), `tba` (adds the `f_conv`
 context logits, classification loss only), `tbc` (concatenates GMP(Fconv)
 to the pooled features before the Dense), `mse` and `crl` (the full
 co-projector, trained with the MSE ablation loss or the constrained ranking
@@ -66,7 +66,7 @@ class FusedPooling(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mlcrl_tf")
 class ImageProjector(layers.Layer):
-    """`f_im` (paper Table 3 after `f_conv`, as fixed in SPEC §1).
+    """`f_im` (paper Table 3 after `f_conv`, as fixed in docs/design.md, Model).
 
     conv 3×3 C stride 2 → BN → ReLU → conv 3×3 C/4 → BN → ReLU → conv 3×3 C →
     global max pool. Maps `Fconv` (B,h,w,C) to the image embedding Fe (B,C).
