@@ -6,7 +6,8 @@ everything below it takes a `Config`.
 The defaults are the paper's COCO recipe (paper §5.1; docs/design.md, Training; with
 ML-GCN's schedule where the paper is silent): ResNet-101 from ImageNet
 weights at 448 px, SGD momentum 0.9 with coupled weight decay 1e-4, learning
-rate 0.01 for the head and 0.001 for the backbone, batch 16, 40 epochs with
+rate 0.01 for the head and 0.001 for the backbone, batch 16 (the paper states
+none; coco.flags uses 32), 40 epochs with
 both rates multiplied by 0.1 after epoch 30, CRL with δ = λ1 = λ2 = 0.5 and
 α = β = 1, no augmentation. `configs/base.flags` spells the recipe out and
 the dataset flagfiles include it and set data, batch and epochs.
