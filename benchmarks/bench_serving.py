@@ -1,7 +1,9 @@
 """python benchmarks/bench_serving.py --backbone=resnet101 --image_size=448 --num_classes=80 --runs=15
 
 Serving cost of the paper's model against its baseline (the claim of SPEC §1:
-at test time crl = baseline + one 1x1 conv `f_conv` of D x C weights).
+at test time crl = baseline + one 1x1 conv `f_conv` of D x C weights), or
+with `--compare=jit_compile` of an XLA-compiled export (`--jit_compile`)
+against the plain one (the same crl model exported twice).
 
 In one run it builds a `crl` and a `baseline` model (same backbone, size and
 class count, random init: only the cost matters), exports both with
@@ -17,8 +19,9 @@ Latency is the median over `--runs` timed calls after `--warmup` calls per
 model; each round calls both models back to back, alternating which goes
 first, so drift (other processes, CPU clocks) hits both alike. The ratio
 column is crl / baseline of the medians; "paired" is the median of the
-per-round ratios. Throughput is images / median latency. The exported
-parameter counts come from each SavedModel's checkpoint.
+per-round ratios (first / second of the pair: crl / baseline, or xla /
+no_xla). Throughput is images / median latency. The exported parameter
+counts come from each SavedModel's checkpoint.
 Ends with a Markdown summary to paste into docs/serving.md.
 """
 
@@ -48,8 +51,13 @@ flags.DEFINE_integer("runs", 15, "Timed calls per model, batch size and signatur
 flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing.")
 flags.DEFINE_bool("jpeg", True, "Also time serving_default on JPEG bytes.")
 flags.DEFINE_string("export_dir", None, "Where to export; default a temporary directory.")
+flags.DEFINE_enum("compare", "variant", ["variant", "jit_compile"],
+                  "variant: crl vs baseline; jit_compile: the crl model exported with "
+                  "jit_compile=True (xla) vs False (no_xla).")
 
-VARIANTS = ("crl", "baseline")
+# The pair timed, by --compare: name -> (variant, jit_compile).
+PAIRS = {"variant": {"crl": ("crl", False), "baseline": ("baseline", False)},
+         "jit_compile": {"xla": ("crl", True), "no_xla": ("crl", False)}}
 
 
 def sample_photos():
@@ -97,20 +105,30 @@ def time_pair(functions, inputs, runs, warmup):
     return times
 
 
+def export_pair(pair, root, names):
+    """Exports each configuration of `pair`; returns ({name: loaded}, {name: params})."""
+    loaded, params, models = {}, {}, {}
+    for name, (variant, jit) in pair.items():
+        if variant not in models:
+            models = {variant: build_model(FLAGS.num_classes, FLAGS.backbone,
+                                           FLAGS.image_size, variant)}
+        start = time.perf_counter()
+        path = export_lib.export_model(models[variant], os.path.join(root, name), names,
+                                       jit_compile=jit)
+        print(f"exported {name} to {path} in {time.perf_counter() - start:.1f} s")
+        loaded[name] = tf.saved_model.load(path)
+        params[name] = exported_parameters(path)
+    return loaded, params
+
+
 def main(argv):
     del argv
     batch_sizes = [int(b) for b in FLAGS.batch_sizes]
     root = FLAGS.export_dir or tempfile.mkdtemp(prefix="bench_serving_")
     names = [f"class_{i}" for i in range(FLAGS.num_classes)]
-    loaded, params = {}, {}
-    for variant in VARIANTS:
-        model = build_model(FLAGS.num_classes, FLAGS.backbone, FLAGS.image_size, variant)
-        start = time.perf_counter()
-        path = export_lib.export_model(model, os.path.join(root, variant), names)
-        print(f"exported {variant} to {path} in {time.perf_counter() - start:.1f} s")
-        del model
-        loaded[variant] = tf.saved_model.load(path)
-        params[variant] = exported_parameters(path)
+    pair = PAIRS[FLAGS.compare]
+    first, second = pair
+    loaded, params = export_pair(pair, root, names)
     photos = sample_photos()
     signatures = [("serve_tensor", "images")]
     if FLAGS.jpeg:
@@ -120,36 +138,37 @@ def main(argv):
         tensors, jpegs = make_inputs(batch_size, FLAGS.image_size, photos)
         for signature, key in signatures:
             inputs = {key: tensors if key == "images" else jpegs}
-            times = time_pair({v: loaded[v].signatures[signature] for v in VARIANTS},
+            times = time_pair({v: loaded[v].signatures[signature] for v in pair},
                               inputs, FLAGS.runs, FLAGS.warmup)
-            median = {v: statistics.median(times[v]) for v in VARIANTS}
-            paired = statistics.median(c / b for c, b in zip(times["crl"], times["baseline"]))
+            median = {v: statistics.median(times[v]) for v in pair}
+            paired = statistics.median(a / b for a, b in zip(times[first], times[second]))
             row = {"signature": signature, "batch": batch_size,
-                   "crl_ms": 1e3 * median["crl"], "baseline_ms": 1e3 * median["baseline"],
-                   "ratio": median["crl"] / median["baseline"], "paired": paired,
-                   "crl_ips": batch_size / median["crl"],
-                   "baseline_ips": batch_size / median["baseline"]}
+                   "first_ms": 1e3 * median[first], "second_ms": 1e3 * median[second],
+                   "ratio": median[first] / median[second], "paired": paired,
+                   "first_ips": batch_size / median[first],
+                   "second_ips": batch_size / median[second]}
             rows.append(row)
-            print(f"{signature:16s} B={batch_size:<3d} crl {row['crl_ms']:9.2f} ms  "
-                  f"baseline {row['baseline_ms']:9.2f} ms  ratio {row['ratio']:.3f}  "
+            print(f"{signature:16s} B={batch_size:<3d} {first} {row['first_ms']:9.2f} ms  "
+                  f"{second} {row['second_ms']:9.2f} ms  ratio {row['ratio']:.3f}  "
                   f"paired {paired:.3f}", flush=True)
-    d_times_c = params["crl"] - params["baseline"]
     print()
-    print(f"### Serving cost, crl vs baseline ({FLAGS.backbone}, {FLAGS.image_size}x"
+    print(f"### Serving cost, {first} vs {second} ({FLAGS.backbone}, {FLAGS.image_size}x"
           f"{FLAGS.image_size}, C={FLAGS.num_classes}, {FLAGS.runs} runs, "
           f"{os.cpu_count()} CPU threads visible, TF {tf.__version__})")
     print()
-    print(f"Exported parameters: crl {params['crl']:,}, baseline {params['baseline']:,} "
-          f"(+{d_times_c:,} = f_conv's D x C + C; "
-          f"+{100 * d_times_c / params['baseline']:.2f}%).")
-    print()
-    print("| signature | batch | crl ms | baseline ms | crl/baseline | paired ratio "
-          "| crl img/s | baseline img/s |")
+    if FLAGS.compare == "variant":
+        d_times_c = params["crl"] - params["baseline"]
+        print(f"Exported parameters: crl {params['crl']:,}, baseline "
+              f"{params['baseline']:,} (+{d_times_c:,} = f_conv's D x C + C; "
+              f"+{100 * d_times_c / params['baseline']:.2f}%).")
+        print()
+    print(f"| signature | batch | {first} ms | {second} ms | {first}/{second} | paired ratio "
+          f"| {first} img/s | {second} img/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['signature']} | {r['batch']} | {r['crl_ms']:.1f} | "
-              f"{r['baseline_ms']:.1f} | {r['ratio']:.3f} | {r['paired']:.3f} | "
-              f"{r['crl_ips']:.1f} | {r['baseline_ips']:.1f} |")
+        print(f"| {r['signature']} | {r['batch']} | {r['first_ms']:.1f} | "
+              f"{r['second_ms']:.1f} | {r['ratio']:.3f} | {r['paired']:.3f} | "
+              f"{r['first_ips']:.1f} | {r['second_ips']:.1f} |")
 
 
 if __name__ == "__main__":

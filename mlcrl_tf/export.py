@@ -3,10 +3,13 @@
     python -m mlcrl_tf.export --model_dir=runs/demo --export_dir=saved_models/demo \
         [--version=N] [--best | --checkpoint=PREFIX] [--use_ema=true] \
         [--threshold=0.5] [--top_k=5] [--max_batch_size=64] \
-        [--max_image_pixels=100000000]
+        [--max_image_pixels=100000000] [--precision=float32|mixed_bfloat16] \
+        [--jit_compile]
 
 Writes `<export_dir>/<version>/` (see `mlcrl_tf.export_lib` and the contract
-in `mlcrl_tf.serving`; clients in docs/serving.md).
+in `mlcrl_tf.serving`; clients in docs/serving.md). A bad flag, an unusable
+export directory, an unreadable checkpoint or a failed write is one
+`error: ...` line on stderr and exit code 1.
 """
 
 import sys
@@ -15,7 +18,9 @@ import time
 from absl import app
 from absl import flags
 
+from mlcrl_tf import checkpoints
 from mlcrl_tf import export_lib
+from mlcrl_tf import io_checks
 from mlcrl_tf import serving
 from pipelines import console
 from pipelines import progress
@@ -47,6 +52,10 @@ def define_flags():
                       "Compute precision of the served model: mixed_bfloat16 is faster "
                       "on AMX/AVX512-BF16 CPUs and Ampere+ GPUs (variables, inputs "
                       "and outputs stay float32; docs/performance.md has its accuracy).")
+    flags.DEFINE_bool("jit_compile", False, "XLA-compile the model's forward pass (not the "
+                      "image decoding); mostly slower on the build machine's CPU "
+                      "(docs/serving.md). TF Serving runs such an export on CPU only with "
+                      "--xla_cpu_compilation_enabled=true.")
 
 
 def main(argv):
@@ -61,9 +70,13 @@ def main(argv):
             f.model_dir, f.export_dir, version=f.version, checkpoint=f.checkpoint,
             best=f.best, use_ema=f.use_ema, threshold=f.threshold, top_k=f.top_k,
             max_batch_size=f.max_batch_size, max_image_pixels=f.max_image_pixels,
-            precision=f.precision)
-    except ValueError as e:
+            precision=f.precision, jit_compile=f.jit_compile)
+    except (ValueError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except io_checks.IO_ERRORS as e:  # E.g. an unwritable temporary directory.
+        path = getattr(e, "filename", None)
+        sys.exit(f"error: the export failed{f' on {path!r}' if path else ''}: "
+                 f"{type(e).__name__}: {io_checks.error_text(e)}")
     print(f"Exported {f.model_dir} to {path}")
     print(f"export: done in {progress.format_duration(time.monotonic() - start)}",
           file=sys.stderr)

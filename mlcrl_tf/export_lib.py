@@ -29,6 +29,11 @@ Decisions (also in docs/serving.md):
 - An export directory that cannot be created or written, a disk that fills
   up and a checkpoint that cannot be read are one ValueError naming the
   path; `export_from_model_dir` checks the directory before restoring.
+- `jit_compile=True` wraps the model's forward pass (float images ->
+  logits, not the string decoding) in `tf.function(jit_compile=True)`;
+  recorded in `metadata`. Off by default: mostly slower on the build machine's
+  CPU (docs/serving.md), and TF Serving runs it only with
+  `--xla_cpu_compilation_enabled=true` on CPU.
 """
 
 import os
@@ -81,6 +86,11 @@ def _check_limits(max_batch_size, max_image_pixels):
         raise ValueError(f"max_batch_size must be below 2**31, got {max_batch_size}.")
 
 
+def _check_jit_compile(jit_compile):
+    if not isinstance(jit_compile, bool):
+        raise ValueError(f"jit_compile must be True or False, got {jit_compile!r}.")
+
+
 def _check_arguments(model, class_names, threshold, top_k):
     """Validates export_model's arguments; returns (class_names, top_k)."""
     needed = ("inference_model", "backbone_name", "image_size", "num_classes", "variant")
@@ -113,7 +123,8 @@ def _check_arguments(model, class_names, threshold, top_k):
 
 def export_model(model, export_dir, class_names, threshold=0.5, version=None, top_k=None,
                  max_batch_size=serving.DEFAULT_MAX_BATCH_SIZE,
-                 max_image_pixels=serving.DEFAULT_MAX_IMAGE_PIXELS, antialias=False):
+                 max_image_pixels=serving.DEFAULT_MAX_IMAGE_PIXELS, antialias=False,
+                 jit_compile=False):
     """Writes the inference branch as `<export_dir>/<version>/` for TF Serving.
 
     Args:
@@ -132,6 +143,8 @@ def export_model(model, export_dir, class_names, threshold=0.5, version=None, to
             (`serving_default`), checked on its header before decoding.
         antialias: the resize of the run (`serving_default` resizes like
             the run's evaluation did).
+        jit_compile: XLA-compile the model's forward pass in both image
+            signatures (recorded in `metadata`).
 
     Returns:
         The path of the written version directory.
@@ -143,6 +156,7 @@ def export_model(model, export_dir, class_names, threshold=0.5, version=None, to
     """
     class_names, top_k = _check_arguments(model, class_names, threshold, top_k)
     _check_limits(max_batch_size, max_image_pixels)
+    _check_jit_compile(jit_compile)
     io_checks.ensure_output_dir(export_dir, "export_dir")
     version = _resolve_version(export_dir, version)
     with tempfile.TemporaryDirectory() as local:
@@ -154,7 +168,7 @@ def export_model(model, export_dir, class_names, threshold=0.5, version=None, to
             image_size=model.image_size, threshold=float(threshold), top_k=top_k,
             variant=model.variant, max_batch_size=max_batch_size,
             max_image_pixels=max_image_pixels, antialias=bool(antialias),
-            precision=model.dtype_policy.name)
+            precision=model.dtype_policy.name, jit_compile=jit_compile)
         module = serving.ServingModule(model.inference_model, info, labels_path)
         final_dir = _save_atomically(module, export_dir, version)
     logging.info("Exported %s/%s (%d classes) to %s", model.variant, model.backbone_name,
@@ -193,7 +207,7 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
                           best=False, use_ema=True, threshold=None, top_k=None,
                           max_batch_size=serving.DEFAULT_MAX_BATCH_SIZE,
                           max_image_pixels=serving.DEFAULT_MAX_IMAGE_PIXELS,
-                          precision="float32"):
+                          precision="float32", jit_compile=False):
     """Restores a training run and exports it; returns the version directory.
 
     Args:
@@ -210,6 +224,7 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
         precision: "float32", or "mixed_bfloat16" for a bfloat16 serving
             model (float32 variables and outputs; faster on AMX/AVX512-BF16
             CPUs and recent GPUs; docs/performance.md has its accuracy).
+        jit_compile: see `export_model`.
 
     Raises:
         ValueError: see `export_model`; also an export directory that cannot
@@ -217,6 +232,7 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
             be read (named).
     """
     _check_limits(max_batch_size, max_image_pixels)
+    _check_jit_compile(jit_compile)
     io_checks.ensure_output_dir(export_dir, "export_dir")
     model, config, class_names, path = checkpoints.restore_model(
         model_dir, checkpoint=checkpoint, best=best, use_ema=use_ema, precision=precision)
@@ -224,4 +240,5 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
     return export_model(model, export_dir, class_names,
                         threshold=config.threshold if threshold is None else threshold,
                         version=version, top_k=top_k, max_batch_size=max_batch_size,
-                        max_image_pixels=max_image_pixels, antialias=config.antialias)
+                        max_image_pixels=max_image_pixels, antialias=config.antialias,
+                        jit_compile=jit_compile)

@@ -11,11 +11,14 @@ Server side (`ServingModule`, written by `mlcrl_tf.export_lib`):
 - both return `logits` and `probabilities` (B, C) float32, `predicted` bool
   (B, C) = probability >= the export's threshold, and the fixed-size top k:
   `top_k_scores` float32, `top_k_class_ids` int32 and `top_k_classes`
-  string, each (B, k) (rectangular outputs, as TF Serving's REST API needs);
+  string, each (B, k) (rectangular outputs, as TF Serving's REST API needs),
+  ranked by logit (float32 sigmoid ties at 1.0 above a logit of ~16.6);
 - `metadata` (no inputs): `class_names`, `threshold`, `top_k`, `image_size`,
   `backbone`, `variant`, `max_batch_size`, `max_image_pixels`, `antialias`
   (the resize the model was trained with) and `precision` (float32, or
-  mixed_bfloat16 for a bfloat16 serving model; outputs stay float32);
+  mixed_bfloat16 for a bfloat16 serving model; outputs stay float32) and
+  `jit_compile` (whether the model's forward pass is XLA-compiled; TF
+  Serving then needs `--xla_cpu_compilation_enabled=true` on CPU);
   `assets/labels.txt` holds the class names too.
 
 Bad requests fail whole, with one `tf.errors.InvalidArgumentError` (HTTP 400
@@ -23,7 +26,9 @@ from TF Serving) naming the input, the limit or the bad indices, before the
 costly step (docs/reliability.md):
 - an empty batch, or more than `max_batch_size` images (both signatures);
 - `image_bytes` elements above the pixel budget `max_image_pixels`, read from
-  the header by `pipelines.image_header` before anything is decoded;
+  the header by `pipelines.image_header` before anything is decoded (a JPEG
+  whose header libjpeg reads within its first `HEADER_PREFIX_BYTES` is
+  walked on that prefix only, so the check does not copy large files);
 - `image_bytes` elements that do not decode ("empty", "unknown format ...",
   "corrupt or truncated ..."): decoding runs through a small in-graph
   `tf.data` pipeline with `ignore_errors`, which is how the graph learns
@@ -64,6 +69,10 @@ OUTPUT_KEYS = ("logits", "probabilities", "predicted", "top_k_scores",
 # ResNet-101 at 448 px: ~37 MB per image in a request (docs/reliability.md).
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_PIXELS
+# The bytes of a JPEG read to find its size when libjpeg finds the whole
+# header there (SOF and SOS); at most 65,536 bytes, so the in-graph walk on
+# that prefix stays below image_header.MAX_HEADER_STEPS (one step >= 1 byte).
+HEADER_PREFIX_BYTES = 65_536
 
 EMPTY = "empty"
 UNKNOWN_FORMAT = "unknown format (not JPEG, PNG, GIF, BMP or WebP)"
@@ -118,10 +127,64 @@ def check_batch(batch, name, max_batch_size):
     ]
 
 
+def _jpeg_headers_in_prefix(heads, candidates):
+    """bool (B,): the `candidates` whose JPEG header libjpeg reads in `heads`.
+
+    `tf.io.extract_jpeg_shape` (libjpeg's header reader, up to the SOS
+    marker) fails on a header cut by the prefix or corrupt; a tf.data map
+    with `ignore_errors` turns those failures into False.
+    """
+    count = tf.size(heads)
+
+    def readable(index, head, unused_candidate):
+        shape = tf.io.extract_jpeg_shape(head, output_type=tf.int64)
+        return index, shape[0] * shape[1] > 0
+
+    sentinel = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int32), tf.constant(False)))
+    indices, ok = (
+        tf.data.Dataset.from_tensor_slices((tf.range(count), heads, candidates))
+        .filter(lambda unused_index, unused_head, candidate: candidate)
+        .map(readable)
+        .ignore_errors()
+        .concatenate(sentinel)
+        .batch(tf.cast(count + 1, tf.int64))
+        .get_single_element())
+    return tf.scatter_nd(indices[:-1, None], ok[:-1], [count])
+
+
+def pixel_budget_problems(image_bytes, max_pixels):
+    """`image_header.budget_problem` of each element (B,) -> string (B,).
+
+    The same answers as `image_header.batch_budget_problems`, at a cost that
+    does not grow with the file size for a JPEG: when libjpeg reads the
+    whole header of a JPEG longer than `HEADER_PREFIX_BYTES` within that
+    prefix, the header walk runs on the prefix (the SOF segment lies inside
+    it, so the walk finds the same size). Other JPEGs, GIFs (all frames are
+    counted) and the formats read from their first 32 bytes go through the
+    whole element, as before.
+    """
+    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    heads = tf.strings.substr(image_bytes, 0, HEADER_PREFIX_BYTES)
+    large_jpegs = (tf.equal(image_header.format_name(heads), image_header.JPEG)
+                   & (tf.strings.length(image_bytes) > HEADER_PREFIX_BYTES))
+    in_prefix = tf.cond(tf.reduce_any(large_jpegs),
+                        lambda: _jpeg_headers_in_prefix(heads, large_jpegs),
+                        lambda: tf.zeros_like(large_jpegs))
+
+    def problem(args):
+        index, head, use_head = args
+        return tf.cond(
+            use_head, lambda: image_header.budget_problem(head, max_pixels),
+            lambda: image_header.budget_problem(tf.gather(image_bytes, index), max_pixels))
+
+    return tf.map_fn(problem, (tf.range(tf.size(image_bytes)), heads, in_prefix),
+                     fn_output_signature=tf.TensorSpec([], tf.string))
+
+
 def check_pixel_budgets(image_bytes, max_pixels):
     """An assertion naming every element above the pixel budget (or whose
     size cannot be read from its header), before anything is decoded."""
-    problems = image_header.batch_budget_problems(image_bytes, max_pixels)
+    problems = pixel_budget_problems(image_bytes, max_pixels)
     bad = tf.reshape(tf.where(tf.not_equal(problems, "")), [-1])
     return tf.debugging.Assert(
         tf.size(bad) == 0,
@@ -130,6 +193,17 @@ def check_pixel_budgets(image_bytes, max_pixels):
          (f"(the export's pixel budget max_image_pixels={max_pixels} counts width x "
           "height, times the frames of a GIF; nothing was scored)")],
         summarize=64, name="check_pixel_budget")
+
+
+def top_k_by_logits(logits, probabilities, k):
+    """The k best classes of each row, ranked by logit: (scores, ids).
+
+    Ranking `probabilities` would tie every class whose float32 sigmoid
+    rounds to 1.0 (logits above ~16.6) and order those by class id; the
+    logits keep their order. `scores` are the probabilities of those ids.
+    """
+    _, ids = tf.math.top_k(logits, k=k)
+    return tf.gather(probabilities, ids, batch_dims=1), ids
 
 
 def check_pixels(images):
@@ -230,6 +304,7 @@ class ServingInfo:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     antialias: bool = False
     precision: str = "float32"
+    jit_compile: bool = False
 
 
 class ServingModule(tf.Module):
@@ -244,7 +319,8 @@ class ServingModule(tf.Module):
     Args:
         inference_model: `MLCRLModel.inference_model` (RGB images -> logits;
             it normalises its input itself).
-        info: a `ServingInfo`.
+        info: a `ServingInfo` (`info.jit_compile`: the model's forward pass
+            runs in a `tf.function(jit_compile=True)`).
         labels_path: a local file with the class names, one per line,
             copied into the SavedModel's assets/.
     """
@@ -253,6 +329,10 @@ class ServingModule(tf.Module):
         super().__init__(name="mlcrl_serving")
         self._keras = _Untracked(inference_model)
         self._info = info
+        # Only the model's forward pass on float images: XLA cannot compile
+        # the string decoding (nor the tf.data step) of serving_default.
+        self._forward = (tf.function(self._model_forward, jit_compile=True)
+                         if info.jit_compile else self._model_forward)
         self.labels_file = tf.saved_model.Asset(labels_path)
         size = info.image_size
         self.serve_image_bytes = tf.function(
@@ -274,10 +354,13 @@ class ServingModule(tf.Module):
             METADATA: self.metadata.get_concrete_function(),
         }
 
+    def _model_forward(self, images):
+        return tf.cast(self._keras.model(images, training=False), tf.float32)
+
     def _outputs(self, images):
-        logits = tf.cast(self._keras.model(images, training=False), tf.float32)
+        logits = self._forward(images)
         probabilities = tf.sigmoid(logits)
-        scores, ids = tf.math.top_k(probabilities, k=self._info.top_k)
+        scores, ids = top_k_by_logits(logits, probabilities, self._info.top_k)
         return {
             "logits": logits,
             "probabilities": probabilities,
@@ -315,6 +398,7 @@ class ServingModule(tf.Module):
             "max_image_pixels": tf.constant(info.max_image_pixels, tf.int64),
             "antialias": tf.constant(info.antialias),
             "precision": tf.constant(info.precision),
+            "jit_compile": tf.constant(info.jit_compile),
         }
 
 

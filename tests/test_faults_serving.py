@@ -21,6 +21,7 @@ from conftest import run_module
 from mlcrl_tf import cams, checkpoints, export_lib, io_checks, predict_lib, serving
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
+from pipelines import image_header
 from pipelines import tfrecord_lib
 from test_image_header import gif_of_frames, png_bomb
 
@@ -129,6 +130,44 @@ def test_gif_frames_count_against_the_budget(export):
                        match="GIF of 60 frame.s. of 200x100: 1200000 pixels"):
         export["serve"](image_bytes=tf.constant([many]))
     assert export["serve"](image_bytes=tf.constant([few]))["logits"].shape == (1, 4)
+
+
+def _noise_jpeg(width, height, **kwargs):
+    """A large JPEG (random pixels at quality 95: ~1.2 bytes per pixel)."""
+    rng = np.random.default_rng(width)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
+        buffer, format="JPEG", quality=95, **kwargs)
+    return buffer.getvalue()
+
+
+def test_pixel_budget_of_large_jpegs_reads_a_bounded_prefix(monkeypatch):
+    """The header walk of a large JPEG sees its first HEADER_PREFIX_BYTES only
+    (it used to copy the whole file into an int64 tensor), with the answers
+    of the whole-file rule; a header past the prefix still gets the whole file."""
+    large = _noise_jpeg(1200, 900)  # ~1.3 MB, header in its first bytes.
+    late_header = _noise_jpeg(1100, 1000, icc_profile=b"\0" * 3 * serving.HEADER_PREFIX_BYTES)
+    small, png, gif = _jpeg(0), png_bomb(2000, 1000), gif_of_frames(200, 100, 60)
+    assert len(large) > 10 * serving.HEADER_PREFIX_BYTES
+    batch = [large, small, large[:serving.HEADER_PREFIX_BYTES + 10], late_header, png, gif,
+             b"", b"junk", large[:40]]
+    lengths = []
+    real = image_header.budget_problem
+
+    def spy(data, max_pixels):  # Eager: records what each element's walk is given.
+        lengths.append(int(tf.strings.length(data)))
+        return real(data, max_pixels)
+
+    monkeypatch.setattr(image_header, "budget_problem", spy)
+    problems = serving.pixel_budget_problems(tf.constant(batch), MAX_PIXELS).numpy()
+    monkeypatch.undo()
+    expected = [image_header.pixel_budget_problem(data, MAX_PIXELS) or "" for data in batch]
+    assert [p.decode() for p in problems] == expected
+    assert expected[0] == "1200x900 = 1080000 pixels, above the pixel budget of 1000000"
+    assert expected[3] == "1100x1000 = 1100000 pixels, above the pixel budget of 1000000"
+    assert lengths[0] == lengths[2] == serving.HEADER_PREFIX_BYTES
+    assert lengths[3] == len(late_header)  # libjpeg needs more than the prefix.
+    assert lengths[1] == len(small) and lengths[5] == len(gif)
 
 
 def test_client_reports_bombs_and_out_of_memory_as_what_they_are(export, monkeypatch):
