@@ -77,6 +77,8 @@ class Campaign:
     pretrain_epochs: int
     min_positives: int
     command: str
+    page_only: bool = False
+    missing: tuple = ()  # planned runs not finished (page_only)
 
     def run_name(self, setting, variant, seed):
         return f"{setting}_{variant}_seed{seed}"
@@ -140,8 +142,16 @@ def make_data(c, setting):
 
 
 def pretrain(c):
-    """Pretrains the backbone once (cached); returns (weights file, report)."""
+    """Pretrains the backbone once (cached); returns (weights file, report).
+
+    With `c.page_only`, only reads the report of the pretraining done.
+    """
     weights = c.path("pretrain", f"small_cnn_{c.canvas_size}.weights.h5")
+    if c.page_only:
+        if not os.path.exists(weights + ".json"):
+            raise SystemExit(f"error: no pretraining report {weights}.json.")
+        with open(weights + ".json", encoding="utf-8") as f:
+            return weights, json.load(f)
     os.makedirs(os.path.dirname(weights), exist_ok=True)
     run_command([sys.executable, "benchmarks/pretrain_backbone.py", f"--output={weights}",
                  f"--canvas_size={c.canvas_size}", f"--num_train={c.pretrain_canvases}",
@@ -303,9 +313,43 @@ def analyse_run(c, record, facts):
 # The campaign.
 # --------------------------------------------------------------------------
 
+def finished_record(c, setting, variant, seed):
+    """The record of a finished run (its JSON and scores exist), else None."""
+    name = c.run_name(setting, variant, seed)
+    if not (os.path.exists(c.path(f"{name}.json"))
+            and os.path.exists(c.path(f"{name}.scores.npz"))):
+        return None
+    with open(c.path(f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def page_only_campaign(c):
+    """(campaign restricted to the seeds with a finished run, unfinished run names).
+
+    For `--page_only`: the page of a campaign that is still running or was
+    stopped, written from its finished runs only.
+    """
+    planned = [(seed, setting, variant) for seed in c.seeds for setting in c.settings
+               for variant in c.variants]
+    missing = [c.run_name(setting, variant, seed) for seed, setting, variant in planned
+               if finished_record(c, setting, variant, seed) is None]
+    seeds = tuple(seed for seed in c.seeds
+                  if any(finished_record(c, setting, variant, seed) is not None
+                         for setting in c.settings for variant in c.variants))
+    if not seeds:
+        raise SystemExit(f"error: no finished run under {c.work_dir}.")
+    return dataclasses.replace(c, seeds=seeds, missing=tuple(missing)), missing
+
+
 def run_campaign(c):
-    """Pretraining, every run, then the page; returns the analysed runs."""
+    """Pretraining, every run, then the page; returns the analysed runs.
+
+    With `c.page_only`, trains nothing: the page is written from the
+    finished runs, and says which planned runs are missing.
+    """
     start = time.time()
+    if c.page_only:
+        c, _ = page_only_campaign(c)
     weights, pretrain_report = pretrain(c)
     roots = {setting: make_data(c, setting) for setting in c.settings}
     facts = {setting: setting_facts(c, root) for setting, root in roots.items()}
@@ -313,7 +357,13 @@ def run_campaign(c):
     for seed in c.seeds:  # seeds outermost: an interrupted campaign stays balanced
         for setting in c.settings:
             for variant in c.variants:
-                record = train_and_evaluate(c, setting, roots[setting], weights, variant, seed)
+                if c.page_only:
+                    record = finished_record(c, setting, variant, seed)
+                    if record is None:
+                        continue
+                else:
+                    record = train_and_evaluate(c, setting, roots[setting], weights,
+                                                variant, seed)
                 runs.append(analyse_run(c, record, facts[setting]))
                 print(f"{setting:9s} {variant:8s} seed {seed}: mAP "
                       f"{100 * record['metrics']['mAP']:.1f}, hidden-label AP "
@@ -349,6 +399,8 @@ def define_flags():
     flags.DEFINE_integer("pretrain_epochs", 6, "Pretraining epochs.")
     flags.DEFINE_integer("min_positives", 50, "Hidden-label AP: a class counts only with "
                          "at least this many mostly-hidden test positives.")
+    flags.DEFINE_bool("page_only", False, "Train nothing: write the page (and figures) "
+                      "from the finished runs, naming the planned runs that are missing.")
 
 
 def main(argv):
@@ -364,7 +416,7 @@ def main(argv):
                  flagfile=f.flagfile_config, canvas_size=f.canvas_size,
                  num_train=f.num_train, num_test=f.num_test, data_seed=f.data_seed,
                  pretrain_canvases=f.pretrain_canvases, pretrain_epochs=f.pretrain_epochs,
-                 min_positives=f.min_positives,
+                 min_positives=f.min_positives, page_only=f.page_only,
                  command=" ".join(["python benchmarks/ablation.py"] + sys.argv[1:]))
     run_campaign(c)
     print(f"Wrote {c.output}")

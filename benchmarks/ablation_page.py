@@ -97,7 +97,16 @@ def header_lines(c, runs, seconds, commit, pretrain_seconds):
         "",
         f"Code: runs trained at commit(s) {commits}; page written at commit {commit}.",
         "",
-    ]
+    ] + missing_lines(c)
+
+
+def missing_lines(c):
+    """The planned runs this page lacks (a page written with --page_only)."""
+    if not c.missing:
+        return []
+    return [f"**Incomplete campaign: {len(c.missing)} planned run(s) have not finished** "
+            f"and are not on this page: {', '.join(c.missing)}. Rerunning the command "
+            "without `--page_only` trains them (finished runs are reused).", ""]
 
 
 def rule_lines(c, compared):
@@ -368,9 +377,12 @@ def headline_lines(c, runs):
         parts.append(text[0] + " " + "; ".join(text[1:]))
     if not parts:
         return []
+    counts = sorted({len({r["seed"] for r in runs if r["variant"] == v})
+                     for v in {r["variant"] for r in runs}})
+    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     return ["## Headline (for the README)", "",
             f"Small CNN pretrained on single Fashion-MNIST items, fine-tuned to "
-            f"convergence on the outfits set, {len(c.seeds)} seed(s) per variant, mean ± "
+            f"convergence on the outfits set, {seeds} seed(s) per variant, mean ± "
             "std over seeds: " + "; ".join(parts) + ".", ""]
 
 

@@ -21,7 +21,6 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 
 from mlcrl_tf import evaluate_lib  # noqa: E402  pylint: disable=wrong-import-position
 from mlcrl_tf import export_lib  # noqa: E402  pylint: disable=wrong-import-position

@@ -168,3 +168,42 @@ def test_campaign_is_frozen(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.seeds = (0,)
     assert c.run_name("standard", "crl", 3) == "standard_crl_seed3"
+
+
+def test_page_only_writes_the_finished_runs_and_names_the_missing(tmp_path, monkeypatch):
+    """--page_only trains nothing: a campaign stopped after seeds 0-1 and part
+    of seed 2 gets a page of its finished runs that names the missing ones."""
+    rng = np.random.default_rng(3)
+    c = _campaign(tmp_path, page_only=True)
+    coco, train, test = _data(rng)
+    finished = [(seed, v) for seed in (0, 1) for v in VARIANTS] + [(2, "baseline")]
+    for seed, variant in finished:
+        record = _fake_run(c, rng, variant, seed, test, 2.0 if variant == "crl" else 0.0)
+        with open(c.path(c.run_name("occluded", variant, seed) + ".json"), "w",
+                  encoding="utf-8") as f:
+            json.dump(record, f)
+    weights = c.path("pretrain", "small_cnn_64.weights.h5")
+    os.makedirs(os.path.dirname(weights))
+    with open(weights + ".json", "w", encoding="utf-8") as f:
+        json.dump({"settings": {"num_train": 100, "canvas_size": 64, "epochs": 1,
+                                "learning_rate": 0.05, "batch_size": 64, "num_test": 50},
+                   "seconds": 60, "test_accuracy": 0.8,
+                   "train_accuracy_per_epoch": [0.7]}, f)
+
+    def never(*args, **kwargs):
+        raise AssertionError(f"--page_only ran {args}")
+
+    monkeypatch.setattr(ablation, "run_command", never)
+    monkeypatch.setattr(ablation, "train_and_evaluate", never)
+    monkeypatch.setattr(ablation, "make_data", lambda c, setting: c.path("data"))
+    monkeypatch.setattr(ablation, "setting_facts", lambda c, root: ablation.facts_from(
+        train, test, coco, c.min_positives))
+    monkeypatch.setattr(ablation_page, "write_cam_figure", lambda *args: None)
+    runs = ablation.run_campaign(c)
+    assert [(r["seed"], r["variant"]) for r in runs] == finished
+    text = open(c.output, encoding="utf-8").read()
+    missing = [c.run_name("occluded", v, s) for s in (2, 3, 4) for v in VARIANTS
+               if (s, v) != (2, "baseline")]
+    assert f"**Incomplete campaign: {len(missing)} planned run(s)" in text
+    assert all(name in text for name in missing)
+    assert "2–3 seed(s) per variant" in text and "Seeds 0, 1, 2;" in text
