@@ -95,12 +95,40 @@ def compute_cams(model, images, class_ids):
     Raises:
         ValueError: images of the wrong shape or a class id out of range.
     """
+    images = _checked_images(model, images)
+    _class_id_array(class_ids, len(images), model.num_classes)  # before the run
+    return maps_from_outputs(model, run_feature_model(model, images), class_ids)
+
+
+def run_feature_model(model, images):
+    """One run of the network: `model.feature_model()`'s outputs.
+
+    Args:
+        model: an `MLCRLModel`.
+        images: float (N, S, S, 3), RGB in [0, 255] at the model size.
+
+    Returns:
+        dict of tensors: `features` (N, h, w, D), `logits` (N, C) and, for
+        variants with f_conv, `class_maps` (N, h, w, C).
+
+    Raises:
+        ValueError: images of the wrong shape.
+    """
+    return _feature_model(model)(_checked_images(model, images), training=False)
+
+
+def _checked_images(model, images):
+    """float32 (N, S, S, 3) at the model size, else ValueError."""
     images = np.asarray(images, np.float32)
     size = model.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"images must have shape (N, {size}, {size}, 3), "
                          f"got {images.shape}.")
-    n = images.shape[0]
+    return images
+
+
+def _class_id_array(class_ids, n, num_classes):
+    """`compute_cams`'s class_ids as an int (n, K) array (ValueError if bad)."""
     ids = np.asarray(class_ids)
     if ids.ndim == 0:
         ids = np.full((n, 1), int(ids))
@@ -109,10 +137,24 @@ def compute_cams(model, images, class_ids):
     if ids is None or ids.shape[0] != n or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"class_ids must be an int, {n} ints or an ({n}, K) int array, "
                          f"got {class_ids!r}.")
-    if ids.size and (ids.min() < 0 or ids.max() >= model.num_classes):
-        raise ValueError(f"class_ids must be in [0, {model.num_classes}), got {class_ids!r}.")
-    outputs = _feature_model(model)(images, training=False)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(f"class_ids must be in [0, {num_classes}), got {class_ids!r}.")
+    return ids
+
+
+def maps_from_outputs(model, outputs, class_ids):
+    """`compute_cams` from `run_feature_model`'s outputs (no second run).
+
+    Args:
+        model: the `MLCRLModel` that gave `outputs`.
+        outputs: `run_feature_model(model, images)`.
+        class_ids: as `compute_cams`.
+
+    Returns:
+        As `compute_cams`.
+    """
     features = np.asarray(tf.cast(outputs["features"], tf.float32))  # (N, h, w, D)
+    ids = _class_id_array(class_ids, features.shape[0], model.num_classes)
     kernel = direct_head_kernel(model)  # (D, C)
     # CAM for the chosen classes only: (N, h, w, D) x (N, D, K) -> (N, K, h, w).
     direct = np.einsum("nhwd,ndk->nkhw", features, kernel[:, ids].transpose(1, 0, 2))
@@ -272,8 +314,13 @@ def _unique_paths(paths):
 
 
 def load_image(path, image_size, max_pixels=image_header.DEFAULT_MAX_PIXELS,
-               max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES):
+               max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES, antialias=False):
     """Reads, checks and decodes one image file to the model's input.
+
+    Decoded and resized as the run's evaluation pipeline does
+    (`input_pipeline.decode_image` + `preprocess_eval`); `antialias` must be
+    the run's (`Config.antialias`) for the maps to show what the model saw
+    in training and evaluation.
 
     Returns:
         (float32 (S, S, 3) tensor, RGB in [0, 255]; None) or (None, reason).
@@ -287,7 +334,7 @@ def load_image(path, image_size, max_pixels=image_header.DEFAULT_MAX_PIXELS,
         return None, f"{problem} (--max_image_pixels)"
     try:
         image = input_pipeline.decode_image(data)
-        return input_pipeline.preprocess_eval(image, image_size), None
+        return input_pipeline.preprocess_eval(image, image_size, antialias), None
     except tf.errors.ResourceExhaustedError:
         return None, "out of memory while decoding it"
     except tf.errors.InvalidArgumentError:
@@ -296,34 +343,37 @@ def load_image(path, image_size, max_pixels=image_header.DEFAULT_MAX_PIXELS,
                       else "not an image (unknown format)")
 
 
-def _class_ids(model, class_names, classes, top_k):
-    """A function image -> the class ids to map (validated once)."""
+def _class_ids(class_names, classes, top_k):
+    """A function logits (1, C) -> the class ids to map (validated once)."""
     if classes:
         unknown = [c for c in classes if c not in class_names]
         if unknown:
             raise ValueError(f"classes: unknown class name(s) {unknown}; the model knows "
                              f"{class_names}.")
         fixed = np.asarray([[class_names.index(c) for c in classes]])
-        return lambda resized: fixed
+        return lambda logits: fixed
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not (
             1 <= top_k <= len(class_names)):
         raise ValueError(f"top_k must be in [1, {len(class_names)}], got {top_k}.")
 
-    def top(resized):
-        logits = model.inference_model(resized[None], training=False)
-        return np.argsort(-np.asarray(logits)[0], kind="stable")[None, :top_k]
+    def top(logits):
+        logits = np.asarray(tf.cast(logits, tf.float32))
+        return np.argsort(-logits[0], kind="stable")[None, :top_k]
     return top
 
 
 def visualize_files(model, class_names, paths, output_dir, classes=None,
                     top_k=3, tile_size=224, max_pixels=image_header.DEFAULT_MAX_PIXELS,
-                    max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES):
+                    max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES, antialias=False):
     """Writes one CAM panel per (image, class); bad images are skipped.
+
+    The network runs once per image: the `top_k` classes are chosen from
+    the logits of the run that gives the maps.
 
     Args:
         model: an `MLCRLModel`.
         class_names: the C class names.
-        paths: image files (decoded with `input_pipeline.decode_image`).
+        paths: image files (read with `load_image`).
         output_dir: where the PNGs go (names: module docstring).
         classes: class names to map for every image; default the `top_k`
             most probable classes of each image.
@@ -331,6 +381,7 @@ def visualize_files(model, class_names, paths, output_dir, classes=None,
         tile_size: side of each panel tile.
         max_pixels: pixel budget of one image, read from its header.
         max_bytes: larger files are skipped unread.
+        antialias: the run's resize (`Config.antialias`), see `load_image`.
 
     Returns:
         (written PNG paths, problems: a list of (path, reason) of the
@@ -341,17 +392,19 @@ def visualize_files(model, class_names, paths, output_dir, classes=None,
             cannot be written.
     """
     class_names = list(class_names)
-    choose = _class_ids(model, class_names, classes, top_k)
+    choose = _class_ids(class_names, classes, top_k)
     paths = _unique_paths(paths)
     image_parts, class_parts = output_names(paths, class_names)
     written, problems = [], []
     for path, image_part in zip(paths, image_parts):
-        resized, problem = load_image(path, model.image_size, max_pixels, max_bytes)
+        resized, problem = load_image(path, model.image_size, max_pixels, max_bytes,
+                                      antialias)
         if problem:
             problems.append((path, problem))
             continue
         shown = _to_uint8(resized.numpy())
-        maps = compute_cams(model, resized.numpy()[None], choose(resized))
+        outputs = run_feature_model(model, resized.numpy()[None])
+        maps = maps_from_outputs(model, outputs, choose(outputs["logits"]))
         for k, c in enumerate(maps["class_ids"][0]):
             cams = {"direct": maps["direct"][0, k],
                     "f_conv": None if maps["f_conv"] is None else maps["f_conv"][0, k]}
@@ -369,7 +422,8 @@ def run(model_dir, paths, output_dir, restore_options, stdout=None, stderr=None,
     """The `mlcrl_tf.visualize` command: returns the exit code.
 
     Checks `output_dir` before restoring the model (`io_checks`), writes the
-    panels, prints their paths on stdout and each skipped image as one
+    panels (images resized with the run's `antialias`, as in its evaluation),
+    prints their paths on stdout and each skipped image as one
     `warning: <path>: <reason>` line on stderr.
 
     Args:
@@ -389,9 +443,9 @@ def run(model_dir, paths, output_dir, restore_options, stdout=None, stderr=None,
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     io_checks.ensure_output_dir(output_dir, "output_dir")
-    model, _, class_names, _ = checkpoints.restore_model(model_dir, **restore_options)
+    model, config, class_names, _ = checkpoints.restore_model(model_dir, **restore_options)
     written, problems = visualize_files(model, class_names, paths, output_dir,
-                                        **visualize_options)
+                                        antialias=config.antialias, **visualize_options)
     for path in written:
         stdout.write(path + "\n")
     for path, reason in problems:

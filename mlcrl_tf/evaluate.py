@@ -3,13 +3,14 @@
     python -m mlcrl_tf.evaluate --model_dir=runs/demo \
         --eval_files='data/demo/tfrecords/test-*.tfrecord' [--best | --checkpoint=PREFIX] \
         [--saved_model=saved_models/demo/1] [--per_class] [--output_json=eval.json] \
-        [--output_scores=scores.npz]
+        [--output_scores=scores.npz] [--threshold=0.5] [--data_dir=TFDS_DATA_DIR]
 
 Prints the Table 1 row (mAP, CF1, CP, CR, OF1, OP, OR and their top-3
 versions) and, with --per_class, the Table 2 row of per-class AP (SPEC §6
 conventions; scores ranked as logits). With --saved_model the export's
 `serving_default` signature is evaluated on the records' original image
-bytes. Progress (images, rate, ETA) goes to stderr, the tables to stdout.
+bytes, at the export's threshold unless --threshold is given. Progress
+(images, rate, ETA) goes to stderr, the tables to stdout.
 The work is `mlcrl_tf.evaluate_lib`.
 """
 
@@ -42,7 +43,10 @@ def define_flags():
                         "--model_dir; default labels.txt beside the shards.")
     flags.DEFINE_integer("batch_size", 32, "Evaluation batch size.")
     flags.DEFINE_integer("max_steps", 0, "Evaluate at most this many batches (0 = all).")
-    flags.DEFINE_float("threshold", None, "Probability threshold; default the run's (0.5).")
+    flags.DEFINE_float("threshold", None, "Probability threshold in (0, 1); default the "
+                       "export's own with --saved_model, else the run's.")
+    flags.DEFINE_string("data_dir", None, "TensorFlow Datasets' data directory for a "
+                        "tfds:NAME:SPLIT --eval_files; default the run's.")
     flags.DEFINE_bool("per_class", False, "Also print per-class AP (Table 2 layout).")
     flags.DEFINE_string("output_json", None, "Write metrics and per-class AP here.")
     flags.DEFINE_string("output_scores", None, "Write every image's filename, logits, "
@@ -61,7 +65,7 @@ def main(argv):
             result, class_names, name = evaluate_lib.evaluate_target(
                 f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
                 f.labels_file, f.batch_size, f.max_steps, f.threshold,
-                keep_scores=bool(f.output_scores), progress=bar)
+                keep_scores=bool(f.output_scores), progress=bar, data_dir=f.data_dir)
         except ValueError as e:
             sys.exit(f"error: {e}")
         except io_checks.IO_ERRORS as e:

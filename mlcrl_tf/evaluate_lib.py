@@ -11,13 +11,17 @@ conventions of SPEC §6; VOC "difficult" labels are ignored.
 
 Scores are ranked and thresholded as LOGITS (`metrics.*(from_logits=True)`):
 float32 probabilities saturate at 1.0 for logits >= 16.6 and would flatten
-the ranking. `write_scores` saves every image's filename, logits, labels and
-difficult mask to a NumPy .npz file for further analysis.
+the ranking. `write_json` writes the metrics (a NaN, e.g. the AP of a class
+without positives, as null: strict JSON); `write_scores` saves every image's
+filename, logits, labels and difficult mask to a NumPy .npz file for further
+analysis.
 """
 
 import dataclasses
 import io
 import json
+import math
+import weakref
 
 from absl import logging
 import numpy as np
@@ -89,6 +93,26 @@ def _take_samples(samples, batch, logits, count):
     return {k: np.concatenate([samples[k], new[k]]) for k in samples}
 
 
+# One traced function per model (and strategy): evaluating after every epoch
+# must not trace the network again each time. Weakly keyed, and the functions
+# hold the model weakly, so that a model's entry goes with it.
+_PREDICT_FUNCTIONS = weakref.WeakKeyDictionary()
+_GATHER_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def _predict_function(model):
+    """images -> float32 logits of `model.inference_model`, one tf.function per model."""
+    predict = _PREDICT_FUNCTIONS.get(model)
+    if predict is None:
+        ref = weakref.ref(model)
+        predict = tf.function(
+            lambda images: tf.cast(ref().inference_model(images, training=False),
+                                   tf.float32),
+            reduce_retracing=True)
+        _PREDICT_FUNCTIONS[model] = predict
+    return predict
+
+
 def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
                    num_samples=0, skip_counter=None, keep_scores=False, progress=None):
     """Runs the inference branch over `dataset` and computes every metric.
@@ -108,9 +132,7 @@ def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
     Returns:
         An `EvalResult`.
     """
-    predict = tf.function(
-        lambda images: tf.cast(model.inference_model(images, training=False), tf.float32),
-        reduce_retracing=True)
+    predict = _predict_function(model)
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     keeper = _ScoreKeeper() if keep_scores else None
     samples = None
@@ -155,21 +177,7 @@ def evaluate_distributed(model, strategy, dataset_fn, steps, num_classes, thresh
         An `EvalResult`.
     """
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
-
-    def replica(batch):
-        # A padding batch has a static batch size of 0 on some replicas; keep
-        # the traced shapes general (Keras folds some ops on static shapes).
-        images = tf.compat.v1.placeholder_with_default(
-            batch["images"], [None, *batch["images"].shape[1:]])
-        return {"logits": tf.cast(model.inference_model(images, training=False),
-                                  tf.float32),
-                "labels": batch["labels"], "difficult": tf.cast(batch["difficult"], tf.float32)}
-
-    @tf.function
-    def gathered(batch):
-        out = strategy.run(replica, args=(batch,))
-        return {key: strategy.gather(value, axis=0) for key, value in out.items()}
-
+    gathered = _gather_function(model, strategy)
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     samples = None
     iterator = iter(dataset)
@@ -185,6 +193,32 @@ def evaluate_distributed(model, strategy, dataset_fn, steps, num_classes, thresh
     return _result(accumulator, threshold, samples, None)
 
 
+def _gather_function(model, strategy):
+    """batch -> every replica's logits, labels and difficult masks, gathered;
+    one tf.function per (model, strategy)."""
+    cached = _GATHER_FUNCTIONS.get(model)
+    if cached is not None and cached[0] is strategy:
+        return cached[1]
+    ref = weakref.ref(model)
+
+    def replica(batch):
+        # A padding batch has a static batch size of 0 on some replicas; keep
+        # the traced shapes general (Keras folds some ops on static shapes).
+        images = tf.compat.v1.placeholder_with_default(
+            batch["images"], [None, *batch["images"].shape[1:]])
+        return {"logits": tf.cast(ref().inference_model(images, training=False),
+                                  tf.float32),
+                "labels": batch["labels"], "difficult": tf.cast(batch["difficult"], tf.float32)}
+
+    @tf.function
+    def gathered(batch):
+        out = strategy.run(replica, args=(batch,))
+        return {key: strategy.gather(value, axis=0) for key, value in out.items()}
+
+    _GATHER_FUNCTIONS[model] = (strategy, gathered)
+    return gathered
+
+
 def _local_samples(samples, model, batch, strategy, count):
     """A few images of this worker's first replica, with their logits."""
     if samples is not None and len(samples["logits"]) >= count:
@@ -197,24 +231,38 @@ def _local_samples(samples, model, batch, strategy, count):
     return _take_samples(samples, local, logits, count)
 
 
-def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0.5,
-                         batch_size=32, max_steps=0, keep_scores=False, progress=None):
+def evaluate_saved_model(saved_model, file_pattern, num_classes, threshold=None,
+                         batch_size=32, max_steps=0, keep_scores=False, progress=None,
+                         data_dir=None):
     """Evaluates an export's `serving_default` on the records' image bytes.
 
     Ranks its `logits` output (not the saturating float32 `probabilities`).
-    `progress` (optional) is told the records of each batch, skipped ones
-    included (see `evaluate_model`).
+    Undecodable images are skipped and counted; a record that is not a
+    tf.Example stops the evaluation with one error naming its shard (no
+    result for an incomplete set). `progress` (optional) is told the records
+    of each batch, skipped ones included (see `evaluate_model`).
+
+    Args:
+        saved_model: an export directory, or its loaded `serving.ExportClient`.
+        file_pattern: glob of shards, or `tfds:NAME:SPLIT`.
+        num_classes: C.
+        threshold: probability threshold; default the export's own.
+        batch_size, max_steps, keep_scores, progress: as `evaluate_model`.
+        data_dir: TensorFlow Datasets' data directory for a `tfds:` source.
 
     Returns:
         An `EvalResult` (without samples).
     """
-    client = serving.ExportClient(saved_model_dir)
-    dataset = input_pipeline.make_record_dataset(file_pattern, batch_size, num_classes)
+    client = (saved_model if isinstance(saved_model, serving.ExportClient)
+              else serving.ExportClient(saved_model))
+    threshold = client.threshold if threshold is None else threshold
+    dataset = input_pipeline.make_record_dataset(file_pattern, batch_size, num_classes,
+                                                 data_dir=data_dir)
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     keeper = _ScoreKeeper() if keep_scores else None
     skipped = 0
     with record_stream.readable_errors("evaluation data"):
-        for batch in _batches(dataset, max_steps):
+        for batch in _record_batches(dataset, max_steps, file_pattern, num_classes):
             # Undecodable images are skipped and counted, the rest scored.
             keep, logits, problems = client.score(batch["image_bytes"].numpy())
             skipped += len(problems)
@@ -233,6 +281,54 @@ def evaluate_saved_model(saved_model_dir, file_pattern, num_classes, threshold=0
     if skipped:
         logging.warning("%d undecodable records skipped.", skipped)
     return result
+
+
+def _record_batches(dataset, max_steps, file_pattern, num_classes):
+    """`_batches` of a `make_record_dataset`; a record that cannot be parsed
+    (not a tf.Example) is a ValueError naming its shard and index. The input
+    checks' own errors pass unchanged (see `record_stream.readable_errors`)."""
+    batches = _batches(dataset, max_steps)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
+            # (TensorFlow fails to decode its own message when it quotes a
+            # record's raw bytes.)
+            if record_stream.input_error_message(e) is not None:
+                raise
+            raise ValueError(_unparsable_message(file_pattern, num_classes)) from None
+        yield batch
+
+
+def _unparsable_message(file_pattern, num_classes):
+    where = None if tfds_source.is_tfds(file_pattern) else _first_unparsable(
+        tfrecord_lib.find_shards(file_pattern), num_classes)
+    place = (f"record {where[1]} of {where[0]}" if where
+             else f"a record of {file_pattern!r}")
+    return (f"evaluation data: {place} is not a readable tf.Example of the mlcrl_tf "
+            "schema (corrupt record): reconvert the shard or restore the file; "
+            "nothing was evaluated.")
+
+
+def _first_unparsable(files, num_classes):
+    """(shard, index) of the first record that does not parse, or None."""
+
+    def parsed_index(index, record):
+        parsed = input_pipeline.decode_example(record, num_classes)
+        with tf.control_dependencies(tf.nest.flatten(parsed)):
+            return tf.identity(index)
+
+    for path in files:
+        records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=False)
+        parsed = records.enumerate().map(parsed_index).ignore_errors(log_warning=False)
+        indices = list(parsed.as_numpy_iterator())
+        total = int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+        bad = next((i for i, index in enumerate(indices) if index != i), len(indices))
+        if bad < total:
+            return path, bad
+    return None
 
 
 def _batches(dataset, max_steps):
@@ -282,64 +378,81 @@ def class_names_for(eval_files, labels_file=None):
 
 def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoint=None,
                     best=False, use_ema=True, labels_file=None, batch_size=32,
-                    max_steps=0, threshold=None, keep_scores=False, progress=None):
+                    max_steps=0, threshold=None, keep_scores=False, progress=None,
+                    data_dir=None):
     """Evaluates a training run (a checkpoint of it) or an export.
 
     Args:
         model_dir: a training run's directory (its run.json gives the model,
-            the default eval files and threshold).
+            the default eval files, threshold and data_dir).
         saved_model: an export version directory, evaluated instead of a
             checkpoint (model_dir then optional).
-        eval_files: glob of evaluation shards; default the run's.
+        eval_files: glob of evaluation shards (or `tfds:NAME:SPLIT`); default
+            the run's.
         checkpoint, best, use_ema: which weights of the run (see
             `checkpoints.restore_model`).
         labels_file: class names for an export without model_dir.
         batch_size, max_steps: evaluation batches.
-        threshold: default the run's (0.5 for an export alone).
+        threshold: probability threshold in (0, 1); default the export's
+            own for an export, else the run's.
         keep_scores: keep every image's logits (`EvalResult.scores`).
         progress: optional `pipelines.progress.Progress`: started with the
             number of records to evaluate, then told each batch's images.
+        data_dir: TensorFlow Datasets' data directory for a `tfds:` source;
+            default the run's.
 
     Returns:
         (EvalResult, class_names, a name for the report).
 
     Raises:
-        ValueError: nothing to evaluate, no eval files, or bad data.
+        ValueError: nothing to evaluate, no eval files, a threshold outside
+            (0, 1), or bad data.
     """
     if not model_dir and not saved_model:
         raise ValueError("give --model_dir (a training run) or --saved_model (an export).")
+    if threshold is not None and (isinstance(threshold, bool)
+                                  or not 0.0 < threshold < 1.0):
+        raise ValueError(f"--threshold: threshold must be in (0, 1), got {threshold!r}.")
     config = class_names = None
     if model_dir:
         config, class_names = checkpoints.read_run(model_dir)
     eval_files = eval_files or (config.eval_files if config else None)
     if not eval_files:
         raise ValueError("--eval_files is empty and the run has no --eval_files.")
-    threshold = threshold or (config.threshold if config else 0.5)
     data_names = class_names_for(eval_files, labels_file)
+    options = {"batch_size": batch_size, "max_steps": max_steps, "threshold": threshold,
+               "keep_scores": keep_scores, "progress": progress,
+               "data_dir": data_dir or (config.data_dir if config else None)}
     if saved_model:
-        exported = serving.ExportClient(saved_model).class_names
-        data_lib.check_same_classes(data_names, exported, f"--eval_files={eval_files!r}",
-                                    f"the export {saved_model}")
-        data_lib.check_same_classes(class_names, exported, f"--model_dir={model_dir!r}",
-                                    f"the export {saved_model}")
+        client = serving.ExportClient(saved_model)
+        data_lib.check_same_classes(data_names, client.class_names,
+                                    f"--eval_files={eval_files!r}", f"the export {saved_model}")
+        data_lib.check_same_classes(class_names, client.class_names,
+                                    f"--model_dir={model_dir!r}", f"the export {saved_model}")
         _start(progress, eval_files, batch_size, max_steps)
-        result = evaluate_saved_model(saved_model, eval_files, len(exported), threshold,
-                                      batch_size, max_steps, keep_scores=keep_scores,
-                                      progress=progress)
-        return result, exported, saved_model
+        result = evaluate_saved_model(client, eval_files, len(client.class_names),
+                                      **options)
+        return result, client.class_names, saved_model
     data_lib.check_same_classes(data_names, class_names, f"--eval_files={eval_files!r}",
                                 f"{model_dir}/run.json")
-    model, config, class_names, path = checkpoints.restore_model(
-        model_dir, checkpoint, best, use_ema)
+    return _evaluate_checkpoint(model_dir, (checkpoint, best, use_ema), eval_files,
+                                options)
+
+
+def _evaluate_checkpoint(model_dir, weights, eval_files, options):
+    """`evaluate_target` on a run's checkpoint; `weights` is (checkpoint,
+    best, use_ema), `options` evaluate_saved_model's keyword arguments."""
+    model, config, class_names, path = checkpoints.restore_model(model_dir, *weights)
     counter = input_pipeline.SkipCounter()
     dataset = input_pipeline.make_dataset(
-        eval_files, batch_size, config.image_size, config.num_classes, training=False,
-        skip_counter=counter, data_dir=config.data_dir, antialias=config.antialias,
-        max_pixels=config.max_image_pixels)
-    _start(progress, eval_files, batch_size, max_steps)
-    result = evaluate_model(model, dataset, config.num_classes, threshold, max_steps,
-                            skip_counter=counter, keep_scores=keep_scores,
-                            progress=progress)
+        eval_files, options["batch_size"], config.image_size, config.num_classes,
+        training=False, skip_counter=counter, data_dir=options["data_dir"],
+        antialias=config.antialias, max_pixels=config.max_image_pixels)
+    _start(options["progress"], eval_files, options["batch_size"], options["max_steps"])
+    threshold = config.threshold if options["threshold"] is None else options["threshold"]
+    result = evaluate_model(model, dataset, config.num_classes, threshold,
+                            options["max_steps"], skip_counter=counter,
+                            keep_scores=options["keep_scores"], progress=options["progress"])
     return result, class_names, f"{config.variant} ({path})"
 
 
@@ -354,13 +467,21 @@ def _start(progress, eval_files, batch_size, max_steps):
     progress.start(total=min(total, max_steps * batch_size) if max_steps else total)
 
 
+def _json_number(value):
+    """A float, or None for NaN and the infinities (which JSON cannot hold)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def write_json(result, class_names, name, path):
-    """Writes the metrics and per-class AP as JSON."""
+    """Writes the metrics and per-class AP as strict JSON (NaN as null)."""
     payload = {"name": name, "num_examples": result.num_examples,
-               "num_skipped": result.num_skipped, "metrics": result.metrics,
-               "per_class_ap": dict(zip(class_names, result.per_class_ap))}
+               "num_skipped": result.num_skipped,
+               "metrics": {k: _json_number(v) for k, v in result.metrics.items()},
+               "per_class_ap": {c: _json_number(v)
+                                for c, v in zip(class_names, result.per_class_ap)}}
     with tf.io.gfile.GFile(path, "w") as f:
-        f.write(json.dumps(payload, indent=2))
+        f.write(json.dumps(payload, indent=2, allow_nan=False))
 
 
 def write_scores(result, class_names, path):

@@ -13,6 +13,7 @@ import sys
 from absl import app
 from absl import flags
 
+from mlcrl_tf import io_checks
 from mlcrl_tf import predict_lib
 from pipelines import console
 from pipelines import progress
@@ -49,6 +50,8 @@ def main(argv):
                                    max_image_bytes=f.max_image_bytes, progress=bar)
         except ValueError as e:
             sys.exit(f"error: {e}")
+        except io_checks.IO_ERRORS as e:  # e.g. an unreadable export
+            sys.exit(f"error: {type(e).__name__}: {io_checks.error_text(e)}")
     sys.exit(code)
 
 

@@ -1,10 +1,12 @@
 """Labels image files with an export (the `mlcrl_tf.predict` command line).
 
-`iter_predictions(saved_model, paths)` yields one dict per image; `run`
-writes them as JSON lines. Each line is `{"filename": ..., "labels": [...], "scores": [...]}` (labels
-sorted by decreasing score; with --all_probabilities also `probabilities`,
-a name -> probability map), or `{"filename": ..., "error": ...}` for a file
-that could not be read or decoded.
+`iter_predictions(saved_model, paths)` gives one dict per image; `run`
+writes them as JSON lines. Each line is
+`{"filename": ..., "labels": [...], "scores": [...]}` (labels sorted by
+decreasing score; with --all_probabilities also `probabilities`, a name ->
+probability map; strict JSON, a NaN probability is null), or
+`{"filename": ..., "error": ...}` for a file that could not be read or
+decoded.
 
 Decisions:
 
@@ -33,7 +35,9 @@ Decisions:
 - `--output` is checked before any image is read: it must not have an image
   extension, be one of the inputs (compared by real path) or exist (unless
   `overwrite`); its directory is created if missing and must be writable.
-  A write that fails (a full disk) is one error naming the file.
+  The file itself is created only once the export has loaded and the
+  options are checked, so a bad `--saved_model` leaves none behind. A write
+  that fails (a full disk) is one error naming the file.
 - A bad file never aborts the run: unreadable files are reported before
   batching; since the signature fails a whole batch when one element cannot
   be decoded, a failing batch is retried image by image
@@ -201,16 +205,25 @@ def _record(path, logits, class_names, threshold, top_k, all_probabilities):
         chosen = [i for i in order if logits[i] >= cut]
     record = {"filename": path,
               "labels": [class_names[i] for i in chosen],
-              "scores": [round(float(probabilities[i]), 6) for i in chosen]}
+              "scores": [_score(probabilities[i]) for i in chosen]}
     if all_probabilities:
-        record["probabilities"] = {name: round(float(p), 6)
+        record["probabilities"] = {name: _score(p)
                                    for name, p in zip(class_names, probabilities)}
     return record
 
 
+def _score(probability):
+    """Rounded for the JSON line; NaN (a model that outputs NaN) as None."""
+    return round(float(probability), 6) if math.isfinite(probability) else None
+
+
 def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16,
                      all_probabilities=False, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
-    """Yields one dict per image path, in order (see the module docstring).
+    """One dict per image path, in order (see the module docstring).
+
+    The arguments are checked and the export loaded by this call, before
+    any image is read; the images are then read and scored as the returned
+    iterator is consumed.
 
     Args:
         saved_model_dir: an export version directory (or its base directory).
@@ -223,9 +236,9 @@ def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_s
         all_probabilities: add every class's probability to each record.
         max_image_bytes: larger files get an error line, unread.
 
-    Yields:
-        {"filename", "labels", "scores"[, "probabilities"]} or
-        {"filename", "error"}.
+    Returns:
+        An iterator of {"filename", "labels", "scores"[, "probabilities"]}
+        or {"filename", "error"}.
 
     Raises:
         ValueError: bad arguments or not an mlcrl_tf export.
@@ -238,6 +251,13 @@ def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_s
     if threshold is None and top_k is None:
         threshold = client.threshold
     files = list(paths) if _is_found(paths) else find_images(paths)
+    labelling = (threshold, top_k, all_probabilities)
+    return _predictions(client, files, labelling, batch_size, max_image_bytes)
+
+
+def _predictions(client, files, labelling, batch_size, max_image_bytes):
+    """`iter_predictions`'s records; `labelling` is (threshold, top_k,
+    all_probabilities)."""
     for start in range(0, len(files), batch_size):
         records, readable = _read_chunk(files[start:start + batch_size], max_image_bytes)
         kept, logits, problems = client.score([data for _, _, data in readable])
@@ -246,8 +266,7 @@ def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_s
             records[i] = {"filename": path, "error": _problem_text(problem.reason)}
         for k, row in zip(kept, logits):
             i, path, _ = readable[k]
-            records[i] = _record(path, row, client.class_names, threshold, top_k,
-                                 all_probabilities)
+            records[i] = _record(path, row, client.class_names, *labelling)
         yield from records
 
 
@@ -288,8 +307,10 @@ def run(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16, outpu
         max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, progress=None):
     """Writes JSON lines for `paths`; returns the process exit code.
 
-    `output` is checked (`check_output`) before any image is read; an
-    optional `pipelines.progress.Progress` counts the images.
+    `output` is checked (`check_output`) before any image is read, and
+    created only once the export has loaded and the options are checked (a
+    bad `saved_model_dir` leaves no file behind); an optional
+    `pipelines.progress.Progress` counts the images.
 
     Returns:
         0 when at least one image was labelled, 1 otherwise.
@@ -303,10 +324,11 @@ def run(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16, outpu
     found, duplicates = search_images(paths)
     if output:
         check_output(output, found, overwrite)
-    if progress is not None:
-        progress.start(total=len(found))
+    # The export and the options are checked before `output` is created.
     records = iter_predictions(saved_model_dir, found, threshold, top_k, batch_size,
                                all_probabilities, max_image_bytes)
+    if progress is not None:
+        progress.start(total=len(found))
     try:
         out = open(output, "w", encoding="utf-8") if output else stdout
         try:
@@ -315,8 +337,8 @@ def run(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16, outpu
             if output:
                 out.close()
     except OSError as e:
-        raise ValueError(f"--output={output!r}: cannot write: "
-                         f"{io_checks.error_text(e)}") from None
+        where = f"--output={output!r}" if output else "the standard output"
+        raise ValueError(f"{where}: cannot write: {io_checks.error_text(e)}") from None
     stderr.write(f"Labelled {labelled} image(s), {failed} error(s)"
                  + (f", {len(duplicates)} duplicate path(s) skipped" if duplicates else "")
                  + (f"; wrote {output}" if output else "") + ".\n")
@@ -327,7 +349,7 @@ def _write_records(records, out, stderr, progress=None):
     """Writes JSON lines; returns (labelled, failed) counts."""
     labelled = failed = 0
     for record in records:
-        out.write(json.dumps(record) + "\n")
+        out.write(json.dumps(record, allow_nan=False) + "\n")
         out.flush()
         if progress is not None:
             progress.update(1)

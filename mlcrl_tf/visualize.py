@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 
 from mlcrl_tf import cams
+from mlcrl_tf import io_checks
 from pipelines import console
 from pipelines import image_header
 from pipelines import tfrecord_lib
@@ -52,6 +53,8 @@ def main(argv):
                         max_pixels=f.max_image_pixels, max_bytes=f.max_image_bytes)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except io_checks.IO_ERRORS as e:  # e.g. an unreadable run or checkpoint
+        sys.exit(f"error: {type(e).__name__}: {io_checks.error_text(e)}")
     sys.exit(code)
 
 

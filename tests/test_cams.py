@@ -10,10 +10,13 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from conftest import run_module
 from mlcrl_tf import backbones, cams, checkpoints, summaries
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
 from pipelines import fashion_mnist
+from pipelines import input_pipeline
+from pipelines import tfrecord_lib
 
 NUM_CLASSES = 10
 SIZE = 64
@@ -181,3 +184,102 @@ def test_write_eval_images_is_readable_from_the_event_file(models, data, tmp_pat
     np.testing.assert_array_equal(pictures[0], panels[0])
     # No writer, no samples: nothing written, no error.
     assert not summaries.write_eval_images(None, model, CLASS_NAMES)
+
+
+def _run_dir(path, model, antialias):
+    """A training-run directory holding `model`'s weights, with `antialias`."""
+    model_dir = str(path)
+    os.makedirs(model_dir)
+    config = config_lib.Config(model_dir=model_dir, train_files="unused", backbone=BACKBONE,
+                               variant="crl", image_size=SIZE, num_classes=NUM_CLASSES,
+                               antialias=antialias)
+    checkpoints.write_run(model_dir, config, CLASS_NAMES)
+    tf.train.Checkpoint(model=model).save(os.path.join(model_dir, "ckpt"))
+    return model_dir
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_visualize_input_equals_the_runs_eval_pipeline(models, data, tmp_path, monkeypatch,
+                                                       antialias):
+    """The CAM input of an image file is the eval pipeline's tensor for the
+    same bytes, resized with the run's antialias setting."""
+    model_dir = _run_dir(tmp_path / "run", models["crl"], antialias)
+    image_path = str(tmp_path / "big.png")
+    Image.fromarray(data[0][0]).resize((150, 110), Image.NEAREST).save(image_path)
+    with open(image_path, "rb") as f:
+        encoded = f.read()
+    shard = str(tmp_path / "test-00000-of-00001.tfrecord")
+    with tf.io.TFRecordWriter(shard) as writer:
+        writer.write(tfrecord_lib.make_example(encoded, "big.png", [1]).SerializeToString())
+    pipeline = {a: next(iter(input_pipeline.make_dataset(
+        shard, 1, SIZE, NUM_CLASSES, training=False, antialias=a)))["images"].numpy()
+        for a in (False, True)}
+    assert np.abs(pipeline[True] - pipeline[False]).max() > 1.0  # the test can tell
+    seen = []
+    real = cams._feature_model  # pylint: disable=protected-access
+
+    def spy(model):
+        network = real(model)
+        return lambda images, **kwargs: seen.append(np.array(images)) or network(
+            images, **kwargs)
+
+    monkeypatch.setattr(cams, "_feature_model", spy)
+    code = cams.run(model_dir, [image_path], str(tmp_path / "cams"), {},
+                    stdout=io.StringIO(), stderr=io.StringIO(), top_k=1, tile_size=32)
+    assert code == 0 and len(seen) == 1
+    np.testing.assert_allclose(seen[0], pipeline[antialias], atol=1e-3)
+
+
+class _CountingModel:
+    """A model whose network runs (inference or feature model) are counted."""
+
+    def __init__(self, model):
+        self._model, self.runs = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def inference_model(self, *args, **kwargs):
+        self.runs += 1
+        return self._model.inference_model(*args, **kwargs)
+
+    def feature_model(self):
+        features = self._model.feature_model()
+
+        def run(*args, **kwargs):
+            self.runs += 1
+            return features(*args, **kwargs)
+        return run
+
+
+def test_top_k_runs_the_network_once_per_image(models, data, tmp_path):
+    model = _CountingModel(models["tbc"])
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray(data[0][i]).save(paths[-1])
+    written, problems = cams.visualize_files(model, CLASS_NAMES, paths,
+                                             str(tmp_path / "cams"), top_k=2, tile_size=32)
+    assert problems == [] and len(written) == 4
+    assert model.runs == 2
+    # The classes chosen are the inference branch's top 2.
+    logits = models["tbc"].inference_model(data[2][:2]).numpy()
+    for i in range(2):
+        top = np.argsort(-logits[i], kind="stable")[:2]
+        _, class_parts = cams.output_names(paths, CLASS_NAMES)
+        assert sorted(os.path.basename(p) for p in written[2 * i:2 * i + 2]) == sorted(
+            f"im{i}_{class_parts[c]}.png" for c in top)
+
+
+def test_visualize_cli_unreadable_run_is_one_error_line(tmp_path, data):
+    """A run.json that cannot be read (here a directory): `error: ...`, no traceback."""
+    model_dir = tmp_path / "run"
+    (model_dir / "run.json").mkdir(parents=True)
+    image_path = str(tmp_path / "im.png")
+    Image.fromarray(data[0][0]).save(image_path)
+    proc = run_module("mlcrl_tf.visualize", [f"--model_dir={model_dir}",
+                                             f"--output_dir={tmp_path / 'cams'}",
+                                             image_path], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "run.json" in proc.stderr

@@ -216,3 +216,117 @@ def test_format_report_has_table_rows(trained):
     assert lines[6] == "| crl | " + " | ".join(["25.0"] * 9 + ["nan"]) + " | 25.0 |"
     assert len(lines) == 7
     assert "\n\n" not in evaluate.format_report(result, names, "crl")
+
+
+def _strict_json(text):
+    """json.loads refusing the NaN / Infinity tokens (not JSON)."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_writes_nan_as_null(trained, tmp_path):
+    """A class without positives has AP NaN: written as null, valid JSON."""
+    names = trained["class_names"]
+    result = evaluate.EvalResult(metrics={"mAP": 0.5, "CF1": float("nan"),
+                                          "OF1": float("inf")},
+                                 per_class_ap=[0.25] * 9 + [float("nan")], num_examples=3)
+    path = tmp_path / "eval.json"
+    evaluate.write_json(result, names, "crl", str(path))
+    payload = _strict_json(path.read_text())
+    assert payload["per_class_ap"][names[9]] is None
+    assert payload["per_class_ap"][names[0]] == 0.25
+    assert payload["metrics"] == {"mAP": 0.5, "CF1": None, "OF1": None}
+
+
+def test_export_evaluation_defaults_to_the_export_threshold(trained, demo_data, tmp_path,
+                                                            monkeypatch):
+    """Without --threshold an export is evaluated at its own threshold, and
+    the SavedModel is loaded once."""
+    model, class_names = trained["model"], trained["class_names"]
+    path = export.export_model(model, str(tmp_path / "export"), class_names, threshold=0.2)
+    at_02 = evaluate.evaluate_saved_model(path, demo_data["test_files"], 10, threshold=0.2)
+    at_05 = evaluate.evaluate_saved_model(path, demo_data["test_files"], 10, threshold=0.5)
+    assert at_02.metrics["OR"] != at_05.metrics["OR"]  # the test can tell them apart
+    loads = []
+    real_load = tf.saved_model.load
+    monkeypatch.setattr(tf.saved_model, "load",
+                        lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    result, _, _ = evaluate.evaluate_target(saved_model=path,
+                                            eval_files=demo_data["test_files"])
+    assert len(loads) == 1
+    assert result.metrics == at_02.metrics
+    explicit, _, _ = evaluate.evaluate_target(saved_model=path, threshold=0.5,
+                                              eval_files=demo_data["test_files"])
+    assert explicit.metrics == at_05.metrics
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, 1.0, -0.5, float("nan")])
+def test_threshold_outside_the_unit_interval_is_refused(trained, threshold):
+    """An explicit 0 is not "no threshold": it is refused, before any work."""
+    with pytest.raises(ValueError, match="threshold must be in"):
+        evaluate.evaluate_target(model_dir=trained["config"].model_dir,
+                                 saved_model=trained["export"], threshold=threshold)
+
+
+def test_export_evaluation_passes_data_dir(trained, demo_data, monkeypatch):
+    """--data_dir reaches the record reader of an export's evaluation (TFDS)."""
+    seen = []
+    real = input_pipeline.make_record_dataset
+
+    def spy(source, batch_size, num_classes, data_dir=None):
+        seen.append(data_dir)
+        return real(source, batch_size, num_classes, data_dir=data_dir)
+
+    monkeypatch.setattr(input_pipeline, "make_record_dataset", spy)
+    evaluate.evaluate_target(saved_model=trained["export"], eval_files=demo_data["test_files"],
+                             data_dir="/some/tfds_data")
+    assert seen == ["/some/tfds_data"]
+
+
+def _shard_with(records, tmp_path):
+    path = str(tmp_path / "test-00000-of-00001.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return path
+
+
+@pytest.mark.parametrize("garbage", [b"\x0a\xff binary garbage", b"plain text"])
+def test_export_evaluation_of_an_unparsable_record_is_one_clear_error(trained, demo_data,
+                                                                       tmp_path, garbage):
+    """A record that is not a tf.Example: one ValueError naming the shard and
+    the record (not a TensorFlow traceback, not a partial result)."""
+    files = tfrecord_lib.find_shards(demo_data["test_files"])
+    records = list(tf.data.TFRecordDataset(files).as_numpy_iterator())[:6]
+    path = _shard_with(records[:4] + [garbage] + records[4:], tmp_path)
+    with pytest.raises(ValueError, match=r"record 4 of .*test-00000-of-00001.tfrecord"):
+        evaluate.evaluate_saved_model(trained["export"], path, 10, batch_size=4)
+    proc = run_module("mlcrl_tf.evaluate", [f"--saved_model={trained['export']}",
+                                            f"--eval_files={path}"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error: " in proc.stderr and "test-00000-of-00001.tfrecord" in proc.stderr
+    assert "mAP" not in proc.stdout
+
+
+def test_evaluate_model_traces_once_per_model(trained, demo_data):
+    """The per-epoch evaluation reuses one traced function per model."""
+    traces = []
+
+    class Counting:
+        def __init__(self, model):
+            self.model = model
+
+        def inference_model(self, images, training=False):
+            traces.append(images.shape)
+            return self.model.inference_model(images, training=training)
+
+    model = Counting(trained["model"])
+    dataset = input_pipeline.make_dataset(demo_data["test_files"], 5, 48, 10,
+                                          training=False)
+    first = evaluate.evaluate_model(model, dataset, 10)
+    traced = len(traces)
+    assert traced >= 1
+    second = evaluate.evaluate_model(model, dataset, 10)
+    assert len(traces) == traced
+    assert first.metrics == second.metrics

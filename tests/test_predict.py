@@ -166,3 +166,44 @@ def test_cli_on_a_directory_tree(setup, tmp_path):
         assert set(by_name[path]) == {"filename", "labels", "scores"}
     assert "error" in by_name[setup["corrupt"]] and "error" in by_name[setup["truncated"]]
     assert "corrupt.jpg" in proc.stderr and "Labelled 4 image(s), 2 error(s)" in proc.stderr
+
+
+def test_bad_export_leaves_no_output_file(setup, tmp_path):
+    """The export and the options are checked before --output is created."""
+    output = tmp_path / "out" / "preds.jsonl"
+    with pytest.raises(ValueError, match="saved_model"):
+        predict.run(setup["tree"], [setup["good"][0]], output=str(output),
+                    stdout=io.StringIO(), stderr=io.StringIO())
+    assert not output.exists()
+    with pytest.raises(ValueError, match="top_k"):
+        predict.run(setup["saved"], [setup["good"][0]], top_k=NUM_CLASSES + 1,
+                    output=str(output), stdout=io.StringIO(), stderr=io.StringIO())
+    assert not output.exists()
+
+
+def test_nan_probabilities_are_written_as_null():
+    """A model that outputs NaN: strict JSON lines (null), not the NaN token."""
+    record = predict._record("a.jpg", [float("nan"), 2.0], ["x", "y"], 0.5, None, True)
+    out, err = io.StringIO(), io.StringIO()
+    assert predict._write_records([record], out, err) == (1, 0)
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    line = json.loads(out.getvalue(), parse_constant=refuse)
+    assert line["labels"] == ["y"] and line["probabilities"]["x"] is None
+
+
+def test_cli_unreadable_export_is_one_error_line(setup, tmp_path):
+    """A saved_model.pb that does not parse (OSError): `error: ...`, no traceback."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "saved_model.pb").write_bytes(b"not a SavedModel protocol buffer")
+    output = tmp_path / "preds.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlcrl_tf.predict", f"--saved_model={broken}",
+         setup["good"][0], f"--output={output}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "saved_model.pb" in proc.stderr and not output.exists()
