@@ -34,6 +34,8 @@ Decisions (docs/reliability.md, "Training runs and checkpoints"):
 import contextlib
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -83,9 +85,23 @@ def _write_atomically(path, text):
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def _strict_json_value(value):
+    """`value` with every NaN/infinity (Python or NumPy float) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json_value(v) for v in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
 def write_json_atomically(path, payload):
-    """Writes JSON to a hidden temporary file, then renames it over `path`."""
-    _write_atomically(path, json.dumps(payload, indent=2, sort_keys=True, default=float))
+    """Writes strict JSON (NaN and infinities as null) to a hidden temporary
+    file, then renames it over `path`."""
+    _write_atomically(path, json.dumps(_strict_json_value(payload), indent=2,
+                                       sort_keys=True, default=float, allow_nan=False))
 
 
 def write_run(model_dir, config, class_names):

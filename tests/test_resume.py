@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from mlcrl_tf import checkpoints
@@ -84,3 +85,19 @@ def test_a_checkpoint_without_what_run_json_describes_is_one_error(crl_run, tmp_
     model, _, _, path = checkpoints.restore_model(claims_ema.model_dir, checkpoint=latest,
                                                   use_ema=False)
     assert path == latest and model.variant == "crl"
+
+
+def test_run_files_are_strict_json(tmp_path):
+    """best/metrics.json holds per-class AP, NaN for a class without positives:
+    it was written as the invalid token NaN before."""
+    path = str(tmp_path / "metrics.json")
+    checkpoints.write_json_atomically(path, {"mAP": np.float32(0.5), "per_class_ap": [
+        float("nan"), np.float64("inf"), 0.25], "step": 3, "ok": True})
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    with open(path, encoding="utf-8") as f:
+        payload = json.loads(f.read(), parse_constant=refuse)
+    assert payload == {"mAP": 0.5, "per_class_ap": [None, None, 0.25], "step": 3,
+                       "ok": True}
