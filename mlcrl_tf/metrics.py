@@ -64,7 +64,6 @@ import numpy as np
 # of the per-class sorts and of the top-k selection on large datasets).
 _CHUNK_ELEMENTS = 1 << 22
 
-_ALL_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 _TABLE1_KEYS = ("mAP", "CF1", "CP", "CR", "OF1", "OP", "OR")
 _TABLE1_TOPK_KEYS = ("CF1", "CP", "CR", "OF1", "OP", "OR")
 

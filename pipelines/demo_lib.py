@@ -455,8 +455,3 @@ def write_preview(output_dir, path, split="train", num=16, columns=4,
                             font=font, spacing=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sheet.save(path)
-
-
-# --------------------------------------------------------------------------
-# Command line.
-# --------------------------------------------------------------------------

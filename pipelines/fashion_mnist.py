@@ -16,14 +16,23 @@ They are looked for, in this order:
    layer does not import Keras for that.
 
 A place that lacks the files is skipped (a given `data_dir` with a warning);
-if none works, one ValueError names all of them and the apt command.
+if none works, one ValueError names all of them, why the download failed and
+the apt command. Every file is checked against the SHA-256 of its
+decompressed content (`_SHA256`: the IDX data itself, the same whatever
+gzip container a mirror uses); a truncated, corrupt or different file is
+one ValueError naming it. A download goes to a hidden temporary file in the
+cache directory, is checked, then renamed: a failed or bad download leaves
+nothing behind.
 """
 
 import gzip
+import hashlib
+import http.client
 import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 
 from absl import logging
 import numpy as np
@@ -43,20 +52,47 @@ _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-_SIZES = {"train": 60000, "test": 10000}
-_IMAGES_MAGIC = 2051  # IDX: unsigned byte, 3 dimensions.
-_LABELS_MAGIC = 2049  # IDX: unsigned byte, 1 dimension.
+# SHA-256 of each file's DECOMPRESSED content (the IDX data; Debian's files
+# are recompressed, so the .gz bytes differ between mirrors).
+_SHA256 = {
+    "train-images-idx3-ubyte.gz":
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz":
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz":
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz":
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 
 
-def _read_idx(path, magic, ndim):
-    """Reads one gzipped IDX file of unsigned bytes into a NumPy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    header = np.frombuffer(data, ">i4", count=1 + ndim)
-    if header[0] != magic:
-        raise ValueError(f"{path}: not an IDX file of {ndim}-d unsigned bytes "
-                         f"(magic {header[0]}, expected {magic}).")
-    shape = tuple(int(d) for d in header[1:])
+def _verified_content(path, name, shown=None):
+    """The decompressed bytes of Fashion-MNIST file `name`, read from `path`.
+
+    Raises:
+        ValueError: naming the file (`shown`, default `path`): truncated or
+            corrupt gzip data, or not the official content.
+    """
+    shown = shown or path
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{shown}: truncated or corrupt gzip file ({e}); delete it "
+                         "and copy or download it again.") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != _SHA256[name]:
+        raise ValueError(f"{shown}: not the official Fashion-MNIST {name} (SHA-256 of "
+                         f"its content {digest}, expected {_SHA256[name]}); delete it "
+                         "and copy or download it again.")
+    return data
+
+
+def _read_idx(path):
+    """Reads one verified gzipped IDX file of unsigned bytes into a NumPy array."""
+    data = _verified_content(path, os.path.basename(path))
+    ndim = data[3]  # IDX magic: 0, 0, 8 (unsigned byte), number of dimensions.
+    shape = tuple(int(d) for d in np.frombuffer(data, ">i4", count=ndim, offset=4))
     return np.frombuffer(data, np.uint8, offset=4 * (1 + ndim)).reshape(shape)
 
 
@@ -65,37 +101,49 @@ def _read_dir(directory, split):
     image_file, label_file = (os.path.join(directory, f) for f in _FILES[split])
     if not (os.path.isfile(image_file) and os.path.isfile(label_file)):
         return None
-    images = _read_idx(image_file, _IMAGES_MAGIC, 3)
-    labels = _read_idx(label_file, _LABELS_MAGIC, 1).astype(np.int64)
-    if images.shape != (_SIZES[split], 28, 28) or labels.shape != (_SIZES[split],):
-        raise ValueError(f"{directory}: Fashion-MNIST {split} should be "
-                         f"{_SIZES[split]} 28x28 images, found images "
-                         f"{images.shape}, labels {labels.shape}.")
-    return images, labels
+    return _read_idx(image_file), _read_idx(label_file).astype(np.int64)
+
+
+def _fetch(name, directory):
+    """Downloads file `name` into `directory`: checked, then renamed into place.
+
+    The temporary file is removed whatever happens.
+
+    Raises:
+        ValueError: the transfer failed or the file is bad (naming its URL).
+        OSError: the directory is not writable.
+    """
+    url = DOWNLOAD_URL + name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
+                    url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+                shutil.copyfileobj(response, out)
+        except (OSError, http.client.HTTPException) as e:
+            raise ValueError(f"download of {url} failed: {type(e).__name__}: {e}") from None
+        _verified_content(tmp, name, shown=f"download of {url}")
+        os.replace(tmp, os.path.join(directory, name))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _download(split):
-    """Downloads the split's two files into Keras's cache; None on failure.
+    """Downloads the split's two files into Keras's cache and reads them.
 
-    Each file goes to a temporary name first and is renamed when complete,
-    so an interrupted download never leaves a truncated file behind.
+    Raises:
+        ValueError: why the download failed (naming the file).
     """
     directory = os.path.expanduser(KERAS_CACHE_DIR)
     try:
         os.makedirs(directory, exist_ok=True)
         for name in _FILES[split]:
-            target = os.path.join(directory, name)
-            if os.path.isfile(target):
-                continue
-            with urllib.request.urlopen(DOWNLOAD_URL + name,
-                                        timeout=_DOWNLOAD_TIMEOUT_S) as response, \
-                    tempfile.NamedTemporaryFile(dir=directory, delete=False) as tmp:
-                shutil.copyfileobj(response, tmp)
-            os.replace(tmp.name, target)
-        return _read_dir(directory, split)
-    except (OSError, ValueError) as e:
-        logging.warning("Downloading Fashion-MNIST from %s failed: %s", DOWNLOAD_URL, e)
-        return None
+            if not os.path.isfile(os.path.join(directory, name)):
+                _fetch(name, directory)
+    except OSError as e:
+        raise ValueError(f"cannot write into {directory}: {e}") from None
+    return _read_dir(directory, split)
 
 
 def load_fashion_mnist(split, data_dir=None):
@@ -111,8 +159,10 @@ def load_fashion_mnist(split, data_dir=None):
         0..9 (names in `CLASS_NAMES`).
 
     Raises:
-        ValueError: unknown split, malformed files, or the files are in none
-            of the places (the message lists them and the apt command).
+        ValueError: unknown split, a truncated, corrupt or unofficial file
+            (named), or the files are in none of the places and the download
+            failed (the message lists the places, the reason and the apt
+            command).
     """
     if split not in _FILES:
         raise ValueError(f"split={split!r}: choose 'train' or 'test'.")
@@ -128,11 +178,12 @@ def load_fashion_mnist(split, data_dir=None):
         if directory == data_dir:
             logging.warning("--fashion_mnist_dir=%s has no Fashion-MNIST %s "
                             "files; trying the default places.", data_dir, split)
-    found = _download(split)
-    if found is not None:
-        return found
+    try:
+        return _download(split)
+    except ValueError as e:
+        reason = str(e)
     raise ValueError(
         f"Fashion-MNIST {split} files ({', '.join(_FILES[split])}) were not "
         f"found in {' nor '.join(places)}, and could not be downloaded from "
-        f"{DOWNLOAD_URL}. Install them with `{APT_COMMAND}` (Debian/"
+        f"{DOWNLOAD_URL} ({reason}). Install them with `{APT_COMMAND}` (Debian/"
         "Ubuntu) or pass --fashion_mnist_dir=DIR.")

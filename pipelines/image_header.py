@@ -39,6 +39,8 @@ import struct
 
 import tensorflow as tf
 
+# 100 megapixels: a 108 MP phone photo is refused, anything a camera below
+# that makes passes; decoding one costs ~300 MB in PIL plus ~300 MB in TF.
 # The converters' default too (`tfrecord_lib.DEFAULT_MAX_IMAGE_PIXELS`).
 DEFAULT_MAX_PIXELS = 100_000_000
 # JPEG segments or GIF blocks walked before giving up (refusing the image).

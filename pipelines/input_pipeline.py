@@ -20,14 +20,18 @@ Decoding is separate from preprocessing (tf-models' Decoder/Parser split):
   stored under a `.jpg` name all work. EXIF orientation and CMYK JPEGs are
   *not* handled here: the converters normalise them when they write the
   records (`pipelines.coco_to_tfrecord`).
-* `preprocess_eval(image, image_size)`: bilinear resize to (S, S) without
-  keeping the aspect ratio (the paper resizes to 448x448), with antialiasing
-  (like the PIL resize of the PyTorch reference code); float32 RGB in
-  [0, 255].
-* `preprocess_train(image, image_size, augmentation, seed)`: the same by
-  default (the paper uses no augmentation); optional ML-GCN-style
-  multi-scale crop and horizontal flip (`Augmentation`), driven by a
-  stateless seed so that eager and tf.data runs agree.
+* `preprocess_eval(image, image_size, antialias=False)`: bilinear resize to
+  (S, S) without keeping the aspect ratio (the paper resizes to 448x448);
+  float32 RGB in [0, 255]. No antialiasing by default (it costs about 3x
+  the pipeline's throughput, docs/performance.md); `antialias=True`
+  (`--antialias`) gives the PIL-like resize of the PyTorch reference code.
+* `preprocess_train(image, image_size, augmentation, seed, antialias=False)`:
+  the same by default (the paper uses no augmentation); optional
+  ML-GCN-style multi-scale crop and horizontal flip (`Augmentation`), driven
+  by a stateless seed so that eager and tf.data runs agree.
+
+`make_dataset(..., antialias=...)` uses the one setting for training and
+evaluation alike (a run stores it, so its evaluation and export match).
 
 Sources: a glob of TFRecord shards of our schema, or a prepared TensorFlow
 Datasets split spelled `tfds:NAME:SPLIT` (`pipelines.tfds_source`), which
@@ -294,7 +298,8 @@ class SkipCounter:
 
     @property
     def read(self):
-        """Records read from completed files (int)."""
+        """Records read from completed files (int); this input pipeline's
+        share of them when pipelines share files."""
         return int(self._values["read"].numpy())
 
     @property
@@ -530,7 +535,8 @@ def _decode(ds, parse, image_size, training, augmentation, seed, image_options, 
     def step(element):
         features = tf.cond(element["end"], lambda: blank,
                            lambda: decode_and_preprocess(element))
-        bookkeeping = {k: element[k] for k in ("end", "file", "count", "expected", "pass")}
+        bookkeeping = {k: element[k]
+                       for k in ("end", "file", "count", "kept", "expected", "pass")}
         return dict(features, **bookkeeping)
 
     # The expensive step, in parallel; in order only where needed

@@ -8,8 +8,17 @@ after pass; every element is a dict
     file      the file's index in the sorted shard list
     count     records read from that file so far in this pass (at the end
               marker: all of them)
+    kept      of those, the records this input pipeline keeps: all of them,
+              except when pipelines share files (below)
     expected  the converter's record count of the file (-1: unknown)
     pass      0, 1, 2, ...: which pass over the data the element belongs to
+
+Distributed input (`input_context`): with at least as many files as input
+pipelines, each pipeline reads its own files. With fewer, every pipeline reads
+every file in the same order and keeps every n-th record (counted without the
+end markers), but every end marker: each pipeline checks every file's count,
+and its `kept` says how many of the file's records it got, so that skips are
+counted against its own share.
 
 A TFRecord reader that meets a corrupt or truncated record raises
 `DataLossError` and drops the rest of the file; a later `ignore_errors`
@@ -76,7 +85,7 @@ def _marked(records, file_index, expected):
         record, end = item
         n = n + tf.cast(tf.logical_not(end), tf.int64)
         return n, {"record": record, "end": end, "file": file_index, "count": n,
-                   "expected": expected}
+                   "kept": n, "expected": expected}
 
     return stream.scan(tf.constant(0, tf.int64), count)
 
@@ -89,13 +98,13 @@ def _one_pass(files, expected, training, seed, input_context, shuffle_buffer):
     deterministic sequence given `seed`.
     """
     num_pipelines = input_context.num_input_pipelines if input_context else 1
-    shard_files = num_pipelines > 1 and len(files) >= num_pipelines
+    share_files = num_pipelines > len(files) and num_pipelines > 1
     ds = tf.data.Dataset.from_tensor_slices(
         (files, tf.range(len(files), dtype=tf.int32), tf.constant(expected, tf.int64)))
-    if shard_files:
+    if num_pipelines > 1 and not share_files:
         # Each pipeline reads its own files: no record is read twice.
         ds = ds.shard(num_pipelines, input_context.input_pipeline_id)
-    if training and not (num_pipelines > 1 and not shard_files):
+    if training and not share_files:
         # A new file order every pass. (Record sharding below needs the same
         # order in every pipeline, so then the files stay in order.)
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -109,13 +118,35 @@ def _one_pass(files, expected, training, seed, input_context, shuffle_buffer):
     # Several files at once: more I/O in flight, and consecutive files mixed.
     ds = ds.interleave(read, cycle_length=min(len(files), 16), block_length=1,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if num_pipelines > 1 and not shard_files:
-        ds = ds.shard(num_pipelines, input_context.input_pipeline_id)
+    if share_files:
+        ds = _keep_share(ds, num_pipelines, input_context.input_pipeline_id, len(files))
     if training:
         # Shuffle encoded records (cheap) before the expensive decode; each
         # pass is shuffled on its own, so an epoch sees every record once.
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     return ds
+
+
+def _keep_share(ds, num_pipelines, pipeline_id, num_files):
+    """Record sharding of a stream every pipeline reads in the same order.
+
+    Keeps every `num_pipelines`-th record (numbered without the end markers,
+    so the pipelines' shares differ by at most one record) and every end
+    marker, whose `kept` becomes the file's records this pipeline kept.
+    """
+
+    def step(state, element):
+        position, kept = state
+        record = tf.logical_not(element["end"])
+        mine = tf.logical_and(record, position % num_pipelines == pipeline_id)
+        kept += tf.cast(mine, tf.int64) * tf.one_hot(element["file"], num_files,
+                                                     dtype=tf.int64)
+        out = (dict(element, kept=kept[element["file"]]), tf.logical_or(mine, element["end"]))
+        return (position + tf.cast(record, tf.int64), kept), out
+
+    state = (tf.constant(0, tf.int64), tf.zeros([num_files], tf.int64))
+    return ds.scan(state, step).filter(lambda element, keep: keep).map(
+        lambda element, keep: element)
 
 
 def _passes(one_pass, training):
@@ -135,7 +166,8 @@ def record_stream(files, training, seed, input_context=None, shuffle_buffer=0):
         seed: int, makes the file and record order of every pass
             reproducible.
         input_context: optional `tf.distribute.InputContext` (shards files,
-            or records when there are fewer files than input pipelines).
+            or records when there are fewer files than input pipelines: see
+            the module docstring).
         shuffle_buffer: records in the shuffle buffer (training).
 
     Returns:
@@ -174,8 +206,8 @@ def check_stream(ds, files, ordered):
 
     Returns:
         The same elements, each with the running int64 counts `read`
-        (records of completed files), `delivered` (images) and `skipped`
-        (records found undecodable) added.
+        (records of completed files kept by this pipeline), `delivered`
+        (images) and `skipped` (records found undecodable) added.
     """
     names = tf.constant([str(f) for f in files] or ["<tfds>"])
     num_files = max(len(files), 1)
@@ -218,7 +250,7 @@ def _count(s, element, num_files):
     """Counts one element: a delivered image or a file's end marker."""
     image = tf.cast(tf.logical_not(element["end"]), tf.int64)
     slot = tf.one_hot(element["pass"] % 3, 3, dtype=tf.int64)
-    read = tf.cast(element["end"], tf.int64) * element["count"]
+    read = tf.cast(element["end"], tf.int64) * element["kept"]
     s = dict(s)
     s["delivered"] += image
     s["file_delivered"] += image * tf.one_hot(element["file"], num_files, dtype=tf.int64)
@@ -232,10 +264,10 @@ def _file_skips(s, element, names):
     """Ordered stream: at a file's end marker all its images went by, so its
     skips are exact; one warning line per file with skips."""
     index = element["file"]
-    skipped = tf.where(element["end"], element["count"] - s["file_delivered"][index], 0)
+    skipped = tf.where(element["end"], element["kept"] - s["file_delivered"][index], 0)
     s = dict(s, skipped=s["skipped"] + skipped)
     report = tf.cond(skipped > 0, lambda: tf.print(
-        "warning:", skipped, "of", element["count"], "records of", names[index],
+        "warning:", skipped, "of", element["kept"], "records of", names[index],
         "could not be decoded (skipped)", output_stream=sys.stderr), tf.no_op)
     return s, report
 

@@ -12,8 +12,10 @@ separates lines, so a class name may not hold any character
 `str.splitlines` breaks on) and `<split>_report.json` (counts, the number of
 records of every shard, every skipped and re-encoded image with the reason).
 
-Every converter (`pipelines/{coco,voc,csv}_to_tfrecord.py`) resolves its image
-names with `ImagePaths` and hands a list of `ImageRecord`s to `write_split`.
+Every converter library (`pipelines/{coco,voc,csv}_lib.py`, behind the
+`*_to_tfrecord.py` scripts; the demo generator goes through `coco_lib`)
+resolves its image names with `ImagePaths` and hands a list of `ImageRecord`s
+to `write_split`.
 
 Image names (`ImagePaths`): every name is resolved to its real path (`..`
 folded, symlinks followed). It must stay inside the real path of the image
@@ -114,6 +116,8 @@ from PIL import Image
 from PIL import ImageOps
 import tensorflow as tf
 
+from pipelines import image_header
+
 ENCODED_KEY = "image/encoded"
 FILENAME_KEY = "image/filename"
 LABEL_KEY = "image/class/label"
@@ -136,9 +140,8 @@ JPEG_QUALITY = 95
 REPORT_SUFFIX = "_report.json"
 SWITCH_SUFFIX = ".switch.json"
 
-# 100 megapixels: a 108 MP phone photo is refused, anything a camera below
-# that makes passes; decoding one costs ~300 MB in PIL plus ~300 MB in TF.
-DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# The reading side's pixel budget too (100 megapixels).
+DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_PIXELS
 # 256 MiB: far above any JPEG/PNG photo within the pixel budget.
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 # Images per task sent to a worker process (progress granularity).
@@ -454,6 +457,13 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def special_file_kind(mode):
+    """None for a regular file, else what it is ("a FIFO", ...) by `st_mode`."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "a special file")
+
+
 def read_image_file(path, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
     """Reads a regular file of at most `max_bytes` bytes.
 
@@ -472,11 +482,9 @@ def read_image_file(path, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
         raise ImageError(path, f"cannot read file: {e.strerror or e}") from None
     try:
         info = os.fstat(fd)
-        for test, kind in _FILE_KINDS:
-            if test(info.st_mode):
-                raise ImageError(path, f"not a regular file ({kind})")
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError(path, "not a regular file")
+        kind = special_file_kind(info.st_mode)
+        if kind:
+            raise ImageError(path, f"not a regular file ({kind})")
         if info.st_size > max_bytes:
             raise ImageError(path, f"file of {info.st_size} bytes exceeds the "
                              f"size cap --max_image_bytes={max_bytes}")
@@ -841,6 +849,11 @@ class _ShardFile:
         self._call(self._writer.close)
         self._call(_fsync_path, self.path)
 
+    def abandon(self):
+        """Closes the file after a failure (which is the error to report)."""
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            self._writer.close()
+
     def _call(self, function, *args):
         try:
             return function(*args)
@@ -858,13 +871,17 @@ def _write_shard(path, chunk_results, progress=None):
     """
     outcomes = []
     shard = _ShardFile(path)
-    for results in chunk_results:
-        for status, reason, serialized in results:
-            outcomes.append((status, reason))
-            if serialized is not None:
-                shard.write(serialized)
-        if progress is not None:
-            progress.update(len(results))
+    try:
+        for results in chunk_results:
+            for status, reason, serialized in results:
+                outcomes.append((status, reason))
+                if serialized is not None:
+                    shard.write(serialized)
+            if progress is not None:
+                progress.update(len(results))
+    except BaseException:
+        shard.abandon()  # The caller removes the temporary file.
+        raise
     shard.close()
     return outcomes
 

@@ -3,10 +3,12 @@ and of the Fashion-MNIST reader it is built from, on the real Fashion-MNIST file
 
 The round trip goes through the real COCO converter and `make_dataset`."""
 
+import gzip
+import http.client
+import io
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -27,15 +29,14 @@ def _generate(root, name, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def demo_sets():
-    root = tempfile.mkdtemp()
-    yield {
+def demo_sets(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo_sets"))
+    return {
         "seed0": _generate(root, "seed0", seed=0),
         "seed0_again": _generate(root, "seed0_again", seed=0),
         "seed1": _generate(root, "seed1", seed=1),
         "occluded": _generate(root, "occluded", seed=0, occlusion=True),
     }
-    shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +326,103 @@ def test_fashion_mnist_download_fills_the_cache(tmp_path, monkeypatch, sources):
     np.testing.assert_array_equal(images, sources["test"][0])
     np.testing.assert_array_equal(labels, sources["test"][1])
     assert sorted(os.listdir(tmp_path / "cache")) == sorted(fashion_mnist._FILES["test"])
+
+
+
+class _Response(io.BytesIO):
+    """What the patched `urlopen` serves: `data`, then optionally an error."""
+
+    def __init__(self, data, error=None):
+        super().__init__(data)
+        self._error = error
+
+    def read(self, *args):
+        chunk = super().read(*args)
+        if not chunk and self._error is not None:
+            raise self._error
+        return chunk
+
+
+def _serve(monkeypatch, tmp_path, response):
+    opened = []
+
+    def urlopen(url, timeout=None):
+        del timeout
+        opened.append(url)
+        return response(os.path.basename(url))
+
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "deb"))
+    monkeypatch.setattr(fashion_mnist, "KERAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fashion_mnist.urllib.request, "urlopen", urlopen)
+    return opened
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("truncated", "truncated or corrupt gzip file"),
+    ("not_gzip", "truncated or corrupt gzip file"),
+    ("other_content", "not the official Fashion-MNIST"),
+    ("connection_lost", "IncompleteRead"),
+])
+def test_fashion_mnist_bad_download_is_one_error_and_leaves_nothing(
+        tmp_path, monkeypatch, kind, expected):
+    """Offline (patched urlopen): a bad download is one ValueError naming the
+    file and the reason, and no file (final or temporary) is left behind."""
+    whole = gzip.compress(b"\x00\x00\x08\x01" + bytes(100))
+
+    def response(name):
+        del name
+        if kind == "truncated":
+            return _Response(whole[:len(whole) // 2])
+        if kind == "not_gzip":
+            return _Response(b"<html>rate limited</html>")
+        if kind == "other_content":
+            return _Response(whole)
+        return _Response(whole[:10], http.client.IncompleteRead(whole[:10], 50))
+
+    opened = _serve(monkeypatch, tmp_path, response)
+    with pytest.raises(ValueError) as error:
+        fashion_mnist.load_fashion_mnist("test")
+    message = str(error.value)
+    assert expected in message and "could not be downloaded" in message, message
+    assert "t10k-images-idx3-ubyte.gz" in message, message
+    assert len(opened) == 1 and os.listdir(tmp_path / "cache") == []
+
+
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_download_is_checked_and_renamed(tmp_path, monkeypatch, sources):
+    """Offline: the official files, served through a patched urlopen."""
+    official = fashion_mnist.DEBIAN_DIR
+
+    def response(name):
+        with open(os.path.join(official, name), "rb") as f:
+            return _Response(f.read())
+
+    opened = _serve(monkeypatch, tmp_path, response)
+    images, labels = fashion_mnist.load_fashion_mnist("test")
+    np.testing.assert_array_equal(images, sources["test"][0])
+    np.testing.assert_array_equal(labels, sources["test"][1])
+    assert [os.path.basename(url) for url in opened] == list(fashion_mnist._FILES["test"])
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(fashion_mnist._FILES["test"])
+
+
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_fashion_mnist_damaged_local_file_is_named(tmp_path, monkeypatch, damage):
+    for name in fashion_mnist._FILES["test"]:
+        shutil.copy(os.path.join(fashion_mnist.DEBIAN_DIR, name), tmp_path)
+    path = tmp_path / fashion_mnist._FILES["test"][1]
+    data = path.read_bytes()
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    else:  # A flipped byte in the deflate stream: caught by the CRC or the SHA-256.
+        data = data[:2000] + bytes([data[2000] ^ 0x01]) + data[2001:]
+    path.write_bytes(data)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="delete it") as error:
+        fashion_mnist.load_fashion_mnist("test", str(tmp_path))
+    assert str(path) in str(error.value)
 
 
 def test_fashion_mnist_bad_split():

@@ -8,7 +8,6 @@ import glob
 import os
 import shutil
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -131,7 +130,6 @@ def test_the_error_message_is_extracted():
         "[3] [readable records]\n\t [[{{node x}}]]")
     assert record_stream.input_error_message(error) == "a.tfrecord holds 3 readable records"
     assert record_stream.input_error_message(ValueError("other")) is None
-    assert np.isfinite(1.0)
 
 
 def test_train_cli_stops_with_one_line_when_nothing_decodes(shards, tmp_path):
@@ -155,3 +153,66 @@ def test_images_above_the_pixel_budget_are_skipped_undecoded(shards):
     assert _collect(ds) == [] and counter.skipped == 32
     assert len(_collect(input_pipeline.make_dataset(shards, 8, 48, 10, training=False,
                                                     max_pixels=2304))) == 32
+
+
+def _skip_warnings(capfd, shards):
+    """Skip warnings about `shards` (ordered) or about any training pass: an
+    earlier test's pipeline may still be printing about its own files."""
+    return [line for line in capfd.readouterr().err.splitlines()
+            if "could not be decoded" in line
+            and (os.path.dirname(shards) in line or "training input" in line)]
+
+
+def _worker_names(shards, num_workers, training, **kwargs):
+    """Filenames each of `num_workers` input pipelines delivers, and its counter."""
+    out = []
+    for worker in range(num_workers):
+        context = tf.distribute.InputContext(num_input_pipelines=num_workers,
+                                             input_pipeline_id=worker,
+                                             num_replicas_in_sync=num_workers)
+        counter = input_pipeline.SkipCounter()
+        ds = input_pipeline.make_dataset(shards, 2 * num_workers, 48, 10, training=training,
+                                         input_context=context, skip_counter=counter,
+                                         seed=0, **kwargs)
+        if training:
+            ds = ds.take(8)  # batches of 2: 4 passes over 4 records
+        out.append((_collect(ds), counter))
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [2, 3, 8])
+def test_workers_split_the_records_without_false_skips(shards, capfd, num_workers):
+    """4 shard files of 8 records: 2 and 3 workers split the files, 8 workers
+    (more than the files) the records. Each record goes to one worker, and
+    no worker reports skips for records another worker got."""
+    workers = _worker_names(shards, num_workers, training=False)
+    names = [name for got, _ in workers for name in got]
+    assert len(names) == 32 and len(set(names)) == 32
+    for got, counter in workers:
+        assert (counter.read, counter.delivered, counter.skipped) == (len(got), len(got), 0)
+    assert not _skip_warnings(capfd, shards)
+
+
+def test_workers_sharing_records_report_no_false_skips_in_training(shards, capfd):
+    for got, counter in _worker_names(shards, 8, training=True):
+        assert len(got) == 16 and counter.skipped == 0
+    assert not _skip_warnings(capfd, shards)
+
+
+@pytest.mark.parametrize("num_workers", [2, 8])
+def test_a_damaged_shard_is_named_by_every_worker(shards, num_workers):
+    """Whether the workers split the files or the records, the worker(s)
+    reading the damaged file name it."""
+    name = _damage(shards, "truncate")
+    failed = 0
+    for worker in range(num_workers):
+        context = tf.distribute.InputContext(num_input_pipelines=num_workers,
+                                             input_pipeline_id=worker)
+        ds = input_pipeline.make_dataset(shards, 2 * num_workers, 48, 10, training=False,
+                                         input_context=context)
+        try:
+            _collect(ds)
+        except tf.errors.InvalidArgumentError as error:
+            failed += 1
+            assert name in record_stream.input_error_message(error)
+    assert failed == (1 if num_workers == 2 else num_workers)

@@ -4,13 +4,12 @@ Every fixture image is derived from `sklearn.datasets.load_sample_images()`
 (china.jpg, flower.jpg) with PIL and written into a tmp dir.
 """
 
+import builtins
 import errno
 import io
 import json
 import os
 import struct
-import threading
-import time
 import zlib
 
 import numpy as np
@@ -724,19 +723,12 @@ def test_memory_error_is_reported_as_out_of_memory(tmp_path, photos,
     assert "not a readable image" not in str(info.value)
 
 
-def _unblock_fifo_later(path, seconds=10):
-    """Opens a FIFO for writing after `seconds` (if anyone reads it), so
-    that a reader blocked on it gets EOF instead of hanging the suite."""
-    def unblock():
-        deadline = time.monotonic() + seconds + 5
-        time.sleep(seconds)
-        while time.monotonic() < deadline:
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-                return
-            except OSError:  # No reader (any more).
-                time.sleep(0.1)
-    threading.Thread(target=unblock, daemon=True).start()
+def _forbid_reading(monkeypatch):
+    def fail(*unused_args, **unused_kwargs):
+        raise AssertionError("read a file that is refused by its fstat")
+    monkeypatch.setattr(os, "fdopen", fail)
+    monkeypatch.setattr(os, "read", fail)
+    monkeypatch.setattr(builtins, "open", fail)
 
 
 @pytest.mark.parametrize("kind,reason", [
@@ -747,11 +739,12 @@ def _unblock_fifo_later(path, seconds=10):
     ("too_big", r"file of 4097 bytes exceeds the size cap "
                 r"--max_image_bytes=4096"),
 ])
-def test_special_and_large_files_are_skipped(tmp_path, kind, reason):
+def test_special_and_large_files_are_skipped(tmp_path, monkeypatch, fifo_unblocker,
+                                             kind, reason):
     path = str(tmp_path / f"{kind}.jpg")
     if kind in ("fifo", "link_to_fifo"):
         os.mkfifo(str(tmp_path / "pipe"))
-        _unblock_fifo_later(str(tmp_path / "pipe"))
+        fifo_unblocker(str(tmp_path / "pipe"))
         os.symlink(str(tmp_path / "pipe"), path)
     elif kind == "directory":
         os.mkdir(path)
@@ -759,10 +752,13 @@ def test_special_and_large_files_are_skipped(tmp_path, kind, reason):
         os.symlink("/dev/zero", path)
     else:
         write_bytes(str(tmp_path), f"{kind}.jpg", b"\xff" * 4097)
-    start = time.monotonic()
-    with pytest.raises(lib.ImageError, match=reason):
-        lib.prepare_image(path, lib.ImageLimits(max_bytes=4096))
-    assert time.monotonic() - start < 5
+    with monkeypatch.context() as patch:
+        _forbid_reading(patch)
+        with pytest.raises(lib.ImageError, match=reason):
+            lib.prepare_image(path, lib.ImageLimits(max_bytes=4096))
+    # Refused from fstat alone: nothing was read, and opening the FIFO did
+    # not block (a blocked open would have waited for the unblocker).
+    assert fifo_unblocker.rescued == []
 
 
 # ----------------------------------------------------------------------------
@@ -796,6 +792,47 @@ def test_full_disk_is_one_error(tmp_path, mixed_records, monkeypatch):
                         num_workers=1)
     assert ".train-0000" in str(info.value)  # Names the file.
     assert os.listdir(out) == []
+
+
+
+@pytest.mark.parametrize("failing", ["write", "chunks"])
+def test_a_failed_shard_closes_its_writer(tmp_path, mixed_records, monkeypatch, failing):
+    """A write error, or a worker failure while the shard is open, closes the
+    shard's TFRecordWriter (no leaked handle) and removes the temporary."""
+    real_writer = tf.io.TFRecordWriter
+    writers = []
+
+    class TrackedWriter(real_writer):
+        closed = False
+
+        def __init__(self, path):
+            super().__init__(path)
+            writers.append(self)
+
+        def write(self, record):
+            if failing == "write":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            super().write(record)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    def chunks():
+        yield [("stored", None, b"one record")]
+        raise lib.ConversionError("a worker process died")
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", TrackedWriter)
+    path = str(tmp_path / "shard.tfrecord")
+    with pytest.raises(lib.ConversionError):
+        lib._write_shard(path, chunks())
+    assert len(writers) == 1 and writers[0].closed
+    if failing == "write":
+        out = str(tmp_path / "out")
+        with pytest.raises(lib.ConversionError):
+            lib.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
+                            num_workers=1)
+        assert len(writers) == 2 and writers[1].closed and os.listdir(out) == []
 
 
 def test_write_split_reports_progress(tmp_path, mixed_records):
