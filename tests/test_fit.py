@@ -84,7 +84,10 @@ def test_fit_and_the_cli_loop_end_with_the_same_weights(demo_data, tmp_path, str
     assert result["replicas"] == (2 if strategy == "mirrored" else 1)
     assert result["steps"] == 4
     assert result["moved"] > 1e-3, "nothing trained: the comparison proves nothing"
-    assert result["diff"] < 1e-5, result
+    # Equal up to float summation order: oneDNN's threaded reductions are not
+    # deterministic (one CI run under load: 3.3e-5 with weights moved by 0.34);
+    # a real difference (e.g. a missed decay or the other rate) is ~10 % of it.
+    assert result["diff"] < 1e-3 * result["moved"], result
     # fit() logs every term of the paper's objective; Keras callbacks ran.
     assert {"loss", "classification", "crl", "crl_image_term",
             "crl_label_term"} <= set(result["keys"])
