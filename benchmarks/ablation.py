@@ -24,7 +24,9 @@ overlapping and cut by the canvas edge, >= 25 % visible).
 
 Resumable: a finished run (its JSON and scores exist) is reused; an
 interrupted one resumes from its last checkpoint; the pretraining and the data
-are cached. Each run records the git commit it ran on.
+are cached. Each run records the git commit it ran on. `--page_only` trains
+nothing and writes the page of a stopped (or still running) campaign from its
+finished runs, naming the planned runs it lacks.
 """
 
 import dataclasses
