@@ -31,6 +31,21 @@ def demo_data(tmp_path_factory):
             "labels_file": os.path.join(records, "labels.txt")}
 
 
+def small_config(demo_data, model_dir, **overrides):
+    """The Config of a small, fast training run on `demo_data` (1 epoch of 3
+    steps of batch 8 at 48 px, random init, no decay); `overrides` replace
+    any field."""
+    from mlcrl_tf import config as config_lib  # pylint: disable=import-outside-toplevel
+    values = dict(model_dir=str(model_dir), train_files=demo_data["train_files"],
+                  eval_files=demo_data["test_files"], backbone="small_cnn",
+                  image_size=48, batch_size=8, epochs=1, steps_per_epoch=3,
+                  learning_rate=0.05, backbone_learning_rate=0.005, log_every_steps=1,
+                  checkpoint_every_steps=2, num_summary_images=0, shuffle_buffer=64,
+                  backbone_weights=None, lr_decay_epochs=())
+    values.update(overrides)
+    return config_lib.Config(**values)
+
+
 @pytest.fixture(scope="session")
 def crl_run(demo_data, tmp_path_factory):
     """A crl training run of 2 epochs x 2 steps on `demo_data` (evaluated

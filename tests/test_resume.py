@@ -6,20 +6,16 @@ import os
 import numpy as np
 import pytest
 
+from conftest import small_config
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import train_lib
 
 
 def _config(demo_data, model_dir, **overrides):
-    values = dict(model_dir=str(model_dir), train_files=demo_data["train_files"],
-                  eval_files=demo_data["test_files"], backbone="small_cnn",
-                  image_size=48, batch_size=8, epochs=2, steps_per_epoch=2,
-                  learning_rate=0.05, backbone_learning_rate=0.005, log_every_steps=1,
-                  checkpoint_every_steps=2, num_summary_images=0, shuffle_buffer=64,
-                  backbone_weights=None, lr_decay_epochs=())
-    values.update(overrides)
-    return config_lib.Config(**values)
+    """A small run of 2 epochs x 2 steps (one checkpoint and evaluation each)."""
+    return small_config(demo_data, model_dir, **{"epochs": 2, "steps_per_epoch": 2,
+                                                  **overrides})
 
 
 def _run_json(model_dir):

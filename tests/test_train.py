@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, free_port, run_module
+from conftest import REPO, free_port, run_module, small_config
 from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import flagfiles
@@ -27,17 +27,6 @@ from mlcrl_tf import train_lib
 SMALL = ["--backbone=small_cnn", "--backbone_weights=", "--lr_decay_epochs=",
          "--image_size=48", "--batch_size=8",
          "--learning_rate=0.05", "--backbone_learning_rate=0.02", "--log_every_steps=1"]
-
-
-def _config(demo_data, model_dir, **overrides):
-    values = dict(model_dir=str(model_dir), train_files=demo_data["train_files"],
-                  eval_files=demo_data["test_files"], backbone="small_cnn",
-                  image_size=48, batch_size=8, epochs=1, steps_per_epoch=3,
-                  learning_rate=0.05, backbone_learning_rate=0.005, log_every_steps=1,
-                  checkpoint_every_steps=2, num_summary_images=0, shuffle_buffer=64,
-                  backbone_weights=None, lr_decay_epochs=())
-    values.update(overrides)
-    return config_lib.Config(**values)
 
 
 def _event_tags(directory):
@@ -378,7 +367,7 @@ def test_ema_weights_are_evaluated_and_restored(demo_data, tmp_path, monkeypatch
             trainers.append(self)
 
     monkeypatch.setattr(train_lib, "Trainer", RecordingTrainer)
-    config = _config(demo_data, tmp_path / "ema", ema_decay=0.5)
+    config = small_config(demo_data, tmp_path / "ema", ema_decay=0.5)
     result = train_lib.train_and_evaluate(config)
     assert result["metrics"] is not None
     (trainer,) = trainers
@@ -443,15 +432,15 @@ def test_ema_weights_are_evaluated_and_restored(demo_data, tmp_path, monkeypatch
     ({"aux_weight": -1.0}, "--aux_weight"),
 ])
 def test_bad_configuration_is_one_clear_error(demo_data, tmp_path, overrides, message):
-    config = _config(demo_data, tmp_path / "bad", **overrides)
+    config = small_config(demo_data, tmp_path / "bad", **overrides)
     with pytest.raises(ValueError, match=message):
         train_lib.train_and_evaluate(config)
 
 
 def test_bad_flags_fail_before_any_work(demo_data, tmp_path):
     """Validation runs first: nothing is created, no data is read."""
-    config = _config(demo_data, tmp_path / "never", momentum=1.5,
-                     train_files=str(tmp_path / "missing-*.tfrecord"))
+    config = small_config(demo_data, tmp_path / "never", momentum=1.5,
+                          train_files=str(tmp_path / "missing-*.tfrecord"))
     with pytest.raises(ValueError, match="--momentum"):
         train_lib.train_and_evaluate(config)
     assert not (tmp_path / "never").exists()
@@ -467,7 +456,7 @@ def test_bad_flags_fail_before_any_work(demo_data, tmp_path):
 ])
 def test_random_init_with_a_small_backbone_rate_warns_once(demo_data, tmp_path, overrides,
                                                           warns):
-    config = _config(demo_data, tmp_path / "w", **overrides)
+    config = small_config(demo_data, tmp_path / "w", **overrides)
     messages = config_lib.warnings_for(config)
     assert len(messages) == int(warns)
     if warns:
@@ -486,8 +475,8 @@ def test_best_is_selected_on_held_out_training_shards(demo_data, tmp_path):
     records = os.path.dirname(demo_data["train_files"])
     train = os.path.join(records, "train-0000[0-6]-of-00008.tfrecord")
     held_out = os.path.join(records, "train-00007-of-00008.tfrecord")
-    config = _config(demo_data, tmp_path / "sel", train_files=train, selection_files=held_out,
-                     epochs=2, steps_per_epoch=2)
+    config = small_config(demo_data, tmp_path / "sel", train_files=train, selection_files=held_out,
+                          epochs=2, steps_per_epoch=2)
     train_lib.train_and_evaluate(config)
     best = json.loads((tmp_path / "sel" / "best" / "metrics.json").read_text())
     assert best["selected_on"] == "selection_files"
@@ -518,21 +507,21 @@ def test_best_is_selected_on_held_out_training_shards(demo_data, tmp_path):
 def test_unwritable_model_dir(demo_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    config = _config(demo_data, blocker / "run")
+    config = small_config(demo_data, blocker / "run")
     with pytest.raises(ValueError, match="--model_dir"):
         train_lib.train_and_evaluate(config)
 
 
 def test_resume_with_another_network_is_refused(demo_data, tmp_path):
-    config = _config(demo_data, tmp_path / "run", eval_files=None, steps_per_epoch=1)
+    config = small_config(demo_data, tmp_path / "run", eval_files=None, steps_per_epoch=1)
     train_lib.train_and_evaluate(config)
     with pytest.raises(ValueError, match="--variant='baseline' differs"):
         train_lib.train_and_evaluate(config.replace(variant="baseline"))
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
-    config = _config(demo_data, tmp_path / "nan", eval_files=None, steps_per_epoch=2,
-                     checkpoint_every_steps=1)
+    config = small_config(demo_data, tmp_path / "nan", eval_files=None, steps_per_epoch=2,
+                          checkpoint_every_steps=1)
     train_lib.train_and_evaluate(config)
     good = tf.train.latest_checkpoint(config.model_dir)
     assert good.endswith("ckpt-2")
@@ -648,7 +637,7 @@ def test_the_summary_writers_are_closed_when_training_fails(demo_data, tmp_path,
         raise train_lib.NonFiniteLossError("diverged")
 
     monkeypatch.setattr(train_lib.Trainer, "_train_epoch", diverge)
-    config = _config(demo_data, tmp_path / "run", eval_files=None)
+    config = small_config(demo_data, tmp_path / "run", eval_files=None)
     with pytest.raises(train_lib.NonFiniteLossError, match="diverged"):
         train_lib.train_and_evaluate(config)
     (summaries,) = closed
