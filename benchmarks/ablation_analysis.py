@@ -196,17 +196,18 @@ def verdict_sentence(interval, other, unit):
     is below 0; otherwise no demonstrated difference, with what it excludes.
     """
     mean, low, high = interval["mean"], interval["low"], interval["high"]
-    per_seed = ", ".join(f"{d:+.1f}" for d in interval["diffs"])
-    head = (f"crl − {other}: mean {mean:+.1f} {unit}, 95 % t interval "
-            f"[{low:+.1f}, {high:+.1f}] (per seed {per_seed})")
+    # Two decimals: an end near 0 must not print as "+0.0" next to "excludes 0".
+    per_seed = ", ".join(f"{d:+.2f}" for d in interval["diffs"])
+    head = (f"crl − {other}: mean {mean:+.2f} {unit}, 95 % t interval "
+            f"[{low:+.2f}, {high:+.2f}] (per seed {per_seed})")
     if math.isnan(low):
         return head + ": fewer than 2 paired seeds, no verdict."
     if low > 0:
         return head + ": **crl helps** (excludes 0)."
     if high < 0:
         return head + ": **crl hurts** (excludes 0)."
-    return (head + f": no demonstrated difference; a gain larger than {high:+.1f} "
-            f"{unit} and a loss larger than {-low:.1f} {unit} are excluded.")
+    return (head + f": no demonstrated difference; a gain larger than {high:+.2f} "
+            f"{unit} and a loss larger than {-low:.2f} {unit} are excluded.")
 
 
 def convergence(maps, decay_epoch, rise_below=CONVERGED_RISE):

@@ -351,9 +351,9 @@ def setting_lines(c, setting, runs, facts, figures):
 
 def _paired_text(interval):
     if np.isnan(interval["half_width"]):
-        return f"{interval['mean']:+.1f}, one seed: no interval"
-    return (f"{interval['mean']:+.1f}, 95 % CI [{interval['low']:+.1f}, "
-            f"{interval['high']:+.1f}]")
+        return f"{interval['mean']:+.2f}, one seed: no interval"
+    return (f"{interval['mean']:+.2f}, 95 % CI [{interval['low']:+.2f}, "
+            f"{interval['high']:+.2f}]")
 
 
 def headline_lines(c, runs):

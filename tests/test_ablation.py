@@ -100,7 +100,7 @@ def test_page_from_synthetic_runs(tmp_path):
     # The rule comes before any verdict; crl's designed gain is detected.
     rule = text.index("## Protocol and verdict rule")
     assert rule < text.index("## Headline") < text.index("Verdicts")
-    assert "crl − baseline: mean +2.0 mAP" in text
+    assert "crl − baseline: mean +2.00 mAP" in text
     assert text.count("**crl helps**") >= 6  # mAP and hidden AP vs 3 variants
     assert "**16 of 20 runs converged** (80 %)" in text
     assert "Single-item TEST accuracy" in text and "**80.0 %**" in text

@@ -227,8 +227,12 @@ def test_verdict_sentence_reads_the_interval():
         {"mean": 0.3, "low": -0.4, "high": 1.0, "diffs": [0.3, 0.3]}, "tbc", "mAP")
     assert "crl helps" in helps and "crl hurts" in hurts
     assert "crl helps" not in null and "crl hurts" not in null
-    assert "a gain larger than +1.0 mAP" in null
-    assert "a loss larger than 0.4 mAP" in null
+    assert "a gain larger than +1.00 mAP" in null
+    assert "a loss larger than 0.40 mAP" in null
+    # An end that rounds to 0.0 at one decimal still reads as above 0.
+    barely = analysis.verdict_sentence(
+        {"mean": 0.4, "low": 0.02, "high": 0.78, "diffs": [0.3, 0.5]}, "mse", "mAP")
+    assert "[+0.02, +0.78]" in barely and "crl helps" in barely
 
 
 @pytest.mark.parametrize("maps,decay,expected", [
