@@ -237,10 +237,10 @@ def evaluate_saved_model(saved_model, file_pattern, num_classes, threshold=None,
     """Evaluates an export's `serving_default` on the records' image bytes.
 
     Ranks its `logits` output (not the saturating float32 `probabilities`).
-    Undecodable images are skipped and counted; a record that is not a
-    tf.Example stops the evaluation with one error naming its shard (no
-    result for an incomplete set). `progress` (optional) is told the records
-    of each batch, skipped ones included (see `evaluate_model`).
+    Undecodable images and records that are not a tf.Example are skipped and
+    counted, as in a checkpoint's evaluation (`EvalResult.num_skipped` holds
+    both). `progress` (optional) is told the records of each batch that
+    parsed, undecodable images included (see `evaluate_model`).
 
     Args:
         saved_model: an export directory, or its loaded `serving.ExportClient`.
@@ -256,13 +256,14 @@ def evaluate_saved_model(saved_model, file_pattern, num_classes, threshold=None,
     client = (saved_model if isinstance(saved_model, serving.ExportClient)
               else serving.ExportClient(saved_model))
     threshold = client.threshold if threshold is None else threshold
+    counter = input_pipeline.SkipCounter()
     dataset = input_pipeline.make_record_dataset(file_pattern, batch_size, num_classes,
-                                                 data_dir=data_dir)
+                                                 data_dir=data_dir, skip_counter=counter)
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
     keeper = _ScoreKeeper() if keep_scores else None
     skipped = 0
     with record_stream.readable_errors("evaluation data"):
-        for batch in _record_batches(dataset, max_steps, file_pattern, num_classes):
+        for batch in _batches(dataset, max_steps):
             # Undecodable images are skipped and counted, the rest scored.
             keep, logits, problems = client.score(batch["image_bytes"].numpy())
             skipped += len(problems)
@@ -276,59 +277,11 @@ def evaluate_saved_model(saved_model, file_pattern, num_classes, threshold=None,
             if keeper:
                 keeper.add(batch["filename"].numpy()[keep], logits, labels, ignore)
     result = _result(accumulator, threshold, None, None)
-    result.num_skipped = skipped
+    result.num_skipped = skipped + counter.skipped
     result.scores = keeper.arrays() if keeper else None
-    if skipped:
-        logging.warning("%d undecodable records skipped.", skipped)
+    if result.num_skipped:
+        logging.warning("%d undecodable records skipped.", result.num_skipped)
     return result
-
-
-def _record_batches(dataset, max_steps, file_pattern, num_classes):
-    """`_batches` of a `make_record_dataset`; a record that cannot be parsed
-    (not a tf.Example) is a ValueError naming its shard and index. The input
-    checks' own errors pass unchanged (see `record_stream.readable_errors`)."""
-    batches = _batches(dataset, max_steps)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
-            # (TensorFlow fails to decode its own message when it quotes a
-            # record's raw bytes.)
-            if record_stream.input_error_message(e) is not None:
-                raise
-            raise ValueError(_unparsable_message(file_pattern, num_classes)) from None
-        yield batch
-
-
-def _unparsable_message(file_pattern, num_classes):
-    where = None if tfds_source.is_tfds(file_pattern) else _first_unparsable(
-        tfrecord_lib.find_shards(file_pattern), num_classes)
-    place = (f"record {where[1]} of {where[0]}" if where
-             else f"a record of {file_pattern!r}")
-    return (f"evaluation data: {place} is not a readable tf.Example of the mlcrl_tf "
-            "schema (corrupt record): reconvert the shard or restore the file; "
-            "nothing was evaluated.")
-
-
-def _first_unparsable(files, num_classes):
-    """(shard, index) of the first record that does not parse, or None."""
-
-    def parsed_index(index, record):
-        parsed = input_pipeline.decode_example(record, num_classes)
-        with tf.control_dependencies(tf.nest.flatten(parsed)):
-            return tf.identity(index)
-
-    for path in files:
-        records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=False)
-        parsed = records.enumerate().map(parsed_index).ignore_errors(log_warning=False)
-        indices = list(parsed.as_numpy_iterator())
-        total = int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
-        bad = next((i for i, index in enumerate(indices) if index != i), len(indices))
-        if bad < total:
-            return path, bad
-    return None
 
 
 def _batches(dataset, max_steps):

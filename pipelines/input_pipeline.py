@@ -458,22 +458,58 @@ def padded_eval_dataset(source, batch_size, image_size, num_classes, input_conte
     return ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
 
 
-def make_record_dataset(source, batch_size, num_classes, data_dir=None):
+def make_record_dataset(source, batch_size, num_classes, data_dir=None, skip_counter=None):
     """Evaluation records NOT decoded here (an export decodes them itself).
 
     The same reader and checks as `make_dataset` (a truncated or corrupt
-    shard is an error naming it), every record once, in order.
+    shard is an error naming it), every record once, in order. A record that
+    is not a tf.Example of the schema is skipped and counted, as
+    `make_dataset` does (its image bytes are not looked at here: the export
+    reports undecodable images itself).
+
+    Args:
+        source: glob of shards, or `tfds:NAME:SPLIT`.
+        batch_size: records per batch.
+        num_classes: C.
+        data_dir: TensorFlow Datasets' data directory for a `tfds:` source.
+        skip_counter: optional `SkipCounter` to read the counts from.
 
     Returns:
         A dataset of dicts: `image_bytes` string (B,), `filename` string (B,),
         `labels` float32 (B, C), `difficult` bool (B, C).
     """
+    if skip_counter is not None:
+        skip_counter.attach()
     ds, parse, files = _records(source, False, 0, None, data_dir, 0)
+    ds = _parse_records(ds, parse)
     ds = record_stream.check_stream(ds, files, ordered=True)
+    if skip_counter is not None:
+        ds = ds.map(skip_counter.record)
     ds = ds.filter(lambda e: tf.logical_not(e["end"]))
-    ds = ds.map(lambda e: _labels_to_multi_hot(parse(e["record"]), num_classes),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda e: _labels_to_multi_hot(
+        {k: e[k] for k in ("image_bytes", "filename", "label_ids", "difficult_ids")},
+        num_classes))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _parse_records(ds, parse):
+    """Parses every record in order; drops what does not parse (end markers
+    are not parsed: they always reach `check_stream`, which counts it)."""
+    blank = {"image_bytes": tf.constant(""), "filename": tf.constant(""),
+             "label_ids": tf.zeros([0], tf.int64), "difficult_ids": tf.zeros([0], tf.int64)}
+
+    def step(element):
+        features = tf.cond(element["end"], lambda: blank,
+                           lambda: dict(parse(element["record"])))
+        return dict(features, **_bookkeeping(element))
+
+    ds = ds.map(step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.ignore_errors(log_warning=False)
+
+
+def _bookkeeping(element):
+    """What `check_stream` reads of a stream element besides the features."""
+    return {k: element[k] for k in ("end", "file", "count", "kept", "expected", "pass")}
 
 
 def _records(source, training, seed, input_context, data_dir, shuffle_buffer):
@@ -535,9 +571,7 @@ def _decode(ds, parse, image_size, training, augmentation, seed, image_options, 
     def step(element):
         features = tf.cond(element["end"], lambda: blank,
                            lambda: decode_and_preprocess(element))
-        bookkeeping = {k: element[k]
-                       for k in ("end", "file", "count", "kept", "expected", "pass")}
-        return dict(features, **bookkeeping)
+        return dict(features, **_bookkeeping(element))
 
     # The expensive step, in parallel; in order only where needed
     # (evaluation, --deterministic training).

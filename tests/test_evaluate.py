@@ -274,9 +274,9 @@ def test_export_evaluation_passes_data_dir(trained, demo_data, monkeypatch):
     seen = []
     real = input_pipeline.make_record_dataset
 
-    def spy(source, batch_size, num_classes, data_dir=None):
+    def spy(source, batch_size, num_classes, data_dir=None, **kwargs):
         seen.append(data_dir)
-        return real(source, batch_size, num_classes, data_dir=data_dir)
+        return real(source, batch_size, num_classes, data_dir=data_dir, **kwargs)
 
     monkeypatch.setattr(input_pipeline, "make_record_dataset", spy)
     evaluate.evaluate_target(saved_model=trained["export"], eval_files=demo_data["test_files"],
@@ -284,8 +284,9 @@ def test_export_evaluation_passes_data_dir(trained, demo_data, monkeypatch):
     assert seen == ["/some/tfds_data"]
 
 
-def _shard_with(records, tmp_path):
-    path = str(tmp_path / "test-00000-of-00001.tfrecord")
+def _shard_with(records, directory):
+    directory.mkdir()
+    path = str(directory / "test-00000-of-00001.tfrecord")
     with tf.io.TFRecordWriter(path) as writer:
         for record in records:
             writer.write(record)
@@ -293,20 +294,27 @@ def _shard_with(records, tmp_path):
 
 
 @pytest.mark.parametrize("garbage", [b"\x0a\xff binary garbage", b"plain text"])
-def test_export_evaluation_of_an_unparsable_record_is_one_clear_error(trained, demo_data,
-                                                                       tmp_path, garbage):
-    """A record that is not a tf.Example: one ValueError naming the shard and
-    the record (not a TensorFlow traceback, not a partial result)."""
+def test_a_record_that_is_not_an_example_is_skipped_and_counted_alike(trained, demo_data,
+                                                                      tmp_path, garbage):
+    """A record that is not a tf.Example: skipped and counted, by the export's
+    evaluation exactly as by the checkpoint's (same metrics, same count), and
+    the other records are all scored (not a TensorFlow traceback)."""
     files = tfrecord_lib.find_shards(demo_data["test_files"])
     records = list(tf.data.TFRecordDataset(files).as_numpy_iterator())[:6]
-    path = _shard_with(records[:4] + [garbage] + records[4:], tmp_path)
-    with pytest.raises(ValueError, match=r"record 4 of .*test-00000-of-00001.tfrecord"):
-        evaluate.evaluate_saved_model(trained["export"], path, 10, batch_size=4)
+    clean = _shard_with(records, tmp_path / "clean")
+    dirty = _shard_with(records[:4] + [garbage] + records[4:], tmp_path / "dirty")
+    reference = evaluate.evaluate_saved_model(trained["export"], clean, 10, batch_size=4)
+    exported = evaluate.evaluate_saved_model(trained["export"], dirty, 10, batch_size=4)
+    assert (reference.num_skipped, exported.num_skipped) == (0, 1)
+    assert exported.num_examples == reference.num_examples == 6
+    assert exported.metrics == reference.metrics
+    checkpoint, _, _ = evaluate.evaluate_target(model_dir=trained["config"].model_dir,
+                                                eval_files=dirty, batch_size=4)
+    assert (checkpoint.num_skipped, checkpoint.num_examples) == (1, 6)
     proc = run_module("mlcrl_tf.evaluate", [f"--saved_model={trained['export']}",
-                                            f"--eval_files={path}"], check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "error: " in proc.stderr and "test-00000-of-00001.tfrecord" in proc.stderr
-    assert "mAP" not in proc.stdout
+                                            f"--eval_files={dirty}"], check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert "mAP" in proc.stdout and "1 undecodable skipped" in proc.stdout
 
 
 def test_evaluate_model_traces_once_per_model(trained, demo_data):
