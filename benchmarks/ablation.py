@@ -181,10 +181,15 @@ def read_eval_curve(model_dir):
     return [by_step[step] for step in sorted(by_step)]
 
 
-def save_label_embeddings(model_dir, path):
-    """E = f_l(I_C) of the run's final checkpoint, saved as .npy."""
+def save_label_projector(model_dir, embeddings_path, units_path):
+    """From the run's final checkpoint: E = f_l(I_C) as .npy, and the active
+    ReLU units of f_l's hidden layers as JSON ([[active, width], ...])."""
     model = checkpoints.restore_model(model_dir)[0]
-    np.save(path, model.label_embeddings().numpy())
+    np.save(embeddings_path, model.label_embeddings().numpy())
+    weights = [(layer.kernel.numpy(), layer.bias.numpy())
+               for layer in model.label_projector.dense_layers]
+    with open(units_path, "w", encoding="utf-8") as f:
+        json.dump(analysis.active_relu_units(weights), f)
 
 
 def _train(c, name, records, weights, variant, seed):
@@ -214,7 +219,10 @@ def train_and_evaluate(c, setting, data_root, weights, variant, seed):
     """One run (reused if finished): train, evaluate, record. Returns its record."""
     name = c.run_name(setting, variant, seed)
     record_path = c.path(f"{name}.json")
+    projector_files = (c.path(f"{name}.embeddings.npy"), c.path(f"{name}.units.json"))
     if os.path.exists(record_path) and os.path.exists(c.path(f"{name}.scores.npz")):
+        if variant in ("mse", "crl") and not os.path.exists(projector_files[1]):
+            save_label_projector(c.path(name), *projector_files)  # a run of an older driver
         with open(record_path, encoding="utf-8") as f:
             return json.load(f)
     start, cpu_start, commit = time.time(), _children_cpu_seconds(), current_commit()
@@ -222,7 +230,7 @@ def train_and_evaluate(c, setting, data_root, weights, variant, seed):
     train_seconds = time.time() - start
     evaluation = _evaluate(c, name)
     if variant in ("mse", "crl"):
-        save_label_embeddings(c.path(name), c.path(f"{name}.embeddings.npy"))
+        save_label_projector(c.path(name), *projector_files)
     with open(os.path.join(c.path(name), "run.json"), encoding="utf-8") as f:
         decay = json.load(f)["config"]["lr_decay_epochs"]
     record = {"setting": setting, "variant": variant, "seed": seed,
@@ -308,6 +316,11 @@ def analyse_run(c, record, facts):
             out["embeddings"], facts["train_labels"])
         # 0 = every class has the same embedding (the label projector collapsed).
         out["embedding_spread"] = float(analysis.pairwise_distances(out["embeddings"]).max())
+    units = c.path(c.run_name(record["setting"], record["variant"], record["seed"])
+                   + ".units.json")
+    if os.path.exists(units):
+        with open(units, encoding="utf-8") as f:
+            out["projector_units"] = json.load(f)
     return out
 
 

@@ -8,6 +8,9 @@ I/O and no TensorFlow, so tests compare them with loop references.
   images without the class; the class's other positives are ignored.
 * The label projector: Spearman correlation between -distance of the label
   embeddings f_l(I_C) and the training labels' pointwise mutual information.
+* Why a label projector collapsed: the ReLU units of each hidden layer of
+  f_l that are active for at least one class (0 = a dead layer, a constant
+  output).
 * The pre-registered verdict: the paired-by-seed mean difference and its
   Student-t interval; "helps" only where the interval excludes 0.
 * The convergence rule on the per-epoch eval mAP.
@@ -151,6 +154,27 @@ def embedding_pmi_correlation(embeddings, labels):
         (rho, number of pairs).
     """
     return label_space.cooccurrence_correlation(embeddings, pmi_matrix(labels))
+
+
+def active_relu_units(dense_weights):
+    """Per hidden layer of f_l on the C one-hot inputs: (units active for at
+    least one class, units).
+
+    Args:
+        dense_weights: [(kernel (n_in, n_out), bias (n_out,))] of f_l's Dense
+            layers in order; ReLU follows every layer but the last.
+
+    Returns:
+        list of (active, width), one per hidden (ReLU) layer. A layer with 0
+        active units sends the same vector for every class: the projector's
+        output is then one constant embedding (it collapsed).
+    """
+    x = np.eye(np.asarray(dense_weights[0][0]).shape[0])
+    out = []
+    for kernel, bias in dense_weights[:-1]:
+        x = np.maximum(x @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64), 0)
+        out.append((int((x > 0).any(axis=0).sum()), int(x.shape[1])))
+    return out
 
 
 # --------------------------------------------------------------------------

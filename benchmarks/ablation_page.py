@@ -282,6 +282,21 @@ def _rho_text(r):
     return "collapsed" if math.isnan(r["rho"]) else f"{r['rho']:+.2f}"
 
 
+def _units_lines(variant, chosen):
+    """Per seed, the active ReLU units of f_l's hidden layers (why it collapsed)."""
+    with_units = [r for r in chosen if "projector_units" in r]
+    if not with_units:
+        return []
+    widths = ", ".join(str(w) for _, w in with_units[0]["projector_units"])
+    per_seed = ", ".join("/".join(str(a) for a, _ in r["projector_units"])
+                         for r in with_units)
+    dead = sum(any(a == 0 for a, _ in r["projector_units"]) for r in with_units)
+    return [f"  - {variant}'s f_l: ReLU units active for at least one class, per hidden "
+            f"layer (of {widths}), per seed: {per_seed}; {dead} of {len(with_units)} "
+            "seeds have a layer with no active unit (dead ReLUs: a constant output, the "
+            "collapse)."]
+
+
 def embedding_lines(by_variant, figure):
     """Agreement of the label projector with label co-occurrence."""
     lines = []
@@ -299,6 +314,7 @@ def embedding_lines(by_variant, figure):
                      "collapsed: every class got the same embedding (largest distance "
                      f"between two classes {spread:.1e})")
         lines.append(text + ".")
+        lines += _units_lines(variant, chosen)
     if not lines:
         return []
     head = ["What the label projector learned (ρ > 0: classes that co-occur more than "

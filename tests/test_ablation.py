@@ -53,6 +53,11 @@ def _data(rng, lowest_visible=0.25):
     return coco, train, test
 
 
+def _write_json(path, payload):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f)
+
+
 def _fake_run(c, rng, variant, seed, test, boost, setting="occluded"):
     """Writes what a finished run leaves behind; returns its record."""
     name = c.run_name(setting, variant, seed)
@@ -69,8 +74,10 @@ def _fake_run(c, rng, variant, seed, test, boost, setting="occluded"):
         json.dump({"config": config, "class_names": [f"class{k}" for k in range(C)]}, f)
     if variant == "crl":
         np.save(c.path(f"{name}.embeddings.npy"), rng.normal(size=(C, C)))
+        _write_json(c.path(f"{name}.units.json"), [[2, 2], [1, 1], [2, 2]])
     if variant == "mse":  # collapsed, as the MSE ablation can: one embedding for all
         np.save(c.path(f"{name}.embeddings.npy"), np.tile(rng.normal(size=C), (C, 1)))
+        _write_json(c.path(f"{name}.units.json"), [[2, 2], [1, 1], [0, 2]])
     maps = [0.5, 0.6, 0.65, 0.651 if seed else 0.66]  # seed 0 still rising
     return {"setting": setting, "variant": variant, "seed": seed, "commit": "abc1234",
             "metrics": {"mAP": 0.6 + 0.01 * boost + 0.001 * seed, "CF1": 0.5, "OF1": 0.55,
@@ -107,6 +114,9 @@ def test_page_from_synthetic_runs(tmp_path):
     assert "Warning" not in text  # every run had the same flags
     assert "over the 6 class pairs" in text
     assert "in 5 of 5 seeds the label projector collapsed" in text
+    assert ("mse's f_l: ReLU units active for at least one class, per hidden layer "
+            "(of 2, 1, 2), per seed: 2/1/0, 2/1/0, 2/1/0, 2/1/0, 2/1/0; 5 of 5 seeds") in text
+    assert "per seed: 2/1/2, 2/1/2, 2/1/2, 2/1/2, 2/1/2; 0 of 5 seeds" in text
     assert "| mse | 5 |" in text and "| undefined (5 collapsed) |" in text
     assert "| crl | 5 |" in text and "## Headline (for the README)" in text
     assert os.path.exists(os.path.join(tmp_path, "docs", figures["embeddings_occluded"]))

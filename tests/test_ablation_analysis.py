@@ -192,6 +192,24 @@ def test_embedding_correlation_matches_a_loop_reference():
 # Verdicts and convergence.
 # ---------------------------------------------------------------------------
 
+def test_active_relu_units_match_a_loop_reference():
+    rng = np.random.default_rng(5)
+    c = 6
+    widths = [c, 3, 2, 3, c]
+    weights = [(rng.normal(size=(a, b)), rng.normal(size=b))
+               for a, b in zip(widths[:-1], widths[1:])]
+    weights[2] = (weights[2][0], np.full(3, -100.0))  # third layer dead for every class
+    expected = []
+    activations = [[1.0 if i == k else 0.0 for i in range(c)] for k in range(c)]
+    for kernel, bias in weights[:-1]:
+        activations = [[max(0.0, sum(row[i] * kernel[i][j] for i in range(len(row)))
+                            + bias[j]) for j in range(len(bias))] for row in activations]
+        expected.append((sum(any(row[j] > 0 for row in activations)
+                             for j in range(len(bias))), len(bias)))
+    assert analysis.active_relu_units(weights) == expected
+    assert expected[2] == (0, 3)
+
+
 def test_paired_t_interval_matches_a_loop_reference():
     a = {0: 60.0, 1: 62.5, 2: 59.0, 3: 61.0, 4: 63.0, 7: 99.0}
     b = {0: 59.0, 1: 61.0, 2: 59.5, 3: 60.0, 4: 61.5, 8: 0.0}
