@@ -155,11 +155,11 @@ def _jpeg_headers_in_prefix(heads, candidates):
 def pixel_budget_problems(image_bytes, max_pixels):
     """`image_header.budget_problem` of each element (B,) -> string (B,).
 
-    The same answers as `image_header.batch_budget_problems`, at a cost that
-    does not grow with the file size for a JPEG: when libjpeg reads the
-    whole header of a JPEG longer than `HEADER_PREFIX_BYTES` within that
-    prefix, the header walk runs on the prefix (the SOF segment lies inside
-    it, so the walk finds the same size). Other JPEGs, GIFs (all frames are
+    The same answers as `image_header.budget_problem` on each whole element,
+    at a cost that does not grow with the file size for a JPEG: when libjpeg
+    reads the whole header of a JPEG longer than `HEADER_PREFIX_BYTES` within
+    that prefix, the header walk runs on the prefix (the SOF segment lies
+    inside it, so the walk finds the same size). Other JPEGs, GIFs (all frames are
     counted) and the formats read from their first 32 bytes go through the
     whole element, as before.
     """

@@ -487,9 +487,3 @@ def within_pixel_budget_fast(image_bytes, max_pixels):
                     lambda: check_pixel_budget(image_bytes, max_pixels))
     with tf.control_dependencies([check]):
         return tf.identity(image_bytes)
-
-
-def batch_budget_problems(image_bytes, max_pixels):
-    """`budget_problem` of each element of a string vector (B,) -> (B,)."""
-    return tf.map_fn(lambda data: budget_problem(data, max_pixels), image_bytes,
-                     fn_output_signature=tf.TensorSpec([], tf.string))
