@@ -53,8 +53,9 @@ import ablation_analysis as analysis  # noqa: E402
 import ablation_page as page  # noqa: E402
 from mlcrl_tf import checkpoints  # noqa: E402
 from mlcrl_tf import metrics as metrics_lib  # noqa: E402
-from pipelines import input_pipeline  # noqa: E402
-from pipelines import tfrecord_lib  # noqa: E402
+from pipelines.tfdata import decoder
+from pipelines.records import label_maps
+from pipelines.records import shard_sets
 # pylint: enable=wrong-import-position
 
 VARIANTS = ("baseline", "tbc", "mse", "crl", "tba")
@@ -252,10 +253,10 @@ def train_and_evaluate(c, setting, data_root, weights, variant, seed):
 
 def read_split_labels(records, split):
     """(N, C) multi-hot labels of a split's TFRecords, in file order."""
-    num_classes = len(tfrecord_lib.read_class_names(records))
-    files = tfrecord_lib.find_shards(os.path.join(records, f"{split}-*.tfrecord"))
+    num_classes = len(label_maps.read_class_names(records))
+    files = shard_sets.find_shards(os.path.join(records, f"{split}-*.tfrecord"))
     ds = tf.data.TFRecordDataset(files).map(
-        lambda r: input_pipeline.decode_example(r, num_classes)["labels"])
+        lambda r: decoder.decode_example(r, num_classes)["labels"])
     return np.stack(list(ds.as_numpy_iterator())).astype(np.float32)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from mlcrl_tf import label_space
 from mlcrl_tf import metrics as metrics_lib
-from pipelines import label_stats
+from pipelines.tfdata import label_stats
 
 HIDDEN_BELOW = 0.5     # an item is mostly hidden below this visible fraction
 CONVERGED_RISE = 0.3   # mAP points over the last two evaluations

@@ -20,8 +20,9 @@ import ablation_analysis as analysis
 from mlcrl_tf import cams
 from mlcrl_tf import checkpoints
 from mlcrl_tf import metrics as metrics_lib
-from pipelines import input_pipeline
-from pipelines import tfrecord_lib
+from pipelines.tfdata import decoder
+from pipelines.tfdata import preprocessing
+from pipelines.records import shard_sets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("baseline", "tbc", "mse")
@@ -480,11 +481,11 @@ def write_embedding_figure(c, setting, runs, facts, cell=24):
 
 def _cam_row(models, example, class_names, tile):
     """One canvas: for each model, its image | CAM panels."""
-    image = input_pipeline.decode_image(example["image_bytes"])
+    image = decoder.decode_image(example["image_bytes"])
     class_id = int(np.flatnonzero(example["labels"].numpy())[0])
     panels = []
     for variant, (model, config, _, _) in models.items():
-        pixels = input_pipeline.preprocess_eval(image, config.image_size).numpy()
+        pixels = preprocessing.preprocess_eval(image, config.image_size).numpy()
         display = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
         result = cams.compute_cams(model, pixels[None], [class_id])
         maps = {"direct": result["direct"][0, 0]}
@@ -507,8 +508,8 @@ def write_cam_figure(c, setting, data_root, num_images=4, tile=128):
             return None
         models[variant] = checkpoints.restore_model(model_dir)
     class_names = models["crl"][2]
-    files = tfrecord_lib.find_shards(os.path.join(data_root, "tfrecords", "test-*.tfrecord"))
-    rows = [_cam_row(models, input_pipeline.decode_example(record, len(class_names)),
+    files = shard_sets.find_shards(os.path.join(data_root, "tfrecords", "test-*.tfrecord"))
+    rows = [_cam_row(models, decoder.decode_example(record, len(class_names)),
                      class_names, tile)
             for record in tf.data.TFRecordDataset(files).take(num_images)]
     path = os.path.join(os.path.dirname(os.path.abspath(c.output)), f"cams_{setting}.png")

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 from mlcrl_tf import evaluate_lib  # noqa: E402  pylint: disable=wrong-import-position
 from mlcrl_tf import export_lib  # noqa: E402  pylint: disable=wrong-import-position
 from mlcrl_tf import serving  # noqa: E402  pylint: disable=wrong-import-position
-from pipelines import input_pipeline  # noqa: E402  pylint: disable=wrong-import-position
+from pipelines.tfdata import input_pipeline
 
 flags.DEFINE_string("model_dir", "runs/demo", "A training run.")
 flags.DEFINE_string("eval_files", "data/demo/tfrecords/test-*.tfrecord", "Evaluation shards.")

@@ -39,9 +39,10 @@ from PIL import ImageEnhance  # noqa: E402
 from sklearn.datasets import load_sample_images  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipelines import csv_lib  # noqa: E402
-from pipelines import input_pipeline  # noqa: E402
-from pipelines import tfrecord_lib  # noqa: E402
+from pipelines.converters import csv_lib  # noqa: E402
+from pipelines.tfdata import input_pipeline
+from pipelines.records import schema
+from pipelines.records import shard_sets
 
 flags.DEFINE_integer("num_images", 512, "COCO-like images to generate.")
 flags.DEFINE_integer("image_size", 448, "Model input side S.")
@@ -79,16 +80,16 @@ def make_shards(directory, num_images, seed=0):
     output = os.path.join(directory, "shards")
     csv_lib.convert(csv_path, image_dir, output, num_shards=8, num_workers=1,
                     classes=[f"class{c}" for c in range(NUM_CLASSES)])
-    return tfrecord_lib.split_file_pattern(output, "train")
+    return schema.split_file_pattern(output, "train")
 
 
 def plain_pipeline(pattern, image_size, batch_size, resize=True):
     """The decode(+resize) limit: nothing but what any pipeline must do."""
-    files = tfrecord_lib.find_shards(pattern)
+    files = shard_sets.find_shards(pattern)
 
     def decode(record):
-        data = tf.io.parse_single_example(record, tfrecord_lib.FEATURE_SPEC)
-        image = tf.io.decode_jpeg(data[tfrecord_lib.ENCODED_KEY], channels=3)
+        data = tf.io.parse_single_example(record, schema.FEATURE_SPEC)
+        image = tf.io.decode_jpeg(data[schema.ENCODED_KEY], channels=3)
         if resize:
             image = tf.image.resize(image, (image_size, image_size), method="bilinear")
         return image

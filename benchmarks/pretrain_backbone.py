@@ -7,7 +7,7 @@ multi-label run starts from the saved weights
 (`python -m mlcrl_tf.train --backbone=small_cnn --backbone_weights=<file>`).
 
 Data. Each canvas holds ONE Fashion-MNIST photo rendered by the demo set's own
-`pipelines.demo_lib.make_canvas` (same background, tint, scales and
+`pipelines.outfits.make_canvas` (same background, tint, scales and
 placement): half the canvases in the default mode (scale 0.9-1.5, wholly
 inside), half in the occluded mode (scale 1.1-1.8, may leave the canvas, at
 least `OCCLUDED_MIN_VISIBLE` visible). Training canvases use only the official
@@ -45,8 +45,8 @@ if REPO not in sys.path:
 
 # pylint: disable=wrong-import-position
 from mlcrl_tf import backbones  # noqa: E402
-from pipelines import demo_lib  # noqa: E402
-from pipelines import fashion_mnist  # noqa: E402
+from pipelines.demo import outfits  # noqa: E402
+from pipelines.demo import fashion_mnist  # noqa: E402
 # pylint: enable=wrong-import-position
 
 NUM_CLASSES = 10
@@ -68,10 +68,10 @@ def single_item_canvas(rng, photo, label, canvas_size):
         uint8 (canvas_size, canvas_size, 3).
     """
     occlusion = bool(rng.random() < 0.5)
-    image, pasted = demo_lib.make_canvas(rng, [(label, 0, photo)], canvas_size,
+    image, pasted = outfits.make_canvas(rng, [(label, 0, photo)], canvas_size,
                                              occlusion)
     if not pasted:  # no placement kept enough visible: the default mode always fits
-        image, pasted = demo_lib.make_canvas(rng, [(label, 0, photo)], canvas_size,
+        image, pasted = outfits.make_canvas(rng, [(label, 0, photo)], canvas_size,
                                                  False)
     return image
 

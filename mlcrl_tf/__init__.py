@@ -16,7 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # Before TensorFlow loads: a `python -m mlcrl_tf.X` run hides TensorFlow's
 # INFO logs unless --verbosity >= 0 or the user's TF_CPP_MIN_LOG_LEVEL asks
 # for them (`pipelines.console`; the import of `pipelines` does it).
-from pipelines import console as _console  # noqa: E402
+from pipelines.utils import console as _console  # noqa: E402
 
 try:
     import tensorflow as _tf  # noqa: F401,E402

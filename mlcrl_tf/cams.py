@@ -47,10 +47,12 @@ from PIL import Image, ImageDraw, ImageFont
 import tensorflow as tf
 
 from mlcrl_tf import checkpoints
-from mlcrl_tf import io_checks
-from pipelines import image_header
-from pipelines import input_pipeline
-from pipelines import tfrecord_lib
+from pipelines.utils import files
+from pipelines.utils import outputs
+from pipelines.records import image_header
+from pipelines.tfdata import decoder
+from pipelines.tfdata import preprocessing
+from pipelines.records import image_files
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()
 _CAPTION_HEIGHT = 14
@@ -263,7 +265,7 @@ def save_png(array, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         Image.fromarray(np.asarray(array, np.uint8)).save(path, format="PNG")
     except OSError as e:
-        raise ValueError(f"cannot write {path}: {io_checks.error_text(e)}") from None
+        raise ValueError(f"cannot write {path}: {files.error_text(e)}") from None
 
 
 def _safe_name(text):
@@ -314,7 +316,7 @@ def _unique_paths(paths):
 
 
 def load_image(path, image_size, max_pixels=image_header.DEFAULT_MAX_PIXELS,
-               max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES, antialias=False):
+               max_bytes=image_files.DEFAULT_MAX_IMAGE_BYTES, antialias=False):
     """Reads, checks and decodes one image file to the model's input.
 
     Decoded and resized as the run's evaluation pipeline does
@@ -326,15 +328,15 @@ def load_image(path, image_size, max_pixels=image_header.DEFAULT_MAX_PIXELS,
         (float32 (S, S, 3) tensor, RGB in [0, 255]; None) or (None, reason).
     """
     try:
-        data = tfrecord_lib.read_image_file(path, max_bytes)
-    except tfrecord_lib.ImageError as e:
+        data = image_files.read_image_file(path, max_bytes)
+    except image_files.ImageError as e:
         return None, e.reason
     problem = image_header.pixel_budget_problem(data, max_pixels)
     if problem:
         return None, f"{problem} (--max_image_pixels)"
     try:
-        image = input_pipeline.decode_image(data)
-        return input_pipeline.preprocess_eval(image, image_size, antialias), None
+        image = decoder.decode_image(data)
+        return preprocessing.preprocess_eval(image, image_size, antialias), None
     except tf.errors.ResourceExhaustedError:
         return None, "out of memory while decoding it"
     except tf.errors.InvalidArgumentError:
@@ -364,7 +366,7 @@ def _class_ids(class_names, classes, top_k):
 
 def visualize_files(model, class_names, paths, output_dir, classes=None,
                     top_k=3, tile_size=224, max_pixels=image_header.DEFAULT_MAX_PIXELS,
-                    max_bytes=tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES, antialias=False):
+                    max_bytes=image_files.DEFAULT_MAX_IMAGE_BYTES, antialias=False):
     """Writes one CAM panel per (image, class); bad images are skipped.
 
     The network runs once per image: the `top_k` classes are chosen from
@@ -442,7 +444,7 @@ def run(model_dir, paths, output_dir, restore_options, stdout=None, stderr=None,
             or run, bad options (each named).
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    io_checks.ensure_output_dir(output_dir, "output_dir")
+    outputs.ensure_output_dir(output_dir, "output_dir")
     model, config, class_names, _ = checkpoints.restore_model(model_dir, **restore_options)
     written, problems = visualize_files(model, class_names, paths, output_dir,
                                         antialias=config.antialias, **visualize_options)

@@ -46,7 +46,7 @@ import keras
 import tensorflow as tf
 
 from mlcrl_tf import config as config_lib
-from mlcrl_tf import io_checks
+from pipelines.utils import files
 from mlcrl_tf import model as model_lib
 from mlcrl_tf import optim
 from mlcrl_tf import run_lock
@@ -348,7 +348,7 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
     except _UNREADABLE as e:
         raise ValueError(
             f"checkpoint {path!r} cannot be read "
-            f"({type(e).__name__}: {io_checks.error_text(e)}); "
+            f"({type(e).__name__}: {files.error_text(e)}); "
             "it is truncated, corrupt or incomplete. Choose another one with "
             "--checkpoint=<prefix> (or resume training, which sets it aside).") from None
     # Every variable of the rebuilt model must come from the checkpoint (the
@@ -359,7 +359,7 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
         raise ValueError(
             f"checkpoint {path!r} does not hold the model described by {model_dir!r}/"
             f"{RUN_FILE} ({config.variant}/{config.backbone}, {config.num_classes} classes"
-            f"{', EMA' if ema is not None else ''}): {io_checks.error_text(e)[:300]}. Is it "
+            f"{', EMA' if ema is not None else ''}): {files.error_text(e)[:300]}. Is it "
             "a checkpoint of another run? (--use_ema=false loads a run without its EMA.)"
         ) from None
     if ema is not None:
@@ -466,11 +466,11 @@ class CheckpointRun:
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         except _UNREADABLE as e:
-            return f"{type(e).__name__}: {io_checks.error_text(e)}"
+            return f"{type(e).__name__}: {files.error_text(e)}"
         except AssertionError as e:
             raise ValueError(
                 f"checkpoint {path!r} does not hold what this run saves "
-                f"({io_checks.error_text(e)}); was a setting that changes the saved state "
+                f"({files.error_text(e)}); was a setting that changes the saved state "
                 "(e.g. --ema_decay, --precision) changed? Resume with the run's "
                 "settings or use a new --model_dir.") from None
         return None
@@ -585,7 +585,7 @@ class CheckpointRun:
         if tf.io.gfile.isdir(temp):
             tf.io.gfile.rmtree(temp)
         reason = (os.strerror(error.errno) if isinstance(error, OSError) and error.errno
-                  else f"{type(error).__name__}: {io_checks.error_text(error)}")
+                  else f"{type(error).__name__}: {files.error_text(error)}")
         return CheckpointError(
             f"could not save the checkpoint of step {step} in {directory!r} ({reason}); "
             f"training stopped. The last good checkpoint is {self.latest or '(none yet)'}: "

@@ -15,8 +15,10 @@ import os
 
 import tensorflow as tf
 
-from pipelines import tfds_source
-from pipelines import tfrecord_lib
+from pipelines.tfdata import tfds_source
+from pipelines.records import label_maps
+from pipelines.records import schema
+from pipelines.records import shard_sets
 
 
 def resolve_data(config):
@@ -53,7 +55,7 @@ def resolve_data(config):
     if class_names is None:
         class_names = [f"class_{i}" for i in range(num_classes)]
     if num_records is None:
-        num_records = tfrecord_lib.count_records(train_files)
+        num_records = shard_sets.count_records(train_files)
     return config.replace(num_classes=num_classes), class_names, num_records
 
 
@@ -62,7 +64,7 @@ def find_files(pattern, flag):
     if not pattern:
         raise ValueError(f"--{flag} is empty: give a glob of TFRecord shards.")
     try:
-        return tfrecord_lib.find_shards(pattern)
+        return shard_sets.find_shards(pattern)
     except ValueError as e:
         raise ValueError(f"--{flag}={pattern!r}: {e}") from None
 
@@ -109,7 +111,7 @@ def check_same_classes(names, expected, what, expected_from):
 
 def _shard_class_names(files, flag):
     try:
-        return tfrecord_lib.class_names_for_shards(files)
+        return label_maps.class_names_for_shards(files)
     except ValueError as e:
         raise ValueError(f"--{flag}: {e}") from None
 
@@ -131,14 +133,14 @@ def _label_map(train_files):
     Every directory the training glob spans must have the same labels.txt.
     """
     labels_file = os.path.join(os.path.dirname(train_files[0]),
-                               tfrecord_lib.LABELS_FILENAME)
+                               schema.LABELS_FILENAME)
     return _shard_class_names(train_files, "train_files"), labels_file
 
 
 def _read_labels_file(path):
     if not tf.io.gfile.exists(path):
         raise ValueError(f"--labels_file={path!r} does not exist.")
-    return tfrecord_lib.read_class_names(path)
+    return label_maps.read_class_names(path)
 
 
 def _num_classes(num_classes, class_names, labels_file):

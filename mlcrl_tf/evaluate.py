@@ -21,9 +21,10 @@ from absl import flags
 from absl import logging
 
 from mlcrl_tf import evaluate_lib
-from mlcrl_tf import io_checks
-from pipelines import console
-from pipelines import progress
+from pipelines.utils import files
+from pipelines.utils import outputs
+from pipelines.utils import console
+from pipelines.utils import progress
 
 
 def define_flags():
@@ -61,15 +62,15 @@ def main(argv):
         try:
             for flag in ("output_json", "output_scores"):
                 if f[flag].value:
-                    io_checks.ensure_output_file(f[flag].value, flag)
+                    outputs.ensure_output_file(f[flag].value, flag)
             result, class_names, name = evaluate_lib.evaluate_target(
                 f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
                 f.labels_file, f.batch_size, f.max_steps, f.threshold,
                 keep_scores=bool(f.output_scores), progress=bar, data_dir=f.data_dir)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        except io_checks.IO_ERRORS as e:
-            sys.exit(f"error: {type(e).__name__}: {io_checks.error_text(e)}")
+        except files.IO_ERRORS as e:
+            sys.exit(f"error: {type(e).__name__}: {files.error_text(e)}")
     print(f"{name}: {result.num_examples} images"
           + (f", {result.num_skipped} undecodable skipped" if result.num_skipped else ""))
     print(evaluate_lib.format_report(result, class_names, name, f.per_class))
@@ -80,8 +81,8 @@ def main(argv):
         if f.output_scores:
             evaluate_lib.write_scores(result, class_names, f.output_scores)
             logging.info("Wrote %s", f.output_scores)
-    except io_checks.IO_ERRORS as e:
-        sys.exit(f"error: cannot write the output (disk full?): {io_checks.error_text(e)}")
+    except files.IO_ERRORS as e:
+        sys.exit(f"error: cannot write the output (disk full?): {files.error_text(e)}")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ from mlcrl_tf import checkpoints
 from mlcrl_tf import data as data_lib
 from mlcrl_tf import metrics as metrics_lib
 from mlcrl_tf import serving
-from pipelines import input_pipeline
-from pipelines import record_stream
-from pipelines import tfds_source
-from pipelines import tfrecord_lib
+from pipelines.tfdata import skip_counts
+from pipelines.tfdata import record_stream
+from pipelines.tfdata import tfds_source
+from pipelines.records import label_maps
+from pipelines.records import shard_sets
+from pipelines.tfdata import input_pipeline
 
 
 @dataclasses.dataclass
@@ -256,7 +258,7 @@ def evaluate_saved_model(saved_model, file_pattern, num_classes, threshold=None,
     client = (saved_model if isinstance(saved_model, serving.ExportClient)
               else serving.ExportClient(saved_model))
     threshold = client.threshold if threshold is None else threshold
-    counter = input_pipeline.SkipCounter()
+    counter = skip_counts.SkipCounter()
     dataset = input_pipeline.make_record_dataset(file_pattern, batch_size, num_classes,
                                                  data_dir=data_dir, skip_counter=counter)
     accumulator = metrics_lib.MetricAccumulator(num_classes, from_logits=True)
@@ -323,10 +325,10 @@ def format_report(result, class_names, name, per_class=False):
 def class_names_for(eval_files, labels_file=None):
     """Class names from `labels_file`, else labels.txt beside the shards (or None)."""
     if labels_file:
-        return tfrecord_lib.read_class_names(labels_file)
+        return label_maps.read_class_names(labels_file)
     if tfds_source.is_tfds(eval_files):
         return None  # checked against the run's by data.resolve_data at training
-    return tfrecord_lib.class_names_for_shards(tfrecord_lib.find_shards(eval_files))
+    return label_maps.class_names_for_shards(shard_sets.find_shards(eval_files))
 
 
 def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoint=None,
@@ -396,7 +398,7 @@ def _evaluate_checkpoint(model_dir, weights, eval_files, options):
     """`evaluate_target` on a run's checkpoint; `weights` is (checkpoint,
     best, use_ema), `options` evaluate_saved_model's keyword arguments."""
     model, config, class_names, path = checkpoints.restore_model(model_dir, *weights)
-    counter = input_pipeline.SkipCounter()
+    counter = skip_counts.SkipCounter()
     dataset = input_pipeline.make_dataset(
         eval_files, options["batch_size"], config.image_size, config.num_classes,
         training=False, skip_counter=counter, data_dir=options["data_dir"],
@@ -416,7 +418,7 @@ def _start(progress, eval_files, batch_size, max_steps):
     if tfds_source.is_tfds(eval_files):
         progress.start()  # TFDS split sizes are not counted here
         return
-    total = tfrecord_lib.count_records(tfrecord_lib.find_shards(eval_files))
+    total = shard_sets.count_records(shard_sets.find_shards(eval_files))
     progress.start(total=min(total, max_steps * batch_size) if max_steps else total)
 
 

@@ -20,10 +20,10 @@ from absl import flags
 
 from mlcrl_tf import checkpoints
 from mlcrl_tf import export_lib
-from mlcrl_tf import io_checks
+from pipelines.utils import files
 from mlcrl_tf import serving
-from pipelines import console
-from pipelines import progress
+from pipelines.utils import console
+from pipelines.utils import progress
 
 
 def define_flags():
@@ -73,10 +73,10 @@ def main(argv):
             precision=f.precision, jit_compile=f.jit_compile)
     except (ValueError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    except io_checks.IO_ERRORS as e:  # E.g. an unwritable temporary directory.
+    except files.IO_ERRORS as e:  # E.g. an unwritable temporary directory.
         path = getattr(e, "filename", None)
         sys.exit(f"error: the export failed{f' on {path!r}' if path else ''}: "
-                 f"{type(e).__name__}: {io_checks.error_text(e)}")
+                 f"{type(e).__name__}: {files.error_text(e)}")
     print(f"Exported {f.model_dir} to {path}")
     print(f"export: done in {progress.format_duration(time.monotonic() - start)}",
           file=sys.stderr)

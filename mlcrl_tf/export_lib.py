@@ -44,7 +44,8 @@ from absl import logging
 import tensorflow as tf
 
 from mlcrl_tf import checkpoints
-from mlcrl_tf import io_checks
+from pipelines.utils import files
+from pipelines.utils import outputs
 from mlcrl_tf import serving
 
 DEFAULT_TOP_K = 5
@@ -157,7 +158,7 @@ def export_model(model, export_dir, class_names, threshold=0.5, version=None, to
     class_names, top_k = _check_arguments(model, class_names, threshold, top_k)
     _check_limits(max_batch_size, max_image_pixels)
     _check_jit_compile(jit_compile)
-    io_checks.ensure_output_dir(export_dir, "export_dir")
+    outputs.ensure_output_dir(export_dir, "export_dir")
     version = _resolve_version(export_dir, version)
     with tempfile.TemporaryDirectory() as local:
         labels_path = os.path.join(local, serving.LABELS_FILE)
@@ -184,9 +185,9 @@ def _save_atomically(module, export_dir, version):
     try:
         try:
             tf.saved_model.save(module, temp_dir, signatures=module.signatures())
-        except io_checks.IO_ERRORS as e:
+        except files.IO_ERRORS as e:
             raise ValueError(f"--export_dir={export_dir!r}: cannot write the export "
-                             f"(disk full or unwritable?): {io_checks.error_text(e)}"
+                             f"(disk full or unwritable?): {files.error_text(e)}"
                              ) from None
         try:
             tf.io.gfile.rename(temp_dir, final_dir, overwrite=False)
@@ -198,8 +199,8 @@ def _save_atomically(module, export_dir, version):
         try:
             if tf.io.gfile.exists(temp_dir):
                 tf.io.gfile.rmtree(temp_dir)
-        except io_checks.IO_ERRORS as e:
-            logging.warning("Could not remove %s: %s", temp_dir, io_checks.error_text(e))
+        except files.IO_ERRORS as e:
+            logging.warning("Could not remove %s: %s", temp_dir, files.error_text(e))
     return final_dir
 
 
@@ -233,7 +234,7 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
     """
     _check_limits(max_batch_size, max_image_pixels)
     _check_jit_compile(jit_compile)
-    io_checks.ensure_output_dir(export_dir, "export_dir")
+    outputs.ensure_output_dir(export_dir, "export_dir")
     model, config, class_names, path = checkpoints.restore_model(
         model_dir, checkpoint=checkpoint, best=best, use_ema=use_ema, precision=precision)
     logging.info("Restored %s", path)

@@ -13,10 +13,10 @@ import sys
 from absl import app
 from absl import flags
 
-from mlcrl_tf import io_checks
+from pipelines.utils import files
 from mlcrl_tf import predict_lib
-from pipelines import console
-from pipelines import progress
+from pipelines.utils import console
+from pipelines.utils import progress
 
 
 def define_flags():
@@ -50,8 +50,8 @@ def main(argv):
                                    max_image_bytes=f.max_image_bytes, progress=bar)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        except io_checks.IO_ERRORS as e:  # e.g. an unreadable export
-            sys.exit(f"error: {type(e).__name__}: {io_checks.error_text(e)}")
+        except files.IO_ERRORS as e:  # e.g. an unreadable export
+            sys.exit(f"error: {type(e).__name__}: {files.error_text(e)}")
     sys.exit(code)
 
 

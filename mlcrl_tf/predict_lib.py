@@ -54,15 +54,16 @@ import sys
 
 import numpy as np
 
-from mlcrl_tf import io_checks
+from pipelines.utils import files
+from pipelines.utils import outputs
 from mlcrl_tf import serving
-from pipelines import tfrecord_lib
+from pipelines.records import image_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # An --output with one of these would replace a picture with JSON lines.
 _PICTURE_EXTENSIONS = IMAGE_EXTENSIONS + (".tif", ".tiff", ".heic", ".heif", ".avif",
                                           ".jxl", ".ico")
-DEFAULT_MAX_IMAGE_BYTES = tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES
+DEFAULT_MAX_IMAGE_BYTES = image_files.DEFAULT_MAX_IMAGE_BYTES
 _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
@@ -181,7 +182,7 @@ def check_output(output, found, overwrite=False):
     if os.path.lexists(output) and not overwrite:
         raise ValueError(f"--output={output!r} already exists; pass --overwrite to "
                          "replace it.")
-    io_checks.ensure_output_file(output, "output")
+    outputs.ensure_output_file(output, "output")
 
 
 def _check_choice(threshold, top_k, num_classes):
@@ -286,9 +287,9 @@ def _read_chunk(chunk, max_image_bytes):
     for i, (path, error) in enumerate(chunk):
         if error is None:
             try:
-                readable.append((i, path, tfrecord_lib.read_image_file(path,
+                readable.append((i, path, image_files.read_image_file(path,
                                                                        max_image_bytes)))
-            except tfrecord_lib.ImageError as e:
+            except image_files.ImageError as e:
                 error = e.reason
         if error is not None:
             records[i] = {"filename": path, "error": error}
@@ -338,7 +339,7 @@ def run(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16, outpu
                 out.close()
     except OSError as e:
         where = f"--output={output!r}" if output else "the standard output"
-        raise ValueError(f"{where}: cannot write: {io_checks.error_text(e)}") from None
+        raise ValueError(f"{where}: cannot write: {files.error_text(e)}") from None
     stderr.write(f"Labelled {labelled} image(s), {failed} error(s)"
                  + (f", {len(duplicates)} duplicate path(s) skipped" if duplicates else "")
                  + (f"; wrote {output}" if output else "") + ".\n")

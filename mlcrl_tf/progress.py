@@ -18,7 +18,7 @@ is that of the training steps alone. The ETA uses the mean rate since
 import sys
 import time
 
-from pipelines import progress
+from pipelines.utils import progress
 
 
 class Progress(progress.Progress):

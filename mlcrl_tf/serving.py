@@ -53,8 +53,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from pipelines import image_header
-from pipelines import input_pipeline
+from pipelines.records import image_header
+from pipelines.tfdata import decoder
+from pipelines.tfdata import preprocessing
 
 SERVING_DEFAULT = "serving_default"
 SERVE_TENSOR = "serve_tensor"
@@ -248,8 +249,8 @@ def decode_image_batch(image_bytes, image_size, max_pixels=DEFAULT_MAX_IMAGE_PIX
     count = tf.size(image_bytes)
 
     def decode(index, data):
-        image = input_pipeline.decode_image(data)
-        return index, input_pipeline.preprocess_eval(image, image_size, antialias)
+        image = decoder.decode_image(data)
+        return index, preprocessing.preprocess_eval(image, image_size, antialias)
 
     # A tf.data map with ignore_errors drops the elements whose decoding
     # fails instead of stopping the graph, so the survivors' indices tell

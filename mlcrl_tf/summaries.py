@@ -36,7 +36,7 @@ from tensorboard.plugins import projector
 
 from mlcrl_tf import cams
 from mlcrl_tf import label_space
-from pipelines import label_stats
+from pipelines.tfdata import label_stats
 
 TAG = "eval/cams"
 TILE_SIZE = 128

@@ -24,7 +24,7 @@ from mlcrl_tf import checkpoints
 from mlcrl_tf import config as config_lib
 from mlcrl_tf import flagfiles
 from mlcrl_tf import train_lib
-from pipelines import console
+from pipelines.utils import console
 
 
 def main(argv):

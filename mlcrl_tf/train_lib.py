@@ -39,15 +39,16 @@ from mlcrl_tf import data as data_lib
 from mlcrl_tf import distribute
 from mlcrl_tf import evaluate_lib
 from mlcrl_tf import export_lib
-from mlcrl_tf import io_checks
+from pipelines.utils import outputs
 from mlcrl_tf import losses
 from mlcrl_tf import optim
 from mlcrl_tf import progress as progress_lib
 from mlcrl_tf import run_lock
 from mlcrl_tf import summaries as summaries_lib
-from pipelines import input_pipeline
-from pipelines import record_stream
-from pipelines import tfds_source
+from pipelines.tfdata import preprocessing
+from pipelines.tfdata import record_stream
+from pipelines.tfdata import tfds_source
+from pipelines.tfdata import input_pipeline
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,7 +147,7 @@ class Trainer:
     def train_dataset(self, epoch, skip_steps=0):
         """The distributed training data of one epoch, resumable mid-epoch."""
         c = self.config
-        augmentation = input_pipeline.Augmentation(c.random_flip, c.crop_scales or None)
+        augmentation = preprocessing.Augmentation(c.random_flip, c.crop_scales or None)
 
         def dataset_fn(input_context):
             return input_pipeline.make_dataset(
@@ -384,9 +385,9 @@ def train_and_evaluate(config):
         tf.config.experimental.enable_op_determinism()
     config, class_names, num_records = data_lib.resolve_data(config)
     chief = distribute.is_chief(strategy)
-    io_checks.ensure_output_dir(config.model_dir, "model_dir")
+    outputs.ensure_output_dir(config.model_dir, "model_dir")
     if config.export_dir and chief:  # checked before the first step, not after the last
-        io_checks.ensure_output_dir(config.export_dir, "export_dir")
+        outputs.ensure_output_dir(config.export_dir, "export_dir")
     with run_lock.run_lock(config.model_dir, chief, config.lock_timeout_secs):
         # A resumed run must be the same network (run.json is rewritten by
         # Trainer.train once its checkpoint has loaded).

@@ -16,10 +16,10 @@ from absl import app
 from absl import flags
 
 from mlcrl_tf import cams
-from mlcrl_tf import io_checks
-from pipelines import console
-from pipelines import image_header
-from pipelines import tfrecord_lib
+from pipelines.utils import files
+from pipelines.utils import console
+from pipelines.records import image_header
+from pipelines.records import image_files
 
 
 def define_flags():
@@ -37,7 +37,7 @@ def define_flags():
     flags.DEFINE_integer("max_image_pixels", image_header.DEFAULT_MAX_PIXELS,
                          "Images above this many pixels (read from the header) are "
                          "skipped before decoding.")
-    flags.DEFINE_integer("max_image_bytes", tfrecord_lib.DEFAULT_MAX_IMAGE_BYTES,
+    flags.DEFINE_integer("max_image_bytes", image_files.DEFAULT_MAX_IMAGE_BYTES,
                          "Larger files are skipped unread.")
 
 
@@ -53,8 +53,8 @@ def main(argv):
                         max_pixels=f.max_image_pixels, max_bytes=f.max_image_bytes)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    except io_checks.IO_ERRORS as e:  # e.g. an unreadable run or checkpoint
-        sys.exit(f"error: {type(e).__name__}: {io_checks.error_text(e)}")
+    except files.IO_ERRORS as e:  # e.g. an unreadable run or checkpoint
+        sys.exit(f"error: {type(e).__name__}: {files.error_text(e)}")
     sys.exit(code)
 
 

@@ -12,7 +12,7 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from pipelines import console as _console  # noqa: E402
+from pipelines.utils import console as _console  # noqa: E402
 
 if "tensorflow" not in sys.modules and _console.quiet_tensorflow_logs():
     # TensorFlow prints a few INFO lines at load whatever the level: load it

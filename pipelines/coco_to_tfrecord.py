@@ -10,10 +10,11 @@ import sys
 from absl import app
 from absl import flags
 
-from pipelines import coco_lib
-from pipelines import console
-from pipelines import progress
-from pipelines import tfrecord_lib
+from pipelines.converters import coco_lib
+from pipelines.utils import console
+from pipelines.utils import progress
+from pipelines.converters import writer_flags
+from pipelines.records import split_report
 
 
 def define_flags():
@@ -24,7 +25,7 @@ def define_flags():
                         required=True)
     flags.DEFINE_string("split", None, "Split name (default: from the "
                         "annotations file name, e.g. train2014).")
-    tfrecord_lib.define_writer_flags(num_shards=8)
+    writer_flags.define_writer_flags(num_shards=8)
 
 
 def main(argv):
@@ -34,10 +35,10 @@ def main(argv):
         try:
             report = coco_lib.convert(f.annotations, f.image_dir, f.output_dir,
                                       split=f.split, progress=bar,
-                                      **tfrecord_lib.writer_options(f))
+                                      **writer_flags.writer_options(f))
         except (ValueError, OSError) as e:
             sys.exit(f"error: {e}")
-    print(tfrecord_lib.format_summary(report, f.output_dir)
+    print(split_report.format_summary(report, f.output_dir)
           + f"; {report['dropped_unannotated']} unannotated images dropped")
 
 

@@ -10,10 +10,11 @@ import sys
 from absl import app
 from absl import flags
 
-from pipelines import console
-from pipelines import csv_lib
-from pipelines import progress
-from pipelines import tfrecord_lib
+from pipelines.utils import console
+from pipelines.converters import csv_lib
+from pipelines.utils import progress
+from pipelines.converters import writer_flags
+from pipelines.records import split_report
 
 
 def define_flags():
@@ -25,7 +26,7 @@ def define_flags():
     flags.DEFINE_string("classes", None, "Comma-separated class names or a "
                         "labels.txt file; default: sorted names in the CSV.")
     flags.DEFINE_string("split", "train", "Output split name.")
-    tfrecord_lib.define_writer_flags(num_shards=4)
+    writer_flags.define_writer_flags(num_shards=4)
 
 
 def main(argv):
@@ -35,10 +36,10 @@ def main(argv):
         try:
             report = csv_lib.convert(f.csv, f.image_dir, f.output_dir,
                                      classes=f.classes, split=f.split, progress=bar,
-                                     **tfrecord_lib.writer_options(f))
+                                     **writer_flags.writer_options(f))
         except (ValueError, OSError) as e:
             sys.exit(f"error: {e}")
-    print(tfrecord_lib.format_summary(report, f.output_dir))
+    print(split_report.format_summary(report, f.output_dir))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import sys
 from absl import app
 from absl import flags
 
-from pipelines import console
-from pipelines import demo_lib
-from pipelines import progress
+from pipelines.utils import console
+from pipelines.demo import outfits
+from pipelines.utils import progress
 
 
 def define_flags():
@@ -40,7 +40,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         with progress.Progress(unit="images") as bar:
-            summary = demo_lib.generate(f.output_dir, f.num_train, f.num_test,
+            summary = outfits.generate(f.output_dir, f.num_train, f.num_test,
                                         f.canvas_size, f.seed, f.occlusion,
                                         f.fashion_mnist_dir, f.overwrite, progress=bar)
     except ValueError as e:
@@ -53,7 +53,7 @@ def main(argv):
         print("  " + json.dumps(s))
     print(f"TFRecords: {os.path.join(f.output_dir, 'tfrecords')}")
     if f.preview:
-        demo_lib.write_preview(f.output_dir, f.preview)
+        outfits.write_preview(f.output_dir, f.preview)
         print(f"preview: {f.preview}")
 
 

@@ -10,10 +10,11 @@ import sys
 from absl import app
 from absl import flags
 
-from pipelines import console
-from pipelines import voc_lib
-from pipelines import progress
-from pipelines import tfrecord_lib
+from pipelines.utils import console
+from pipelines.converters import voc_lib
+from pipelines.utils import progress
+from pipelines.converters import writer_flags
+from pipelines.records import split_report
 
 
 def define_flags():
@@ -22,7 +23,7 @@ def define_flags():
                         required=True)
     flags.DEFINE_enum("split", None, list(voc_lib.VOC_SPLITS), "VOC split.",
                       required=True)
-    tfrecord_lib.define_writer_flags(num_shards=4)
+    writer_flags.define_writer_flags(num_shards=4)
 
 
 def main(argv):
@@ -31,10 +32,10 @@ def main(argv):
     with progress.Progress(unit="images") as bar:
         try:
             report = voc_lib.convert(f.voc_dir, f.split, f.output_dir, progress=bar,
-                                     **tfrecord_lib.writer_options(f))
+                                     **writer_flags.writer_options(f))
         except (ValueError, OSError) as e:
             sys.exit(f"error: {e}")
-    print(tfrecord_lib.format_summary(report, f.output_dir))
+    print(split_report.format_summary(report, f.output_dir))
 
 
 if __name__ == "__main__":

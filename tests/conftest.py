@@ -20,9 +20,9 @@ def demo_data(tmp_path_factory):
     Returns:
         dict with `dir`, `train_files`, `test_files` globs and `labels_file`.
     """
-    from pipelines import demo_lib  # pylint: disable=import-outside-toplevel
+    from pipelines.demo import outfits  # pylint: disable=import-outside-toplevel
     root = str(tmp_path_factory.mktemp("demo"))
-    demo_lib.generate(root, num_train=64, num_test=32, canvas_size=48, seed=0,
+    outfits.generate(root, num_train=64, num_test=32, canvas_size=48, seed=0,
                           num_workers=1)
     records = os.path.join(root, "tfrecords")
     return {"dir": root,

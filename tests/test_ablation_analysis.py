@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import ablation_analysis as analysis  # noqa: E402
 import pretrain_backbone  # noqa: E402
 from mlcrl_tf import model as model_lib  # noqa: E402
-from pipelines import fashion_mnist  # noqa: E402
+from pipelines.demo import fashion_mnist  # noqa: E402
 # pylint: enable=wrong-import-position
 
 

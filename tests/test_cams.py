@@ -11,12 +11,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_module
-from mlcrl_tf import backbones, cams, checkpoints, summaries
+from mlcrl_tf import backbones
+from mlcrl_tf import cams
+from mlcrl_tf import checkpoints
+from mlcrl_tf import summaries
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
-from pipelines import fashion_mnist
-from pipelines import input_pipeline
-from pipelines import tfrecord_lib
+from pipelines.demo import fashion_mnist
+from pipelines.records import schema
+from pipelines.tfdata import input_pipeline
 
 NUM_CLASSES = 10
 SIZE = 64
@@ -210,7 +213,7 @@ def test_visualize_input_equals_the_runs_eval_pipeline(models, data, tmp_path, m
         encoded = f.read()
     shard = str(tmp_path / "test-00000-of-00001.tfrecord")
     with tf.io.TFRecordWriter(shard) as writer:
-        writer.write(tfrecord_lib.make_example(encoded, "big.png", [1]).SerializeToString())
+        writer.write(schema.make_example(encoded, "big.png", [1]).SerializeToString())
     pipeline = {a: next(iter(input_pipeline.make_dataset(
         shard, 1, SIZE, NUM_CLASSES, training=False, antialias=a)))["images"].numpy()
         for a in (False, True)}

@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO
 from mlcrl_tf import checkpoints
 from mlcrl_tf import evaluate_lib
-from pipelines import console
-from pipelines import input_pipeline
+from pipelines.utils import console
+from pipelines.tfdata import input_pipeline
 
 INFO_LINE = re.compile(r"^I\d{4} ", re.MULTILINE)
 # A C++ INFO line of TensorFlow's: every CPU prints one at import (the oneDNN

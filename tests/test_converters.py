@@ -18,10 +18,12 @@ import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-from pipelines import coco_lib
-from pipelines import csv_lib
-from pipelines import tfrecord_lib as lib
-from pipelines import voc_lib
+from pipelines.converters import coco_lib
+from pipelines.converters import csv_lib
+from pipelines.records import label_maps
+from pipelines.records import schema
+from pipelines.records import shard_sets
+from pipelines.converters import voc_lib
 
 W, H = 80, 56
 
@@ -55,15 +57,15 @@ def make_images(directory, photos, names):
 
 def read_split(output_dir, split):
     """filename -> (labels, difficult, decoded image shape)."""
-    files = lib.find_shards(lib.split_file_pattern(output_dir, split))
+    files = shard_sets.find_shards(schema.split_file_pattern(output_dir, split))
     out = {}
     for raw in tf.data.TFRecordDataset(files):
-        example = tf.io.parse_single_example(raw, lib.FEATURE_SPEC)
-        image = tf.io.decode_image(example[lib.ENCODED_KEY], channels=3,
+        example = tf.io.parse_single_example(raw, schema.FEATURE_SPEC)
+        image = tf.io.decode_image(example[schema.ENCODED_KEY], channels=3,
                                    expand_animations=False)
-        out[example[lib.FILENAME_KEY].numpy().decode()] = (
-            tf.sparse.to_dense(example[lib.LABEL_KEY]).numpy().tolist(),
-            tf.sparse.to_dense(example[lib.DIFFICULT_KEY]).numpy().tolist(),
+        out[example[schema.FILENAME_KEY].numpy().decode()] = (
+            tf.sparse.to_dense(example[schema.LABEL_KEY]).numpy().tolist(),
+            tf.sparse.to_dense(example[schema.DIFFICULT_KEY]).numpy().tolist(),
             tuple(image.shape))
     return out
 
@@ -83,7 +85,7 @@ def test_docstring_starts_with_run_command(name):
     command = f"python -m pipelines.{name}_to_tfrecord "
     cli = importlib.import_module(f"pipelines.{name}_to_tfrecord")
     assert cli.__doc__.startswith(command)
-    assert command in importlib.import_module(f"pipelines.{name}_lib").__doc__
+    assert command in importlib.import_module(f"pipelines.converters.{name}_lib").__doc__
 
 
 # ----------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def test_coco_round_trip(tmp_path, coco):
                                       num_shards=2, num_workers=1)
 
     assert report["split"] == "val2014"
-    assert lib.read_class_names(out) == ["person", "dog", "toothbrush"]
+    assert label_maps.read_class_names(out) == ["person", "dog", "toothbrush"]
     assert read_split(out, "val2014") == {
         "COCO_val2014_1.jpg": ([0, 1], [], (H, W, 3)),
         "COCO_val2014_2.jpg": ([2], [], (H, W, 3)),  # iscrowd still labels.
@@ -235,7 +237,7 @@ def test_voc_round_trip(tmp_path, voc):
     assert counts["dog"] == (1, 0) and counts["person"] == (1, 1)
     assert counts["chair"] == (1, 1) and counts["sheep"] == (0, 0)
 
-    names = lib.read_class_names(out)
+    names = label_maps.read_class_names(out)
     assert names == list(voc_lib.VOC_CLASSES) and len(names) == 20
     assert names[:3] == ["aeroplane", "bicycle", "bird"]
     assert names[-1] == "tvmonitor"
@@ -289,7 +291,7 @@ def test_csv_round_trip_inferred_classes(tmp_path, csv_data):
     out = str(tmp_path / "out")
     report = csv_lib.convert(csv_path, image_dir, out, num_shards=2,
                                      num_workers=1)
-    assert lib.read_class_names(out) == ["cat", "dog", "person"]
+    assert label_maps.read_class_names(out) == ["cat", "dog", "person"]
     assert read_split(out, "train") == {
         "sub/a.jpg": ([1, 2], [], (H, W, 3)),
         "b.jpg": ([], [], (H, W, 3)),
@@ -321,7 +323,7 @@ def test_csv_given_classes(tmp_path, csv_data):
                             classes=str(labels), num_shards=1, num_workers=1)
     assert read_split(str(tmp_path / "b"), "train") == {
         "c.png": ([2], [], (H, W, 3)), "sub/a.jpg": ([3], [], (H, W, 3))}
-    assert lib.read_class_names(str(tmp_path / "b")) == classes
+    assert label_maps.read_class_names(str(tmp_path / "b")) == classes
 
 
 def test_csv_bad_inputs(tmp_path, csv_data):
@@ -370,7 +372,7 @@ def test_csv_script_prints_summary(tmp_path, csv_data):
     assert len(lines) == 1
     assert "wrote 4 images (1 skipped, 0 re-encoded)" in lines[0]
     assert out in lines[0]
-    assert len(lib.find_shards(lib.split_file_pattern(out, "train"))) == 2
+    assert len(shard_sets.find_shards(schema.split_file_pattern(out, "train"))) == 2
 
 
 def test_coco_script_fails_cleanly(tmp_path):

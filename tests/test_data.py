@@ -17,7 +17,9 @@ from mlcrl_tf import data
 from mlcrl_tf import evaluate_lib
 from mlcrl_tf import export_lib
 from mlcrl_tf import train_lib
-from pipelines import tfrecord_lib
+from pipelines.records import label_maps
+from pipelines.records import schema
+from pipelines.records import shard_sets
 
 
 def _config(demo_data, tmp_path, **overrides):
@@ -36,7 +38,7 @@ def _copy_split(demo_data, tmp_path, name, split="test", drop=None, rename=None)
     source = os.path.dirname(demo_data["test_files"])
     for path in glob.glob(os.path.join(source, f"{split}*")):
         shutil.copy(path, directory)
-    names = tfrecord_lib.read_class_names(demo_data["labels_file"])
+    names = label_maps.read_class_names(demo_data["labels_file"])
     if drop is not None:
         names = names[:drop] + names[drop + 1:]
     if rename is not None:
@@ -99,7 +101,7 @@ def test_a_subset_of_shards_counts_only_itself(demo_data, tmp_path):
     subset = os.path.join(records, "train-0000[0-1]-of-00008.tfrecord")
     _, _, count = data.resolve_data(_config(demo_data, tmp_path, train_files=subset))
     assert count == 16 == sum(1 for _ in tf.data.TFRecordDataset(
-        tfrecord_lib.find_shards(subset)))
+        shard_sets.find_shards(subset)))
 
 
 def test_an_out_of_range_class_id_stops_training_with_one_line(demo_data, tmp_path):
@@ -107,13 +109,13 @@ def test_an_out_of_range_class_id_stops_training_with_one_line(demo_data, tmp_pa
     directory.mkdir()
     shutil.copy(demo_data["labels_file"], directory)
     examples = list(tf.data.TFRecordDataset(
-        tfrecord_lib.find_shards(demo_data["test_files"])).as_numpy_iterator())
+        shard_sets.find_shards(demo_data["test_files"])).as_numpy_iterator())
     path = directory / "train-00000-of-00001.tfrecord"
     with tf.io.TFRecordWriter(str(path)) as writer:
         for i, record in enumerate(examples):
             example = tf.train.Example.FromString(record)
             if i == 5:
-                example.features.feature[tfrecord_lib.LABEL_KEY].int64_list.value.append(12)
+                example.features.feature[schema.LABEL_KEY].int64_list.value.append(12)
             writer.write(example.SerializeToString())
     proc = run_module("mlcrl_tf.train", [
         f"--model_dir={tmp_path / 'run'}", f"--train_files={path}", "--backbone=small_cnn",
@@ -125,7 +127,7 @@ def test_an_out_of_range_class_id_stops_training_with_one_line(demo_data, tmp_pa
 
 
 def test_a_labels_file_that_disagrees_with_the_shards_is_refused(demo_data, tmp_path):
-    names = tfrecord_lib.read_class_names(demo_data["labels_file"])
+    names = label_maps.read_class_names(demo_data["labels_file"])
     swapped = tmp_path / "labels.txt"
     swapped.write_text("".join(f"{n}\n" for n in [names[1], names[0], *names[2:]]))
     with pytest.raises(ValueError, match=r"--train_files=.*label map differs.*class id 0"):
@@ -138,7 +140,7 @@ def test_a_labels_file_that_disagrees_with_the_shards_is_refused(demo_data, tmp_
 
 def test_tfds_selection_files_with_shard_training_files(demo_data, tmp_path, monkeypatch):
     """Failed before: the held-out check globbed 'tfds:...' as a file pattern."""
-    names = tfrecord_lib.read_class_names(demo_data["labels_file"])
+    names = label_maps.read_class_names(demo_data["labels_file"])
 
     class Split:  # what data needs of a tfds_source.TfdsSplit
         class_names = names

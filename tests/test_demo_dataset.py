@@ -13,17 +13,18 @@ import shutil
 import numpy as np
 import pytest
 
-from pipelines import demo_lib
-from pipelines import fashion_mnist
-from pipelines import input_pipeline
-from pipelines import tfrecord_lib
+from pipelines.demo import outfits
+from pipelines.demo import fashion_mnist
+from pipelines.records import label_maps
+from pipelines.records import schema
+from pipelines.tfdata import input_pipeline
 
 NUM_TRAIN, NUM_TEST = 40, 20
 
 
 def _generate(root, name, **kwargs):
     output_dir = os.path.join(root, name)
-    demo_lib.generate(output_dir, num_train=NUM_TRAIN, num_test=NUM_TEST,
+    outfits.generate(output_dir, num_train=NUM_TRAIN, num_test=NUM_TEST,
                           num_workers=1, **kwargs)
     return output_dir
 
@@ -83,7 +84,7 @@ def test_tfrecords_carry_the_coco_labels(demo_sets, split):
     expected = _label_sets(_coco(output_dir, split))
     assert len(expected) == (NUM_TRAIN if split == "train" else NUM_TEST)
     ds = input_pipeline.make_dataset(
-        tfrecord_lib.split_file_pattern(os.path.join(output_dir, "tfrecords"),
+        schema.split_file_pattern(os.path.join(output_dir, "tfrecords"),
                                         split),
         batch_size=7, image_size=96, num_classes=10,
         training=False)
@@ -93,7 +94,7 @@ def test_tfrecords_carry_the_coco_labels(demo_sets, split):
         for name, labels in zip(batch["filename"], batch["labels"]):
             got[name.decode()] = set(np.flatnonzero(labels).tolist())
     assert got == expected
-    assert tfrecord_lib.read_class_names(
+    assert label_maps.read_class_names(
         os.path.join(output_dir, "tfrecords")) == list(fashion_mnist.CLASS_NAMES)
 
 
@@ -131,7 +132,7 @@ def test_pixels_are_the_source_items(demo_sets, sources):
         canvas = np.asarray(Image.open(os.path.join(
             output_dir, "images", "test", files[a["image_id"]])), np.float32)
         x, y, side, _ = a["item_box"]
-        gray, alpha = demo_lib.render_item(
+        gray, alpha = outfits.render_item(
             sources["test"][0][a["source_index"]], side)
         patch = canvas[y:y + side, x:x + side].mean(-1)
         inside = alpha > 0.99
@@ -154,12 +155,12 @@ def test_same_seed_same_bytes_other_seed_other_bytes(demo_sets):
 
 def test_refuses_to_overwrite(demo_sets):
     with pytest.raises(ValueError, match="overwrite"):
-        demo_lib.generate(demo_sets["seed0"], num_train=2, num_test=2)
+        outfits.generate(demo_sets["seed0"], num_train=2, num_test=2)
 
 
 def test_preview(demo_sets, tmp_path):
     path = str(tmp_path / "preview.png")
-    demo_lib.write_preview(demo_sets["seed0"], path, num=4, columns=2)
+    outfits.write_preview(demo_sets["seed0"], path, num=4, columns=2)
     from PIL import Image  # pylint: disable=import-outside-toplevel
     assert Image.open(path).size[0] == 2 * (96 * 2 + 6) + 6
 
@@ -174,10 +175,10 @@ def _recomputed_fractions(coco, images, canvas_size=96):
         by_image.setdefault(a["image_id"], []).append(a)
     result = []
     for annotations in by_image.values():
-        alphas = [demo_lib.render_item(images[a["source_index"]],
+        alphas = [outfits.render_item(images[a["source_index"]],
                                            a["item_box"][2])[1]
                   for a in annotations]
-        masks, fractions = demo_lib.visible_masks(
+        masks, fractions = outfits.visible_masks(
             alphas, [a["item_box"] for a in annotations], canvas_size)
         for a, mask, fraction in zip(annotations, masks, fractions):
             result.append((a, mask, fraction))
@@ -185,8 +186,8 @@ def _recomputed_fractions(coco, images, canvas_size=96):
 
 
 @pytest.mark.parametrize("name,minimum", [
-    ("seed0", demo_lib.DEFAULT_MIN_VISIBLE),
-    ("occluded", demo_lib.OCCLUDED_MIN_VISIBLE)])
+    ("seed0", outfits.DEFAULT_MIN_VISIBLE),
+    ("occluded", outfits.OCCLUDED_MIN_VISIBLE)])
 def test_visible_fraction_rule(demo_sets, sources, name, minimum):
     coco = _coco(demo_sets[name], "train")
     assert coco["info"]["min_visible_fraction"] == minimum
@@ -216,7 +217,7 @@ def test_occlusion_mode_occludes_and_crops(demo_sets, sources):
 def test_occlusion_mode_leaves_classes_mostly_hidden(demo_sets):
     """The ablation's hidden-label AP needs classes whose every item is
     < 50 % visible: the occluded minimum is 25 %, and such classes are common."""
-    assert demo_lib.OCCLUDED_MIN_VISIBLE == 0.25
+    assert outfits.OCCLUDED_MIN_VISIBLE == 0.25
     coco = _coco(demo_sets["occluded"], "train")
     best = {}
     for a in coco["annotations"]:
@@ -238,7 +239,7 @@ def test_labels_are_exactly_the_visible_classes(demo_sets, sources):
     recomputed = _recomputed_fractions(coco, images)
     visible = {}
     for a, mask, fraction in recomputed:
-        if fraction >= demo_lib.OCCLUDED_MIN_VISIBLE:
+        if fraction >= outfits.OCCLUDED_MIN_VISIBLE:
             visible.setdefault(a["image_id"], set()).add(a["category_id"] - 1)
     names = {image["id"]: image["file_name"] for image in coco["images"]}
     assert {names[k]: v for k, v in visible.items()} == _label_sets(coco)
@@ -248,7 +249,7 @@ def test_labels_are_exactly_the_visible_classes(demo_sets, sources):
             if a["image_id"] != image_id:
                 continue
             x, y, side, _ = a["item_box"]
-            alpha = demo_lib.render_item(images[a["source_index"]], side)[1]
+            alpha = outfits.render_item(images[a["source_index"]], side)[1]
             padded = np.zeros((96 + 2 * side, 96 + 2 * side), bool)
             padded[y + side:y + 2 * side, x + side:x + 2 * side] = alpha > 0
             covered |= padded[side - 1:side + 97, side - 1:side + 97]
@@ -265,7 +266,7 @@ def test_make_canvas_leaves_out_items_without_room(sources):
     images, labels = sources["test"]
     bags = np.flatnonzero(labels == 8)[:12]
     items = [(8, int(i), images[i]) for i in bags]
-    canvas, pasted = demo_lib.make_canvas(rng, items, 40, occlusion=False)
+    canvas, pasted = outfits.make_canvas(rng, items, 40, occlusion=False)
     assert canvas.shape == (40, 40, 3) and canvas.dtype == np.uint8
     assert 1 <= len(pasted) < 12
     assert min(p["visible_fraction"] for p in pasted) >= 0.9

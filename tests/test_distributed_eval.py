@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, free_port, run_module
-from pipelines import input_pipeline
+from pipelines.tfdata import input_pipeline
 
 SMALL = ["--backbone=small_cnn", "--backbone_weights=", "--lr_decay_epochs=",
          "--image_size=48", "--batch_size=8", "--learning_rate=0.05",
@@ -71,7 +71,7 @@ import json, sys
 import numpy as np
 import tensorflow as tf
 from mlcrl_tf import distribute, evaluate_lib, model as model_lib
-from pipelines import input_pipeline
+from pipelines.tfdata import input_pipeline
 
 files = sys.argv[1]
 strategy = distribute.make_strategy("mirrored", 2)

@@ -14,8 +14,10 @@ from mlcrl_tf import evaluate_lib as evaluate
 from mlcrl_tf import export_lib as export
 from mlcrl_tf import metrics
 from mlcrl_tf import train_lib
-from pipelines import input_pipeline
-from pipelines import tfrecord_lib
+from pipelines.tfdata import skip_counts
+from pipelines.records import schema
+from pipelines.records import shard_sets
+from pipelines.tfdata import input_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +76,14 @@ def test_cli_on_checkpoint_and_on_export_agree(trained, demo_data, tmp_path):
 
 def test_undecodable_record_is_skipped_and_counted(trained, demo_data, tmp_path):
     """A garbage image among the eval records: skipped and counted, both paths."""
-    files = tfrecord_lib.find_shards(demo_data["test_files"])
+    files = shard_sets.find_shards(demo_data["test_files"])
     records = list(tf.data.TFRecordDataset(files).as_numpy_iterator())[:6]
-    bad = tfrecord_lib.make_example(b"not an image", "bad.jpg", [1, 2]).SerializeToString()
+    bad = schema.make_example(b"not an image", "bad.jpg", [1, 2]).SerializeToString()
     path = str(tmp_path / "test-00000-of-00001.tfrecord")
     with tf.io.TFRecordWriter(path) as writer:
         for record in records[:3] + [bad] + records[3:]:
             writer.write(record)
-    counter = input_pipeline.SkipCounter()
+    counter = skip_counts.SkipCounter()
     dataset = input_pipeline.make_dataset(path, 4, 48, 10, training=False,
                                           skip_counter=counter)
     result = evaluate.evaluate_model(trained["model"], dataset, 10, skip_counter=counter)
@@ -147,19 +149,19 @@ def test_output_scores_file(trained, demo_data, tmp_path):
 
 def test_difficult_labels_are_ignored_by_every_metric(trained, demo_data, tmp_path):
     """VOC difficult: an (image, class) pair marked difficult counts neither way."""
-    files = tfrecord_lib.find_shards(demo_data["test_files"])
+    files = shard_sets.find_shards(demo_data["test_files"])
     path = str(tmp_path / "test-00000-of-00001.tfrecord")
     marked = 0
     with tf.io.TFRecordWriter(path) as writer:
         for i, record in enumerate(tf.data.TFRecordDataset(files).as_numpy_iterator()):
             example = tf.train.Example.FromString(record)
             feature = example.features.feature
-            labels = list(feature[tfrecord_lib.LABEL_KEY].int64_list.value)
+            labels = list(feature[schema.LABEL_KEY].int64_list.value)
             difficult = labels[:1] if i % 2 == 0 else []
             marked += len(difficult)
-            writer.write(tfrecord_lib.make_example(
-                feature[tfrecord_lib.ENCODED_KEY].bytes_list.value[0],
-                feature[tfrecord_lib.FILENAME_KEY].bytes_list.value[0].decode(),
+            writer.write(schema.make_example(
+                feature[schema.ENCODED_KEY].bytes_list.value[0],
+                feature[schema.FILENAME_KEY].bytes_list.value[0].decode(),
                 labels, difficult).SerializeToString())
     assert marked == 16
     dataset = input_pipeline.make_dataset(path, 8, 48, 10, training=False)
@@ -299,7 +301,7 @@ def test_a_record_that_is_not_an_example_is_skipped_and_counted_alike(trained, d
     """A record that is not a tf.Example: skipped and counted, by the export's
     evaluation exactly as by the checkpoint's (same metrics, same count), and
     the other records are all scored (not a TensorFlow traceback)."""
-    files = tfrecord_lib.find_shards(demo_data["test_files"])
+    files = shard_sets.find_shards(demo_data["test_files"])
     records = list(tf.data.TFRecordDataset(files).as_numpy_iterator())[:6]
     clean = _shard_with(records, tmp_path / "clean")
     dirty = _shard_with(records[:4] + [garbage] + records[4:], tmp_path / "dirty")

@@ -18,11 +18,17 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # disable_op_determinism
 
 from conftest import train_briefly
-from mlcrl_tf import backbones, checkpoints, evaluate_lib, export_lib, serving, train_lib
+from mlcrl_tf import backbones
+from mlcrl_tf import checkpoints
+from mlcrl_tf import evaluate_lib
+from mlcrl_tf import export_lib
+from mlcrl_tf import serving
+from mlcrl_tf import train_lib
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
-from pipelines import fashion_mnist
-from pipelines.input_pipeline import decode_image, preprocess_eval
+from pipelines.demo import fashion_mnist
+from pipelines.tfdata.decoder import decode_image
+from pipelines.tfdata.preprocessing import preprocess_eval
 
 NUM_CLASSES = 10
 SIZE = 64

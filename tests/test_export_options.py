@@ -13,7 +13,8 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from conftest import REPO
-from mlcrl_tf import export_lib, serving
+from mlcrl_tf import export_lib
+from mlcrl_tf import serving
 from mlcrl_tf.model import build_model
 from test_export import BACKBONE, CLASS_NAMES, NUM_CLASSES, SIZE, _canvases, _encode, _train
 
@@ -148,7 +149,8 @@ _FAILING_EXPORT = """
 import sys
 import tensorflow as tf
 from absl import app
-from mlcrl_tf import export, export_lib
+from mlcrl_tf import export
+from mlcrl_tf import export_lib
 
 def fail(*unused_args, **unused_kwargs):
     raise {error}

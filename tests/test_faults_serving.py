@@ -18,11 +18,16 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_module
-from mlcrl_tf import cams, checkpoints, export_lib, io_checks, predict_lib, serving
+from mlcrl_tf import cams
+from mlcrl_tf import checkpoints
+from mlcrl_tf import export_lib
+from mlcrl_tf import predict_lib
+from mlcrl_tf import serving
 from mlcrl_tf import config as config_lib
 from mlcrl_tf.model import build_model
-from pipelines import image_header
-from pipelines import tfrecord_lib
+from pipelines.records import image_header
+from pipelines.records import shard_writer
+from pipelines.utils import outputs
 from test_image_header import gif_of_frames, png_bomb
 
 NUM_CLASSES = 4
@@ -251,7 +256,7 @@ def test_predict_overwrite_and_unwritable_output(export, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="p0.jpg is not a directory"):
         predict_lib.run(export["path"], photos, output=os.path.join(photos[0], "x.jsonl"),
                         stderr=io.StringIO())
-    monkeypatch.setattr(io_checks, "ensure_output_file", lambda *unused: None)
+    monkeypatch.setattr(outputs, "ensure_output_file", lambda *unused: None)
     with pytest.raises(ValueError, match="cannot write: No space left on device"):
         predict_lib.run(export["path"], photos, output="/dev/full", overwrite=True,
                         stderr=io.StringIO())
@@ -364,9 +369,9 @@ def damaged_run(run_dir, tmp_path):
 def eval_files(tmp_path):
     """A one-shard test split of two real JPEGs with the run's classes."""
     photos = _photos(str(tmp_path / "eval_images"))
-    records = [tfrecord_lib.ImageRecord(p, os.path.basename(p), (i,))
+    records = [shard_writer.ImageRecord(p, os.path.basename(p), (i,))
                for i, p in enumerate(photos)]
-    tfrecord_lib.write_split(records, str(tmp_path / "records"), "test", CLASS_NAMES,
+    shard_writer.write_split(records, str(tmp_path / "records"), "test", CLASS_NAMES,
                              num_shards=1, num_workers=1)
     return str(tmp_path / "records" / "test-*.tfrecord")
 

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from mlcrl_tf import config as config_lib, data, distribute, optim, train_lib
-from pipelines import input_pipeline
+from pipelines.tfdata import input_pipeline
 
 strategy_name, train_files, root = sys.argv[1], sys.argv[2], sys.argv[3]
 replicas = 2 if strategy_name == "mirrored" else 0

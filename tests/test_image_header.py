@@ -13,7 +13,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from pipelines import image_header as ih
+from pipelines.records import image_header as ih
 
 BUDGET = 1_000_000
 

@@ -13,9 +13,12 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 import tensorflow as tf
 
-from pipelines import fashion_mnist
-from pipelines import input_pipeline
-from pipelines import tfrecord_lib
+from pipelines.demo import fashion_mnist
+from pipelines.tfdata import decoder
+from pipelines.tfdata import preprocessing
+from pipelines.tfdata import skip_counts
+from pipelines.records import schema
+from pipelines.tfdata import input_pipeline
 
 NUM_CLASSES = 10
 
@@ -85,7 +88,7 @@ class DecodeTest(tf.test.TestCase, parameterized.TestCase):
     def test_decode_image_gives_rgb(self):
         for name, (data, expected, exact) in self._formats().items():
             with self.subTest(name):
-                image = input_pipeline.decode_image(tf.constant(data))
+                image = decoder.decode_image(tf.constant(data))
                 self.assertEqual(image.dtype, tf.uint8)
                 self.assertEqual(image.shape, expected.shape)
                 if exact:
@@ -96,8 +99,8 @@ class DecodeTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_decode_example(self):
         photo = _encode(_photo(), "JPEG")
-        example = tfrecord_lib.make_example(photo, "a/b.jpg", [3, 1, 3], [1])
-        features = input_pipeline.decode_example(
+        example = schema.make_example(photo, "a/b.jpg", [3, 1, 3], [1])
+        features = decoder.decode_example(
             tf.constant(example.SerializeToString()), NUM_CLASSES)
         self.assertEqual(features["image_bytes"].numpy(), photo)
         self.assertEqual(features["filename"].numpy(), b"a/b.jpg")
@@ -107,17 +110,17 @@ class DecodeTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(features["difficult"], np.arange(10) == 1)
 
     def test_decode_example_no_labels(self):
-        example = tfrecord_lib.make_example(b"x", "none.jpg", [])
-        features = input_pipeline.decode_example(
+        example = schema.make_example(b"x", "none.jpg", [])
+        features = decoder.decode_example(
             tf.constant(example.SerializeToString()), NUM_CLASSES)
         self.assertAllEqual(features["labels"], np.zeros(NUM_CLASSES))
 
     @parameterized.parameters(([5],), ([-1],), ([0, 12],))
     def test_out_of_range_label_is_an_error(self, labels):
-        example = tfrecord_lib.make_example(b"x", "bad.jpg", labels)
+        example = schema.make_example(b"x", "bad.jpg", labels)
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
                                     r"num_classes=5.*\n?.*bad\.jpg"):
-            input_pipeline.decode_example(
+            decoder.decode_example(
                 tf.constant(example.SerializeToString()), 5)
 
 
@@ -126,7 +129,7 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
     def test_eval_of_same_size_is_the_pixels(self):
         """RGB in [0, 255] out: the model normalises, not the pipeline."""
         photo = _photo(48, 48)
-        out = input_pipeline.preprocess_eval(photo, 48)
+        out = preprocessing.preprocess_eval(photo, 48)
         self.assertEqual(out.dtype, tf.float32)
         self.assertAllClose(out, photo.astype(np.float32), atol=1e-4)
 
@@ -134,14 +137,14 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
         """The demo's canvases are already S x S: with or without antialiasing
         the model sees the same pixels (so the demo's numbers cannot move)."""
         photo = _photo(96, 96)
-        self.assertAllEqual(input_pipeline.preprocess_eval(photo, 96, antialias=True),
-                            input_pipeline.preprocess_eval(photo, 96, antialias=False))
-        smaller = [input_pipeline.preprocess_eval(_photo(96, 96), 64, antialias=a)
+        self.assertAllEqual(preprocessing.preprocess_eval(photo, 96, antialias=True),
+                            preprocessing.preprocess_eval(photo, 96, antialias=False))
+        smaller = [preprocessing.preprocess_eval(_photo(96, 96), 64, antialias=a)
                    for a in (True, False)]
         self.assertGreater(float(tf.reduce_max(tf.abs(smaller[0] - smaller[1]))), 1.0)
 
     def test_eval_resizes_without_keeping_aspect(self):
-        out = input_pipeline.preprocess_eval(_photo(60, 80), 32)
+        out = preprocessing.preprocess_eval(_photo(60, 80), 32)
         self.assertEqual(out.shape, (32, 32, 3))
         self.assertEqual(out.dtype, tf.float32)
 
@@ -158,7 +161,7 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
         image[-border:] = colours["bottom"]
         image[border:-border, :border] = colours["left"]
         image[border:-border, -border:] = colours["right"]
-        out = input_pipeline.preprocess_eval(image, 32, antialias=antialias).numpy()
+        out = preprocessing.preprocess_eval(image, 32, antialias=antialias).numpy()
         middle = slice(8, 24)
         self.assertAllClose(out[0, middle], np.tile(colours["top"], (16, 1)), atol=1e-3)
         self.assertAllClose(out[-1, middle], np.tile(colours["bottom"], (16, 1)), atol=1e-3)
@@ -175,22 +178,22 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
     def test_train_default_equals_eval(self):
         photo = _photo()
         self.assertAllEqual(
-            input_pipeline.preprocess_train(photo, 40),
-            input_pipeline.preprocess_eval(photo, 40))
+            preprocessing.preprocess_train(photo, 40),
+            preprocessing.preprocess_eval(photo, 40))
 
     @parameterized.parameters(False, True)
     def test_eager_equals_tf_data(self, augment):
         photos = np.stack([_photo(offset=10 * i) for i in range(3)])
         seeds = np.array([[7, i] for i in range(3)], np.int64)
-        augmentation = input_pipeline.Augmentation(
+        augmentation = preprocessing.Augmentation(
             random_flip=augment,
-            crop_scales=input_pipeline.ML_GCN_CROP_SCALES if augment else None)
+            crop_scales=preprocessing.ML_GCN_CROP_SCALES if augment else None)
 
         def train(photo, seed):
-            return input_pipeline.preprocess_train(photo, 36, augmentation, seed=seed)
+            return preprocessing.preprocess_train(photo, 36, augmentation, seed=seed)
 
         def evaluate(photo, unused_seed):
-            return input_pipeline.preprocess_eval(photo, 36)
+            return preprocessing.preprocess_eval(photo, 36)
 
         for fn in (train, evaluate):
             eager = [fn(tf.constant(p), tf.constant(s))
@@ -203,11 +206,11 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
         height, width = 40, 50
         image = tf.reshape(tf.range(height * width * 3), (height, width, 3))
         base = min(height, width)
-        allowed = {int(base * s) for s in input_pipeline.ML_GCN_CROP_SCALES}
+        allowed = {int(base * s) for s in preprocessing.ML_GCN_CROP_SCALES}
         sizes = set()
         for i in range(40):
-            crop = input_pipeline._multi_scale_crop(
-                image, input_pipeline.ML_GCN_CROP_SCALES,
+            crop = preprocessing._multi_scale_crop(
+                image, preprocessing.ML_GCN_CROP_SCALES,
                 tf.constant([3, i])).numpy()
             h, w = crop.shape[:2]
             self.assertIn(h, allowed)
@@ -219,11 +222,11 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_flip_is_a_mirror_and_depends_on_the_seed(self):
         photo = _photo(32, 32)
-        plain = input_pipeline.preprocess_eval(photo, 32)
+        plain = preprocessing.preprocess_eval(photo, 32)
         flipped = 0
         for i in range(20):
-            out = input_pipeline.preprocess_train(
-                photo, 32, input_pipeline.Augmentation(random_flip=True),
+            out = preprocessing.preprocess_train(
+                photo, 32, preprocessing.Augmentation(random_flip=True),
                 seed=tf.constant([1, i]))
             if np.allclose(out, plain):
                 continue
@@ -278,23 +281,23 @@ class ResizeReferenceTest(tf.test.TestCase, parameterized.TestCase):
         for name, image in _real_images().items():
             pil = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR),
                              np.float64)
-            got = input_pipeline.preprocess_eval(image, size, antialias=True).numpy()
+            got = preprocessing.preprocess_eval(image, size, antialias=True).numpy()
             diff = np.abs(got - pil)
             self.assertLessEqual(diff.max(), 1.5, msg=f"{name} -> {size}")
             self.assertLess(diff.mean(), 0.5, msg=f"{name} -> {size}")
             if size < min(image.shape[:2]):  # the check can fail
-                plain = input_pipeline.preprocess_eval(image, size, antialias=False).numpy()
+                plain = preprocessing.preprocess_eval(image, size, antialias=False).numpy()
                 self.assertGreater(np.abs(plain - pil).max(), 10.0, msg=f"{name} -> {size}")
 
     @parameterized.parameters(*RESIZE_SIZES)
     def test_without_antialias_is_tf_bilinear_and_the_loop_reference(self, size):
         for name, image in _real_images().items():
-            got = input_pipeline.preprocess_eval(image, size, antialias=False).numpy()
+            got = preprocessing.preprocess_eval(image, size, antialias=False).numpy()
             self.assertAllEqual(got, tf.image.resize(image.astype(np.float32), (size, size),
                                                      method="bilinear", antialias=False))
             self.assertAllClose(got, _bilinear_reference(image, size, size), rtol=0,
                                 atol=1e-3, msg=f"{name} -> {size}")
-            train = input_pipeline.preprocess_train(image, size, antialias=False)
+            train = preprocessing.preprocess_train(image, size, antialias=False)
             self.assertAllEqual(train, got)
 
 
@@ -321,10 +324,10 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
                         _encode(_photo(), "JPEG")[:400])
             else:
                 truth[name] = int(self.labels[i])
-            examples[i % num_files].append(tfrecord_lib.make_example(
+            examples[i % num_files].append(schema.make_example(
                 data, name, [self.labels[i]]))
         for k, shard in enumerate(examples):
-            _write_records(os.path.join(directory, tfrecord_lib.shard_filename(
+            _write_records(os.path.join(directory, schema.shard_filename(
                 prefix, k, num_files)), shard)
         return os.path.join(directory, f"{prefix}-*.tfrecord"), truth
 
@@ -336,7 +339,7 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
     def _make(self, pattern, batch_size, training, **kwargs):
         flip, crop = kwargs.pop("random_flip", False), kwargs.pop("crop_scales", None)
         if flip or crop:
-            kwargs["augmentation"] = input_pipeline.Augmentation(flip, crop)
+            kwargs["augmentation"] = preprocessing.Augmentation(flip, crop)
         return input_pipeline.make_dataset(
             pattern, batch_size, 28, NUM_CLASSES, training, **kwargs)
 
@@ -364,7 +367,7 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
         ("two", (4, 22)))
     def test_undecodable_records_are_skipped_and_counted(self, bad):
         pattern, truth = self._write_split(23, 1, bad=bad)
-        counter = input_pipeline.SkipCounter()
+        counter = skip_counts.SkipCounter()
         got = _collect(self._make(pattern, 4, training=False,
                                   skip_counter=counter))
         self.assertCountEqual([n.decode() for n in got["filename"]], truth)
@@ -374,7 +377,7 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_skip_count_in_training_follows_the_epochs(self):
         pattern, _ = self._write_split(10, 2, bad=(5,))
-        counter = input_pipeline.SkipCounter()
+        counter = skip_counts.SkipCounter()
         ds = self._make(pattern, 3, training=True, skip_counter=counter,
                         seed=0)
         for batch in ds.take(12):  # 36 images = 4 epochs of 9
@@ -388,7 +391,7 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_counter_belongs_to_one_dataset(self):
         pattern, _ = self._write_split(4, 1)
-        counter = input_pipeline.SkipCounter()
+        counter = skip_counts.SkipCounter()
         self._make(pattern, 2, training=False, skip_counter=counter)
         with self.assertRaisesRegex(ValueError, "one per dataset"):
             self._make(pattern, 2, training=False, skip_counter=counter)
@@ -460,11 +463,11 @@ class MakeDatasetTest(tf.test.TestCase, parameterized.TestCase):
         batches `eval_batches_per_pipeline` plans and no record is cut off."""
         directory = self._new_dir()
         names = [f"item_{i:04d}.png" for i in range(6)]
-        examples = [tfrecord_lib.make_example(_encode(self.images[i], "PNG"), name,
+        examples = [schema.make_example(_encode(self.images[i], "PNG"), name,
                                               [self.labels[i]])
                     for i, name in enumerate(names)]
         for k, part in enumerate((examples[:1], examples[1:])):
-            _write_records(os.path.join(directory, tfrecord_lib.shard_filename(
+            _write_records(os.path.join(directory, schema.shard_filename(
                 "data", k, 2)), part)
         pattern = os.path.join(directory, "data-*.tfrecord")
         batches, _ = input_pipeline.eval_batches_per_pipeline(pattern, 3, 3, 3)

@@ -9,10 +9,12 @@ import pytest
 import keras
 import tensorflow as tf
 
-from mlcrl_tf import backbones, losses, optim
+from mlcrl_tf import backbones
+from mlcrl_tf import losses
+from mlcrl_tf import optim
 from mlcrl_tf.model import (VARIANTS, FusedPooling, ImageProjector, LabelProjector,
                             MLCRLModel, build_model)
-from pipelines import fashion_mnist
+from pipelines.demo import fashion_mnist
 from test_losses import (reference_crl, reference_mse_per_example,
                          reference_soft_margin_per_example)
 

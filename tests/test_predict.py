@@ -14,11 +14,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import train_briefly
-from mlcrl_tf import export_lib, serving
+from mlcrl_tf import export_lib
+from mlcrl_tf import serving
 from mlcrl_tf import predict_lib as predict
 from mlcrl_tf.model import build_model
-from pipelines import fashion_mnist
-from pipelines.input_pipeline import decode_image, preprocess_eval
+from pipelines.demo import fashion_mnist
+from pipelines.tfdata.decoder import decode_image
+from pipelines.tfdata.preprocessing import preprocess_eval
 
 NUM_CLASSES = 10
 SIZE = 64

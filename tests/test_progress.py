@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from pipelines import progress
+from pipelines.utils import progress
 
 
 class FakeClock:

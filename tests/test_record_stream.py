@@ -13,9 +13,10 @@ import tensorflow as tf
 
 from conftest import run_module
 from mlcrl_tf import evaluate_lib
-from pipelines import input_pipeline
-from pipelines import record_stream
-from pipelines import tfrecord_lib
+from pipelines.tfdata import skip_counts
+from pipelines.tfdata import record_stream
+from pipelines.records import schema
+from pipelines.tfdata import input_pipeline
 
 
 @pytest.fixture()
@@ -88,7 +89,7 @@ def _rewrite(pattern, broken):
         with tf.io.TFRecordWriter(path) as writer:
             for record in records:
                 example = tf.train.Example.FromString(record)
-                example.features.feature[tfrecord_lib.ENCODED_KEY].bytes_list.value[0] = (
+                example.features.feature[schema.ENCODED_KEY].bytes_list.value[0] = (
                     broken)
                 writer.write(example.SerializeToString())
 
@@ -110,11 +111,11 @@ def test_undecodable_records_are_counted_and_reported_once_per_file(shards, capf
         for i, record in enumerate(records):
             if i in (2, 5):
                 example = tf.train.Example.FromString(record)
-                example.features.feature[tfrecord_lib.ENCODED_KEY].bytes_list.value[0] = (
+                example.features.feature[schema.ENCODED_KEY].bytes_list.value[0] = (
                     b"\xff\xd8\xff broken JPEG")
                 record = example.SerializeToString()
             writer.write(record)
-    counter = input_pipeline.SkipCounter()
+    counter = skip_counts.SkipCounter()
     names = _collect(input_pipeline.make_dataset(shards, 8, 48, 10, training=False,
                                                  skip_counter=counter))
     assert (len(names), counter.read, counter.delivered, counter.skipped) == (30, 32, 30, 2)
@@ -147,7 +148,7 @@ def test_train_cli_stops_with_one_line_when_nothing_decodes(shards, tmp_path):
 def test_images_above_the_pixel_budget_are_skipped_undecoded(shards):
     """The budget is read from the header before decoding (issue 13 item 13):
     the 48x48 demo canvases (2,304 px) are all above a 2,000 px budget."""
-    counter = input_pipeline.SkipCounter()
+    counter = skip_counts.SkipCounter()
     ds = input_pipeline.make_dataset(shards, 8, 48, 10, training=False, max_pixels=2000,
                                      skip_counter=counter)
     assert _collect(ds) == [] and counter.skipped == 32
@@ -170,7 +171,7 @@ def _worker_names(shards, num_workers, training, **kwargs):
         context = tf.distribute.InputContext(num_input_pipelines=num_workers,
                                              input_pipeline_id=worker,
                                              num_replicas_in_sync=num_workers)
-        counter = input_pipeline.SkipCounter()
+        counter = skip_counts.SkipCounter()
         ds = input_pipeline.make_dataset(shards, 2 * num_workers, 48, 10, training=training,
                                          input_context=context, skip_counter=counter,
                                          seed=0, **kwargs)

@@ -19,9 +19,9 @@ from mlcrl_tf import checkpoints
 from mlcrl_tf import label_space
 from mlcrl_tf import summaries
 from mlcrl_tf.model import build_model
-from pipelines import label_stats
-from pipelines import tfds_source
-from pipelines import tfrecord_lib
+from pipelines.tfdata import label_stats
+from pipelines.tfdata import tfds_source
+from pipelines.records import schema
 
 # (label ids, difficult ids) per image: repeats, an empty image, difficult ids.
 RECORDS = [([0, 2], []), ([2, 0, 2], [2]), ([], []), ([1], [1]), ([0, 1, 3], []),
@@ -44,7 +44,7 @@ def _write_shards(directory, records, num_shards=2):
         path = os.path.join(directory, f"train-{shard:05d}-of-{num_shards:05d}.tfrecord")
         with tf.io.TFRecordWriter(path) as writer:
             for k, (labels, difficult) in enumerate(records[shard::num_shards]):
-                writer.write(tfrecord_lib.make_example(
+                writer.write(schema.make_example(
                     b"\xff\xd8 not decoded", f"{shard}_{k}.jpg", labels,
                     difficult).SerializeToString())
     return os.path.join(directory, "train-*.tfrecord")

@@ -22,10 +22,12 @@ import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-from pipelines import coco_lib
-from pipelines import tfds_source
-from pipelines import tfrecord_lib as lib
-from pipelines import voc_lib
+from pipelines.converters import coco_lib
+from pipelines.tfdata import tfds_source
+from pipelines.records import label_maps
+from pipelines.records import schema
+from pipelines.records import shard_sets
+from pipelines.converters import voc_lib
 
 tfds = pytest.importorskip("tensorflow_datasets")  # the tfds extra
 
@@ -149,14 +151,14 @@ def prepared(tmp_path_factory):
 
 def _ours(output_dir, split):
     """filename -> (bytes, label ids, difficult ids) from our TFRecords."""
-    files = lib.find_shards(lib.split_file_pattern(output_dir, split))
+    files = shard_sets.find_shards(schema.split_file_pattern(output_dir, split))
     out = {}
     for raw in tf.data.TFRecordDataset(files):
-        ex = tf.io.parse_single_example(raw, lib.FEATURE_SPEC)
-        out[ex[lib.FILENAME_KEY].numpy().decode()] = (
-            ex[lib.ENCODED_KEY].numpy(),
-            tf.sparse.to_dense(ex[lib.LABEL_KEY]).numpy().tolist(),
-            tf.sparse.to_dense(ex[lib.DIFFICULT_KEY]).numpy().tolist())
+        ex = tf.io.parse_single_example(raw, schema.FEATURE_SPEC)
+        out[ex[schema.FILENAME_KEY].numpy().decode()] = (
+            ex[schema.ENCODED_KEY].numpy(),
+            tf.sparse.to_dense(ex[schema.LABEL_KEY]).numpy().tolist(),
+            tf.sparse.to_dense(ex[schema.DIFFICULT_KEY]).numpy().tolist())
     return out
 
 
@@ -171,7 +173,7 @@ def test_voc_through_tfds_equals_our_converter(prepared):
     split = tfds_source.open_split("tfds:voc/2007:trainval", data_dir=prepared["data_dir"])
     assert split.split == "train+validation" and split.layout == "labels"
     assert split.class_names == list(voc_lib.VOC_CLASSES)
-    assert split.class_names == lib.read_class_names(prepared["voc"])
+    assert split.class_names == label_maps.read_class_names(prepared["voc"])
     ds = split.records()
     assert ds.element_spec == RECORD_SPEC
     ours, theirs = _ours(prepared["voc"], "trainval"), _theirs(ds)
@@ -190,7 +192,7 @@ def test_coco_through_tfds_equals_our_converter(prepared):
     split = tfds_source.open_split("tfds:coco/2014:train", data_dir=prepared["data_dir"])
     assert split.layout == "objects" and split.drops_unlabelled
     # TFDS's class order (the file's) is the category-id order of our converter.
-    assert split.class_names == lib.read_class_names(prepared["coco"])
+    assert split.class_names == label_maps.read_class_names(prepared["coco"])
     assert split.class_names == [f"class{i}" for i in COCO_IDS]
     ds = split.records()
     assert ds.element_spec == RECORD_SPEC
@@ -315,9 +317,10 @@ def test_mock_single_label_dataset_uses_tfds_ids():
 
 def test_tfds_source_through_the_input_pipeline(prepared):
     """make_dataset / make_record_dataset read a tfds: source like shards."""
-    from pipelines import input_pipeline  # pylint: disable=import-outside-toplevel
+    from pipelines.tfdata import input_pipeline  # pylint: disable=import-outside-toplevel
+    from pipelines.tfdata import skip_counts  # pylint: disable=import-outside-toplevel
     source, data_dir = "tfds:voc/2007:trainval", prepared["data_dir"]
-    counter = input_pipeline.SkipCounter()
+    counter = skip_counts.SkipCounter()
     ds = input_pipeline.make_dataset(source, batch_size=2, image_size=32, num_classes=20,
                                      training=False, data_dir=data_dir,
                                      skip_counter=counter)

@@ -19,8 +19,13 @@ import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-from pipelines import progress
-from pipelines import tfrecord_lib as lib
+from pipelines.utils import progress
+from pipelines.records import generations
+from pipelines.records import image_files
+from pipelines.records import label_maps
+from pipelines.records import schema
+from pipelines.records import shard_sets
+from pipelines.records import shard_writer
 
 W, H = 96, 64  # Fixture size (width, height): small but real content.
 CLASSES = ["cat", "dog", "person"]
@@ -62,18 +67,18 @@ def mean_abs_diff(a, b):
 
 def read_split(output_dir, split):
     """filename -> dict(labels, difficult, encoded, image) via FEATURE_SPEC."""
-    files = lib.find_shards(lib.split_file_pattern(output_dir, split))
+    files = shard_sets.find_shards(schema.split_file_pattern(output_dir, split))
     out = {}
     for raw in tf.data.TFRecordDataset(files):
-        example = tf.io.parse_single_example(raw, lib.FEATURE_SPEC)
-        name = example[lib.FILENAME_KEY].numpy().decode()
+        example = tf.io.parse_single_example(raw, schema.FEATURE_SPEC)
+        name = example[schema.FILENAME_KEY].numpy().decode()
         assert name not in out
-        encoded = example[lib.ENCODED_KEY].numpy()
+        encoded = example[schema.ENCODED_KEY].numpy()
         out[name] = {
             "labels": tf.sparse.to_dense(
-                example[lib.LABEL_KEY]).numpy().tolist(),
+                example[schema.LABEL_KEY]).numpy().tolist(),
             "difficult": tf.sparse.to_dense(
-                example[lib.DIFFICULT_KEY]).numpy().tolist(),
+                example[schema.DIFFICULT_KEY]).numpy().tolist(),
             "encoded": encoded,
             "image": decode(encoded),
         }
@@ -116,7 +121,7 @@ def _make_kept(directory, photo, kind):
     "palette.png", "still.gif", "rgb.bmp"])
 def test_decodable_images_are_stored_unchanged(tmp_path, photos, kind):
     path = _make_kept(str(tmp_path), photos[0], kind)
-    encoded, reason = lib.prepare_image(path)
+    encoded, reason = image_files.prepare_image(path)
     assert reason is None
     with open(path, "rb") as f:
         assert encoded == f.read()
@@ -144,7 +149,7 @@ def test_other_formats_are_reencoded(tmp_path, photos, kind, fmt, magic):
     photo = photos[1].convert("RGBA") if kind.startswith("rgba") else photos[1]
     options = {"lossless": True} if fmt == "WEBP" else {}
     path = save(str(tmp_path), kind, photo, fmt, **options)
-    encoded, reason = lib.prepare_image(path)
+    encoded, reason = image_files.prepare_image(path)
     assert fmt in reason
     assert encoded.startswith(magic)
     image = decode(encoded)
@@ -160,7 +165,7 @@ def test_exif_orientation_is_applied(tmp_path, photos):
     with open(path, "rb") as f:
         # TensorFlow ignores EXIF: the original bytes decode sideways.
         assert decode(f.read()).shape == (H, W, 3)
-    encoded, reason = lib.prepare_image(path)
+    encoded, reason = image_files.prepare_image(path)
     assert "orientation 6" in reason
     image = decode(encoded)
     assert image.shape == (W, H, 3)
@@ -183,8 +188,8 @@ def test_unreadable_images_raise(tmp_path, photos, kind, reason):
     path = str(tmp_path / f"{kind}.jpg")
     if kind != "missing":
         write_bytes(str(tmp_path), f"{kind}.jpg", contents[kind])
-    with pytest.raises(lib.ImageError, match=reason) as info:
-        lib.prepare_image(path)
+    with pytest.raises(image_files.ImageError, match=reason) as info:
+        image_files.prepare_image(path)
     assert path in str(info.value)
 
 
@@ -208,13 +213,13 @@ def mixed_records(tmp_path, photos):
     spec = [("a.jpg", (0, 2), ()), ("gray.jpg", (1,), (1,)),
             ("png.jpg", (), ()), ("rotated.jpg", (0, 1, 2), (2,)),
             ("corrupt.jpg", (0,), ()), ("missing.jpg", (1,), ())]
-    return [lib.ImageRecord(os.path.join(d, name), name, labels, difficult)
+    return [shard_writer.ImageRecord(os.path.join(d, name), name, labels, difficult)
             for name, labels, difficult in spec]
 
 
 def test_write_split_round_trip(tmp_path, mixed_records):
     out = str(tmp_path / "out")
-    report = lib.write_split(mixed_records, out, "train", CLASSES,
+    report = shard_writer.write_split(mixed_records, out, "train", CLASSES,
                              num_shards=3, num_workers=1,
                              extra_report={"source": "test"})
 
@@ -264,15 +269,15 @@ def test_write_split_round_trip(tmp_path, mixed_records):
 
 def test_existing_split_needs_overwrite(tmp_path, mixed_records):
     out = str(tmp_path / "out")
-    lib.write_split(mixed_records, out, "train", CLASSES, num_shards=3,
+    shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=3,
                     num_workers=1)
     with pytest.raises(ValueError, match="--overwrite") as info:
-        lib.write_split(mixed_records, out, "train", CLASSES, num_shards=3,
+        shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=3,
                         num_workers=1)
     assert os.path.join(out, "train-00000-of-00003.tfrecord") in str(info.value)
 
     # Overwrite with another shard count: the old set disappears.
-    report = lib.write_split(mixed_records[:2], out, "train", CLASSES,
+    report = shard_writer.write_split(mixed_records[:2], out, "train", CLASSES,
                              num_shards=2, num_workers=1, overwrite=True)
     assert shard_files(out, "train") == [
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
@@ -283,19 +288,19 @@ def test_existing_split_needs_overwrite(tmp_path, mixed_records):
     for name in shard_files(out, "train"):
         os.remove(os.path.join(out, name))
     with pytest.raises(ValueError, match="train_report.json"):
-        lib.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
+        shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
                         num_workers=1)
 
 
 def test_labels_file_shared_by_splits(tmp_path, mixed_records):
     out = str(tmp_path / "out")
-    lib.write_split(mixed_records[:2], out, "train", CLASSES, num_shards=1,
+    shard_writer.write_split(mixed_records[:2], out, "train", CLASSES, num_shards=1,
                     num_workers=1)
-    lib.write_split(mixed_records[2:4], out, "val", CLASSES, num_shards=1,
+    shard_writer.write_split(mixed_records[2:4], out, "val", CLASSES, num_shards=1,
                     num_workers=1)
-    assert lib.read_class_names(out) == CLASSES
+    assert label_maps.read_class_names(out) == CLASSES
     with pytest.raises(ValueError, match="labels.txt") as info:
-        lib.write_split(mixed_records[:2], out, "test",
+        shard_writer.write_split(mixed_records[:2], out, "test",
                         ["cat", "dog", "bird"], num_shards=1, num_workers=1,
                         overwrite=True)
     assert "train" in str(info.value) and "val" in str(info.value)
@@ -303,7 +308,7 @@ def test_labels_file_shared_by_splits(tmp_path, mixed_records):
 
 
 def _fail_on_third_shard(monkeypatch):
-    real = lib._write_shard
+    real = shard_writer._write_shard
     calls = []
 
     def flaky(path, *args):
@@ -312,7 +317,7 @@ def _fail_on_third_shard(monkeypatch):
             raise RuntimeError("simulated crash")
         return real(path, *args)
 
-    monkeypatch.setattr(lib, "_write_shard", flaky)
+    monkeypatch.setattr(shard_writer, "_write_shard", flaky)
     return calls
 
 
@@ -321,40 +326,40 @@ def test_interrupted_run_leaves_no_shards(tmp_path, mixed_records,
     out = str(tmp_path / "out")
     calls = _fail_on_third_shard(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        lib.write_split(mixed_records, out, "train", CLASSES, num_shards=4,
+        shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=4,
                         num_workers=1)
     assert len(calls) == 3  # Two shards were complete when it failed.
     assert shard_files(out, "train") == []
     assert os.listdir(out) == []  # No temporaries, labels or report either.
     with pytest.raises(ValueError, match="matches no file"):
-        lib.find_shards(lib.split_file_pattern(out, "train"))
+        shard_sets.find_shards(schema.split_file_pattern(out, "train"))
 
     monkeypatch.undo()  # Nothing final exists: no overwrite needed.
-    report = lib.write_split(mixed_records, out, "train", CLASSES,
+    report = shard_writer.write_split(mixed_records, out, "train", CLASSES,
                              num_shards=4, num_workers=1)
     assert report["num_records"] == 4
-    assert len(lib.find_shards(os.path.join(out, "train-*.tfrecord"))) == 4
+    assert len(shard_sets.find_shards(os.path.join(out, "train-*.tfrecord"))) == 4
 
 
 def test_interrupted_overwrite_keeps_old_split(tmp_path, mixed_records,
                                                monkeypatch):
     out = str(tmp_path / "out")
-    lib.write_split(mixed_records[:2], out, "train", CLASSES, num_shards=2,
+    shard_writer.write_split(mixed_records[:2], out, "train", CLASSES, num_shards=2,
                     num_workers=1)
     before = {n: (tmp_path / "out" / n).read_bytes()
               for n in shard_files(out, "train")}
     _fail_on_third_shard(monkeypatch)
     with pytest.raises(RuntimeError):
-        lib.write_split(mixed_records, out, "train", CLASSES, num_shards=4,
+        shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=4,
                         num_workers=1, overwrite=True)
     after = {n: (tmp_path / "out" / n).read_bytes()
              for n in shard_files(out, "train")}
     assert after == before
     assert not [n for n in os.listdir(out) if n.startswith(".")]
     monkeypatch.undo()
-    lib.write_split(mixed_records, out, "train", CLASSES, num_shards=4,
+    shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=4,
                     num_workers=1, overwrite=True)
-    assert len(lib.find_shards(lib.split_file_pattern(out, "train"))) == 4
+    assert len(shard_sets.find_shards(schema.split_file_pattern(out, "train"))) == 4
 
 
 def test_stale_temporaries_are_removed(tmp_path, mixed_records):
@@ -364,7 +369,7 @@ def test_stale_temporaries_are_removed(tmp_path, mixed_records):
              ".train_report.json.tmp-123", ".labels.txt.tmp-5"]
     for name in stale + [".val-00000-of-00001.tfrecord.tmp-7"]:
         (out / name).write_bytes(b"partial")
-    lib.write_split(mixed_records[:1], str(out), "train", CLASSES,
+    shard_writer.write_split(mixed_records[:1], str(out), "train", CLASSES,
                     num_shards=1, num_workers=1)
     hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
     # Another split's temporaries are not this run's business.
@@ -375,7 +380,7 @@ def test_num_workers_gives_identical_shards(tmp_path, mixed_records):
     outputs = {}
     for workers in (1, 2):
         out = str(tmp_path / f"out{workers}")
-        report = lib.write_split(mixed_records, out, "train", CLASSES,
+        report = shard_writer.write_split(mixed_records, out, "train", CLASSES,
                                  num_shards=2, num_workers=workers)
         outputs[workers] = (report, {
             n: open(os.path.join(out, n), "rb").read()
@@ -385,32 +390,32 @@ def test_num_workers_gives_identical_shards(tmp_path, mixed_records):
 
 
 def test_all_images_unreadable(tmp_path):
-    records = [lib.ImageRecord(str(tmp_path / "nope.jpg"), "nope.jpg", (0,))]
+    records = [shard_writer.ImageRecord(str(tmp_path / "nope.jpg"), "nope.jpg", (0,))]
     with pytest.raises(ValueError, match="none of the 1 images"):
-        lib.write_split(records, str(tmp_path / "out"), "train", CLASSES,
+        shard_writer.write_split(records, str(tmp_path / "out"), "train", CLASSES,
                         num_shards=1, num_workers=1)
     assert os.listdir(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"records": []}, "records is empty"),
-    ({"records": [lib.ImageRecord("x.jpg", "x.jpg", (3,))]}, "outside"),
-    ({"records": [lib.ImageRecord("x.jpg", "x.jpg", (0,), (1,))]},
+    ({"records": [shard_writer.ImageRecord("x.jpg", "x.jpg", (3,))]}, "outside"),
+    ({"records": [shard_writer.ImageRecord("x.jpg", "x.jpg", (0,), (1,))]},
      "difficult"),
-    ({"records": [lib.ImageRecord("x.jpg", "x.jpg"),
-                  lib.ImageRecord("y/x.jpg", "x.jpg")]}, "twice"),
+    ({"records": [shard_writer.ImageRecord("x.jpg", "x.jpg"),
+                  shard_writer.ImageRecord("y/x.jpg", "x.jpg")]}, "twice"),
     ({"split": "../train"}, "split"),
     ({"class_names": ["cat", "cat"]}, "twice"),
     ({"num_shards": 0}, "num_shards"),
     ({"extra_report": {"num_records": 1}}, "reserved"),
 ])
 def test_write_split_rejects_bad_arguments(tmp_path, kwargs, match):
-    arguments = {"records": [lib.ImageRecord("x.jpg", "x.jpg", (0,))],
+    arguments = {"records": [shard_writer.ImageRecord("x.jpg", "x.jpg", (0,))],
                  "output_dir": str(tmp_path / "out"), "split": "train",
                  "class_names": CLASSES, "num_shards": 1, "num_workers": 1}
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        lib.write_split(**arguments)
+        shard_writer.write_split(**arguments)
 
 
 # ----------------------------------------------------------------------------
@@ -426,33 +431,33 @@ def test_find_shards_complete_and_partial_patterns(tmp_path):
     _touch(tmp_path, *[f"train-0000{i}-of-00003.tfrecord" for i in range(3)],
            ".train-00000-of-00003.tfrecord.tmp-1",
            "val-00000-of-00001.tfrecord")
-    files = lib.find_shards(str(tmp_path / "train-*"))
+    files = shard_sets.find_shards(str(tmp_path / "train-*"))
     assert [os.path.basename(f) for f in files] == [
         f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
     # A pattern may pick part of a complete set on purpose.
-    assert len(lib.find_shards(str(tmp_path / "train-00001-*"))) == 1
-    assert len(lib.find_shards(str(tmp_path / "*.tfrecord"))) == 4
+    assert len(shard_sets.find_shards(str(tmp_path / "train-00001-*"))) == 1
+    assert len(shard_sets.find_shards(str(tmp_path / "*.tfrecord"))) == 4
 
 
 def test_find_shards_detects_incomplete_and_mixed_sets(tmp_path):
     _touch(tmp_path, "train-00000-of-00003.tfrecord",
            "train-00002-of-00003.tfrecord")
     with pytest.raises(ValueError, match=r"missing shard\(s\) \[1\]"):
-        lib.find_shards(str(tmp_path / "train-*.tfrecord"))
+        shard_sets.find_shards(str(tmp_path / "train-*.tfrecord"))
     with pytest.raises(ValueError, match="incomplete"):
-        lib.find_shards(str(tmp_path / "train-00000-of-00003.tfrecord"))
+        shard_sets.find_shards(str(tmp_path / "train-00000-of-00003.tfrecord"))
     _touch(tmp_path, "train-00001-of-00003.tfrecord",
            "train-00000-of-00001.tfrecord")
     with pytest.raises(ValueError, match="different sizes"):
-        lib.find_shards(str(tmp_path / "train-*.tfrecord"))
+        shard_sets.find_shards(str(tmp_path / "train-*.tfrecord"))
     with pytest.raises(ValueError, match="matches no file"):
-        lib.find_shards(str(tmp_path / "test-*.tfrecord"))
+        shard_sets.find_shards(str(tmp_path / "test-*.tfrecord"))
 
 
 def test_read_class_names_rejects_blank_lines(tmp_path):
     (tmp_path / "labels.txt").write_text("cat\n\ndog\n")
     with pytest.raises(ValueError, match="line 2"):
-        lib.read_class_names(str(tmp_path))
+        label_maps.read_class_names(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------
@@ -465,25 +470,25 @@ LINE_BREAKS = ["\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
 
 @pytest.mark.parametrize("char", LINE_BREAKS)
 def test_class_names_with_line_breaks_are_rejected(tmp_path, char):
-    records = [lib.ImageRecord("x.jpg", "x.jpg", (0,))]
+    records = [shard_writer.ImageRecord("x.jpg", "x.jpg", (0,))]
     with pytest.raises(ValueError, match="line break"):
-        lib.write_split(records, str(tmp_path / "out"), "train",
+        shard_writer.write_split(records, str(tmp_path / "out"), "train",
                         ["cat", f"do{char}g", "person"], num_shards=1,
                         num_workers=1)
     assert not os.path.exists(tmp_path / "out")
-    assert lib.class_name_problem(f"do{char}g") is not None
-    assert lib.class_name_problem("hot dog\twith tab") is None
+    assert label_maps.class_name_problem(f"do{char}g") is not None
+    assert label_maps.class_name_problem("hot dog\twith tab") is None
 
 
 def test_read_class_names_splits_on_newline_only(tmp_path):
     (tmp_path / "labels.txt").write_bytes(b"cat\rdog\nperson\n")
     with pytest.raises(ValueError, match=r"'cat\\rdog'.*line break"):
-        lib.read_class_names(str(tmp_path))
+        label_maps.read_class_names(str(tmp_path))
     (tmp_path / "labels.txt").write_bytes(b"cat\r\ndog\r\n")  # Windows file.
-    assert lib.read_class_names(str(tmp_path)) == ["cat", "dog"]
+    assert label_maps.read_class_names(str(tmp_path)) == ["cat", "dog"]
     (tmp_path / "labels.txt").write_bytes("cat\u2028dog\n".encode())
     with pytest.raises(ValueError, match="line break"):
-        lib.read_class_names(str(tmp_path))
+        label_maps.read_class_names(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------
@@ -494,9 +499,9 @@ def _split_state(out):
     """(class names, {filename: labels}) as a reader sees them, or None if
     the reader refuses the split."""
     try:
-        files = lib.find_shards(lib.split_file_pattern(out, "train"))
-        names = lib.read_class_names(out)
-        expected = lib.expected_records(files)
+        files = shard_sets.find_shards(schema.split_file_pattern(out, "train"))
+        names = label_maps.read_class_names(out)
+        expected = shard_sets.expected_records(files)
     except ValueError as e:
         assert "half-way through a switch" in str(e)
         return None
@@ -511,7 +516,7 @@ def test_overwrite_switch_is_atomic(tmp_path, mixed_records, monkeypatch,
                                     crash_after):
     out = str(tmp_path / "out")
     old_classes, new_classes = CLASSES, ["bird", "cat", "dog"]
-    lib.write_split(mixed_records[:2], out, "train", old_classes,
+    shard_writer.write_split(mixed_records[:2], out, "train", old_classes,
                     num_shards=2, num_workers=1)
     old = _split_state(out)
     new_records = [mixed_records[3], mixed_records[2]]
@@ -526,14 +531,14 @@ def test_overwrite_switch_is_atomic(tmp_path, mixed_records, monkeypatch,
 
     monkeypatch.setattr(os, "replace", crashing_replace)
     with pytest.raises(ValueError):
-        lib.write_split(new_records, out, "train", new_classes, num_shards=2,
+        shard_writer.write_split(new_records, out, "train", new_classes, num_shards=2,
                         num_workers=1, overwrite=True)
     monkeypatch.undo()
     state = _split_state(out)
     # Crash before the journal: the old set; after it: refused until a rerun.
     assert state == (old if crash_after == 0 else None), calls
 
-    assert lib.finish_interrupted_switch(out, "train") == (crash_after > 0)
+    assert generations.finish_interrupted_switch(out, "train") == (crash_after > 0)
     new = _split_state(out)
     assert new == (old if crash_after == 0 else (new_classes, {
         "rotated.jpg": [0, 1, 2], "png.jpg": []}))
@@ -543,7 +548,7 @@ def test_overwrite_switch_is_atomic(tmp_path, mixed_records, monkeypatch,
 def test_rerun_finishes_an_interrupted_switch(tmp_path, mixed_records,
                                               monkeypatch):
     out = str(tmp_path / "out")
-    lib.write_split(mixed_records[:2], out, "train", CLASSES, num_shards=2,
+    shard_writer.write_split(mixed_records[:2], out, "train", CLASSES, num_shards=2,
                     num_workers=1)
     real_replace = os.replace
     calls = []
@@ -556,20 +561,20 @@ def test_rerun_finishes_an_interrupted_switch(tmp_path, mixed_records,
 
     monkeypatch.setattr(os, "replace", crashing_replace)
     with pytest.raises(ValueError, match="rerun"):
-        lib.write_split(mixed_records[2:4], out, "train", CLASSES,
+        shard_writer.write_split(mixed_records[2:4], out, "train", CLASSES,
                         num_shards=2, num_workers=1, overwrite=True)
     monkeypatch.undo()
     journal = os.path.join(out, ".train.switch.json")
     assert os.path.exists(journal)
     with pytest.raises(ValueError, match=r"half-way.*\.train\.switch\.json"):
-        lib.find_shards(lib.split_file_pattern(out, "train"))
+        shard_sets.find_shards(schema.split_file_pattern(out, "train"))
     with pytest.raises(ValueError, match="half-way"):
-        lib.count_records([os.path.join(out, "train-00000-of-00002.tfrecord")])
+        shard_sets.count_records([os.path.join(out, "train-00000-of-00002.tfrecord")])
     with pytest.raises(ValueError, match="half-way"):
-        lib.class_names_for_shards([os.path.join(out, "x.tfrecord")])
+        label_maps.class_names_for_shards([os.path.join(out, "x.tfrecord")])
     # Without --overwrite the rerun finishes the switch, then refuses.
     with pytest.raises(ValueError, match="already exists"):
-        lib.write_split(mixed_records[:1], out, "train", CLASSES,
+        shard_writer.write_split(mixed_records[:1], out, "train", CLASSES,
                         num_shards=1, num_workers=1)
     assert not os.path.exists(journal)
     assert read_split(out, "train").keys() == {"png.jpg", "rotated.jpg"}
@@ -586,33 +591,33 @@ def _count_by_reading(files):
 def test_count_records_counts_only_the_matched_shards(tmp_path,
                                                       mixed_records):
     out = str(tmp_path / "out")
-    report = lib.write_split(mixed_records, out, "train", CLASSES,
+    report = shard_writer.write_split(mixed_records, out, "train", CLASSES,
                              num_shards=3, num_workers=1)
-    files = lib.find_shards(os.path.join(out, "train-0000[0-1]-*.tfrecord"))
+    files = shard_sets.find_shards(os.path.join(out, "train-0000[0-1]-*.tfrecord"))
     assert len(files) == 2
     per_file = {path: _count_by_reading([path]) for path in files}
-    assert lib.expected_records(files) == per_file
-    assert lib.count_records(files) == sum(per_file.values())
-    assert lib.count_records(files) < report["num_records"]
-    all_files = lib.find_shards(lib.split_file_pattern(out, "train"))
-    assert lib.count_records(all_files) == report["num_records"] == 4
+    assert shard_sets.expected_records(files) == per_file
+    assert shard_sets.count_records(files) == sum(per_file.values())
+    assert shard_sets.count_records(files) < report["num_records"]
+    all_files = shard_sets.find_shards(schema.split_file_pattern(out, "train"))
+    assert shard_sets.count_records(all_files) == report["num_records"] == 4
 
-    os.remove(lib.report_path(out, "train"))  # No report: read the files.
-    assert lib.expected_records(files) == {path: None for path in files}
-    assert lib.count_records(files) == sum(per_file.values())
+    os.remove(schema.report_path(out, "train"))  # No report: read the files.
+    assert shard_sets.expected_records(files) == {path: None for path in files}
+    assert shard_sets.count_records(files) == sum(per_file.values())
 
 
 def test_count_records_names_a_corrupt_unreported_file(tmp_path,
                                                        mixed_records):
     out = str(tmp_path / "out")
-    lib.write_split(mixed_records, out, "train", CLASSES, num_shards=1,
+    shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=1,
                     num_workers=1)
-    os.remove(lib.report_path(out, "train"))
+    os.remove(schema.report_path(out, "train"))
     path = os.path.join(out, "train-00000-of-00001.tfrecord")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 10)
     with pytest.raises(ValueError, match="cannot count") as info:
-        lib.count_records([path])
+        shard_sets.count_records([path])
     assert path in str(info.value)
 
 
@@ -621,20 +626,20 @@ def test_class_names_for_shards(tmp_path, mixed_records):
     for name, classes in (("a", CLASSES), ("b", CLASSES),
                           ("c", ["cat", "person", "dog"])):
         dirs[name] = str(tmp_path / name)
-        lib.write_split(mixed_records[:2], dirs[name], "train", classes,
+        shard_writer.write_split(mixed_records[:2], dirs[name], "train", classes,
                         num_shards=1, num_workers=1)
     shard = "train-00000-of-00001.tfrecord"
     files = {name: os.path.join(d, shard) for name, d in dirs.items()}
-    assert lib.class_names_for_shards([files["a"], files["b"]]) == CLASSES
+    assert label_maps.class_names_for_shards([files["a"], files["b"]]) == CLASSES
     with pytest.raises(ValueError, match="differ") as info:
-        lib.class_names_for_shards([files["a"], files["c"]])
+        label_maps.class_names_for_shards([files["a"], files["c"]])
     assert os.path.join(dirs["a"], "labels.txt") in str(info.value)
     assert os.path.join(dirs["c"], "labels.txt") in str(info.value)
     assert "class id 1" in str(info.value)
     os.remove(os.path.join(dirs["b"], "labels.txt"))
-    assert lib.class_names_for_shards([files["b"]]) is None
+    assert label_maps.class_names_for_shards([files["b"]]) is None
     with pytest.raises(ValueError, match="have no labels.txt"):
-        lib.class_names_for_shards([files["a"], files["b"]])
+        label_maps.class_names_for_shards([files["a"], files["b"]])
 
 
 # ----------------------------------------------------------------------------
@@ -672,24 +677,24 @@ def test_pixel_budget_refuses_before_decoding(tmp_path, monkeypatch):
     path = png_of_zeros(str(tmp_path / "bomb.png"), 10_001, 10_000)
     assert os.path.getsize(path) < 200_000
     _forbid_decoding(monkeypatch)
-    with pytest.raises(lib.ImageError, match=(
+    with pytest.raises(image_files.ImageError, match=(
             r"10001x10000 = 100010000 pixels exceeds the pixel budget "
             r"--max_image_pixels=100000000")):
-        lib.prepare_image(path)
+        image_files.prepare_image(path)
 
 
 def test_pixel_budget_flag_is_honoured(tmp_path, photos):
     path = save(str(tmp_path), "a.jpg", photos[0], "JPEG")
-    limits = lib.ImageLimits(max_pixels=W * H - 1)
-    with pytest.raises(lib.ImageError, match="pixel budget"):
-        lib.prepare_image(path, limits)
-    assert lib.prepare_image(path, lib.ImageLimits(max_pixels=W * H))[1] is None
-    records = [lib.ImageRecord(path, "a.jpg", (0,)),
-               lib.ImageRecord(path + ".png", "b.png", (1,))]
+    limits = image_files.ImageLimits(max_pixels=W * H - 1)
+    with pytest.raises(image_files.ImageError, match="pixel budget"):
+        image_files.prepare_image(path, limits)
+    assert image_files.prepare_image(path, image_files.ImageLimits(max_pixels=W * H))[1] is None
+    records = [shard_writer.ImageRecord(path, "a.jpg", (0,)),
+               shard_writer.ImageRecord(path + ".png", "b.png", (1,))]
     photos[1].resize((10, 10)).save(records[1].path)
-    report = lib.write_split(records, str(tmp_path / "out"), "train",
+    report = shard_writer.write_split(records, str(tmp_path / "out"), "train",
                              CLASSES, num_shards=1, num_workers=1,
-                             limits=lib.ImageLimits(max_pixels=100))
+                             limits=image_files.ImageLimits(max_pixels=100))
     assert report["num_skipped"] == 1 and report["max_image_pixels"] == 100
     assert "pixel budget" in report["skipped"][0]["reason"]
 
@@ -699,7 +704,7 @@ def test_animated_gif_stores_first_frame_only(tmp_path, photos):
               photos[1].convert("P"), photos[0].rotate(180).convert("P")]
     path = save(str(tmp_path), "anim.gif", frames[0], "GIF", save_all=True,
                 append_images=frames[1:])
-    encoded, reason = lib.prepare_image(path)
+    encoded, reason = image_files.prepare_image(path)
     assert reason == "animated GIF, first frame stored"
     assert encoded.startswith(b"\x89PNG")  # Lossless.
     with Image.open(io.BytesIO(encoded)) as stored:
@@ -717,8 +722,8 @@ def test_memory_error_is_reported_as_out_of_memory(tmp_path, photos,
         raise MemoryError()
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
-    with pytest.raises(lib.ImageError, match="out of memory") as info:
-        lib.prepare_image(path)
+    with pytest.raises(image_files.ImageError, match="out of memory") as info:
+        image_files.prepare_image(path)
     assert "corrupt" not in str(info.value)
     assert "not a readable image" not in str(info.value)
 
@@ -754,8 +759,8 @@ def test_special_and_large_files_are_skipped(tmp_path, monkeypatch, fifo_unblock
         write_bytes(str(tmp_path), f"{kind}.jpg", b"\xff" * 4097)
     with monkeypatch.context() as patch:
         _forbid_reading(patch)
-        with pytest.raises(lib.ImageError, match=reason):
-            lib.prepare_image(path, lib.ImageLimits(max_bytes=4096))
+        with pytest.raises(image_files.ImageError, match=reason):
+            image_files.prepare_image(path, image_files.ImageLimits(max_bytes=4096))
     # Refused from fstat alone: nothing was read, and opening the FIFO did
     # not block (a blocked open would have waited for the unblocker).
     assert fifo_unblocker.rescued == []
@@ -773,7 +778,7 @@ def test_unusable_output_dir_is_one_error(tmp_path, mixed_records, where):
                   "missing_parent": "/proc/no_such_dir/out",
                   "read_only": "/sys/mlcrl_tf_test_out"}[where]
     with pytest.raises(ValueError, match="output_dir") as info:
-        lib.write_split(mixed_records, output_dir, "train", CLASSES,
+        shard_writer.write_split(mixed_records, output_dir, "train", CLASSES,
                         num_shards=1, num_workers=1)
     assert output_dir in str(info.value)
 
@@ -788,7 +793,7 @@ def test_full_disk_is_one_error(tmp_path, mixed_records, monkeypatch):
     monkeypatch.setattr(tf.io, "TFRecordWriter", FullDiskWriter)
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match="No space left on device") as info:
-        lib.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
+        shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
                         num_workers=1)
     assert ".train-0000" in str(info.value)  # Names the file.
     assert os.listdir(out) == []
@@ -820,17 +825,17 @@ def test_a_failed_shard_closes_its_writer(tmp_path, mixed_records, monkeypatch, 
 
     def chunks():
         yield [("stored", None, b"one record")]
-        raise lib.ConversionError("a worker process died")
+        raise schema.ConversionError("a worker process died")
 
     monkeypatch.setattr(tf.io, "TFRecordWriter", TrackedWriter)
     path = str(tmp_path / "shard.tfrecord")
-    with pytest.raises(lib.ConversionError):
-        lib._write_shard(path, chunks())
+    with pytest.raises(schema.ConversionError):
+        shard_writer._write_shard(path, chunks())
     assert len(writers) == 1 and writers[0].closed
     if failing == "write":
         out = str(tmp_path / "out")
-        with pytest.raises(lib.ConversionError):
-            lib.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
+        with pytest.raises(schema.ConversionError):
+            shard_writer.write_split(mixed_records, out, "train", CLASSES, num_shards=2,
                             num_workers=1)
         assert len(writers) == 2 and writers[1].closed and os.listdir(out) == []
 
@@ -838,7 +843,7 @@ def test_a_failed_shard_closes_its_writer(tmp_path, mixed_records, monkeypatch, 
 def test_write_split_reports_progress(tmp_path, mixed_records):
     stream = io.StringIO()
     bar = progress.Progress(unit="images", stream=stream, interval=0)
-    lib.write_split(mixed_records, str(tmp_path / "out"), "train", CLASSES,
+    shard_writer.write_split(mixed_records, str(tmp_path / "out"), "train", CLASSES,
                     num_shards=2, num_workers=1, progress=bar)
     bar.close()
     lines = stream.getvalue().splitlines()
@@ -852,6 +857,6 @@ def test_existing_crlf_labels_file_with_the_same_names_is_kept(
     out = tmp_path / "out"
     out.mkdir()
     (out / "labels.txt").write_bytes(b"cat\r\ndog\r\nperson\r\n")
-    lib.write_split(mixed_records[:1], str(out), "train", CLASSES,
+    shard_writer.write_split(mixed_records[:1], str(out), "train", CLASSES,
                     num_shards=1, num_workers=1)
     assert (out / "labels.txt").read_bytes() == b"cat\r\ndog\r\nperson\r\n"

@@ -22,11 +22,12 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from pipelines import tfds_source
-from pipelines import tfrecord_lib
+from pipelines.tfdata import tfds_source
+from pipelines.records import schema
+from pipelines.records import shard_sets
 
 BATCH_SIZE = 512  # records parsed per call; batches parse in parallel
-_LABEL_SPEC = {tfrecord_lib.LABEL_KEY: tf.io.VarLenFeature(tf.int64)}
+_LABEL_SPEC = {schema.LABEL_KEY: tf.io.VarLenFeature(tf.int64)}
 # TensorFlow's wrapping of an iterator error: "{{function_node ...}} <message> [Op:...]".
 _TF_WRAPPING = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", re.DOTALL)
 
@@ -77,13 +78,13 @@ def add_label_ids(pairs, rows, ids, num_rows, where="labels"):
 
 def _tfrecord_label_batches(source):
     """(rows, ids, num_rows) batches of the shards' label ids."""
-    files = tfrecord_lib.find_shards(source)
+    files = shard_sets.find_shards(source)
     # Several files at once with large read buffers: reading is the cost
     # (about 1 GB/s of 160 KB records from the page cache, docs/design.md).
     ds = tf.data.TFRecordDataset(files, buffer_size=8 << 20,
                                  num_parallel_reads=min(len(files), 8))
     ds = ds.batch(BATCH_SIZE).map(
-        lambda records: tf.io.parse_example(records, _LABEL_SPEC)[tfrecord_lib.LABEL_KEY],
+        lambda records: tf.io.parse_example(records, _LABEL_SPEC)[schema.LABEL_KEY],
         num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda ids: (ids.indices[:, 0], ids.values, ids.dense_shape[0]))
     return ds.prefetch(2)

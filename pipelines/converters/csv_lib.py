@@ -45,7 +45,10 @@ import csv
 import os
 
 
-from pipelines import tfrecord_lib
+from pipelines.records import image_paths
+from pipelines.records import label_maps
+from pipelines.records import shard_writer
+from pipelines.utils import files
 
 
 def parse_classes(classes):
@@ -62,14 +65,14 @@ def parse_classes(classes):
         return None
     if isinstance(classes, str):
         if os.path.isfile(classes):
-            return tfrecord_lib.read_class_names(classes)
+            return label_maps.read_class_names(classes)
         names = [name.strip() for name in classes.split(",")]
     else:
         names = [str(name).strip() for name in classes]
     if not names or "" in names:
         raise ValueError(f"classes {classes!r}: empty class name (give a "
                          "comma-separated list or an existing labels file)")
-    return tfrecord_lib.check_class_names(names, f"classes {classes!r}")
+    return label_maps.check_class_names(names, f"classes {classes!r}")
 
 
 def _parse_row(row, where):
@@ -82,7 +85,7 @@ def _parse_row(row, where):
         raise ValueError(f"{where}: empty filename")
     names = sorted({name.strip() for name in row[1].split("|")} - {""})
     for name in names:
-        problem = tfrecord_lib.class_name_problem(name)
+        problem = label_maps.class_name_problem(name)
         if problem:
             raise ValueError(f"{where}: label {name!r} {problem}")
     return filename, names
@@ -121,7 +124,7 @@ def read_csv(csv_path):
         ValueError: naming the file and line: missing or unreadable file,
             bad row or label, repeated filename.
     """
-    tfrecord_lib.check_input_file(csv_path, "CSV file")
+    files.check_input_file(csv_path, "CSV file")
     rows = []
     first_line = {}  # filename -> line number
     header_allowed = True
@@ -148,7 +151,7 @@ def read_csv(csv_path):
 def _records(rows, csv_path, image_dir, class_names,
              allow_paths_outside_image_dir):
     """The `ImageRecord`s of the CSV rows (paths resolved and checked)."""
-    paths = tfrecord_lib.ImagePaths(image_dir, allow_paths_outside_image_dir)
+    paths = image_paths.ImagePaths(image_dir, allow_paths_outside_image_dir)
     class_id = {name: i for i, name in enumerate(class_names)}
     records = []
     for line, filename, names in rows:
@@ -157,7 +160,7 @@ def _records(rows, csv_path, image_dir, class_names,
                 raise ValueError(f"unknown class {name!r} in {csv_path}, line "
                                  f"{line} (not among the {len(class_names)} "
                                  "given classes)")
-        records.append(tfrecord_lib.ImageRecord(
+        records.append(shard_writer.ImageRecord(
             path=paths.resolve(filename, f"{csv_path}, line {line}"),
             filename=filename,
             labels=tuple(sorted(class_id[name] for name in names))))
@@ -210,7 +213,7 @@ def convert(csv_path, image_dir, output_dir, classes=None, split="train",
         "image_dir": os.path.abspath(image_dir),
         "classes_inferred": classes is None,
     }
-    return tfrecord_lib.write_split(
+    return shard_writer.write_split(
         records, output_dir, split, class_names, num_shards,
         num_workers=num_workers, overwrite=overwrite, extra_report=extra,
         limits=limits, progress=progress)

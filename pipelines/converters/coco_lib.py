@@ -35,7 +35,10 @@ import os
 import re
 
 
-from pipelines import tfrecord_lib
+from pipelines.records import image_paths
+from pipelines.records import label_maps
+from pipelines.records import shard_writer
+from pipelines.utils import files
 
 
 def default_split(annotations_file):
@@ -46,7 +49,7 @@ def default_split(annotations_file):
 
 
 def _load_json(annotations_file):
-    tfrecord_lib.check_input_file(annotations_file, "annotations file")
+    files.check_input_file(annotations_file, "annotations file")
     try:
         with open(annotations_file, encoding="utf-8") as f:
             return json.load(f)
@@ -106,7 +109,7 @@ def _categories(data, where):
                                                     where):
         name = category.get("name")
         name = name.strip() if isinstance(name, str) else name
-        problem = tfrecord_lib.class_name_problem(name)
+        problem = label_maps.class_name_problem(name)
         if problem:
             raise ValueError(f"{where}: {label}: name "
                              f"{category.get('name')!r} {problem}")
@@ -221,9 +224,9 @@ def convert(annotations_file, image_dir, output_dir, split=None, num_shards=8,
     class_names, category_ids, images, labels, stats = load_annotations(
         annotations_file)
     split = split or default_split(annotations_file)
-    paths = tfrecord_lib.ImagePaths(image_dir, allow_paths_outside_image_dir)
+    paths = image_paths.ImagePaths(image_dir, allow_paths_outside_image_dir)
     records = [
-        tfrecord_lib.ImageRecord(path=paths.resolve(file_name, entry),
+        shard_writer.ImageRecord(path=paths.resolve(file_name, entry),
                                  filename=file_name,
                                  labels=tuple(sorted(labels[image_id])))
         for image_id, file_name, entry in images if image_id in labels]
@@ -236,7 +239,7 @@ def convert(annotations_file, image_dir, output_dir, split=None, num_shards=8,
         "dropped_unannotated": len(images) - len(records),
         **stats,
     }
-    return tfrecord_lib.write_split(
+    return shard_writer.write_split(
         records, output_dir, split, class_names, num_shards,
         num_workers=num_workers, overwrite=overwrite, extra_report=extra,
         limits=limits, progress=progress)

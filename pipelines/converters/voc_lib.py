@@ -28,7 +28,9 @@ import os
 import xml.etree.ElementTree as ElementTree
 
 
-from pipelines import tfrecord_lib
+from pipelines.records import image_paths
+from pipelines.records import shard_writer
+from pipelines.utils import files
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -52,7 +54,7 @@ def read_annotation(xml_path):
         ValueError: the file is missing or malformed, or names an unknown
             class.
     """
-    tfrecord_lib.check_input_file(xml_path, "annotation")
+    files.check_input_file(xml_path, "annotation")
     try:
         root = ElementTree.parse(xml_path).getroot()
     except ElementTree.ParseError as e:
@@ -92,7 +94,7 @@ def read_split_ids(list_file):
         ValueError: naming the file and line: not UTF-8, an id that is not
             a plain file stem, a repeated id, or no id at all.
     """
-    tfrecord_lib.check_input_file(list_file, "VOC split file")
+    files.check_input_file(list_file, "VOC split file")
     try:
         with open(list_file, encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -163,7 +165,7 @@ def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
             without overwrite, or an output that cannot be written.
     """
     list_file, image_dir = _check_voc_dir(voc_dir, split)
-    paths = tfrecord_lib.ImagePaths(image_dir, allow_paths_outside_image_dir)
+    paths = image_paths.ImagePaths(image_dir, allow_paths_outside_image_dir)
     records = []
     num_objects = num_difficult_objects = 0
     for line, image_id in read_split_ids(list_file):
@@ -171,7 +173,7 @@ def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
             os.path.join(voc_dir, "Annotations", image_id + ".xml"))
         num_objects += n
         num_difficult_objects += n_difficult
-        records.append(tfrecord_lib.ImageRecord(
+        records.append(shard_writer.ImageRecord(
             path=paths.resolve(image_id + ".jpg", f"{list_file}, line {line}"),
             filename=image_id + ".jpg",
             labels=tuple(labels), difficult=tuple(difficult)))
@@ -181,7 +183,7 @@ def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
         "num_objects": num_objects,
         "num_difficult_objects": num_difficult_objects,
     }
-    return tfrecord_lib.write_split(
+    return shard_writer.write_split(
         records, output_dir, split, list(VOC_CLASSES), num_shards,
         num_workers=num_workers, overwrite=overwrite, extra_report=extra,
         limits=limits, progress=progress)

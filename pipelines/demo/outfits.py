@@ -78,8 +78,8 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
-from pipelines import coco_lib
-from pipelines import fashion_mnist
+from pipelines.converters import coco_lib
+from pipelines.demo import fashion_mnist
 
 CLASS_NAMES = fashion_mnist.CLASS_NAMES
 SCENES = {

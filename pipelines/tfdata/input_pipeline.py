@@ -53,295 +53,18 @@ keeps every n-th RECORD instead (correct but n times the I/O; a warning says
 so). Either way each record goes to exactly one pipeline.
 """
 
-import dataclasses
 import random
 
 from absl import logging
 import tensorflow as tf
 
-from pipelines import image_header
-from pipelines import record_stream
-from pipelines import tfds_source
-from pipelines import tfrecord_lib
+from pipelines.records import image_header
+from pipelines.tfdata import record_stream
+from pipelines.tfdata import tfds_source
+from pipelines.tfdata import decoder
+from pipelines.tfdata import preprocessing
+from pipelines.records import shard_sets
 
-# ML-GCN's MultiScaleCrop(448, scales=(1.0, 0.875, 0.75, 0.66, 0.5)).
-ML_GCN_CROP_SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)
-# ML-GCN's max_distort: the height and width scale indices differ by <= 2.
-_MAX_DISTORT = 2
-_INT32_MAX = 2**31 - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-    """Training augmentation (the paper uses none).
-
-    Attributes:
-        random_flip: flip left-right with probability 1/2.
-        crop_scales: None (no crop) or scales for the multi-scale random crop
-            taken before the resize, e.g. `ML_GCN_CROP_SCALES`.
-    """
-
-    random_flip: bool = False
-    crop_scales: tuple | None = None
-
-    def __bool__(self):
-        return bool(self.random_flip or self.crop_scales)
-
-
-# --------------------------------------------------------------------------
-# Decoding.
-# --------------------------------------------------------------------------
-
-def _parse_example(serialized):
-    """tf.Example -> image bytes, filename, label ids and difficult ids."""
-    parsed = tf.io.parse_single_example(serialized, tfrecord_lib.FEATURE_SPEC)
-    return {
-        "image_bytes": parsed[tfrecord_lib.ENCODED_KEY],
-        "filename": parsed[tfrecord_lib.FILENAME_KEY],
-        "label_ids": tf.sparse.to_dense(parsed[tfrecord_lib.LABEL_KEY]),
-        "difficult_ids": tf.sparse.to_dense(parsed[tfrecord_lib.DIFFICULT_KEY]),
-    }
-
-
-def _multi_hot(ids, num_classes, filename, what):
-    """int64 class ids (n,) -> float32 multi-hot (C,); ids out of range raise."""
-    message = (f"{what}: a class id is outside [0, num_classes={num_classes}); "
-               "wrong num_classes or label map? (filename, ids):")
-    in_range = tf.reduce_all((ids >= 0) & (ids < num_classes))
-    check = tf.debugging.Assert(in_range, [record_stream.ERROR_TAG, message, filename, ids])
-    with tf.control_dependencies([check]):
-        one_hot = tf.one_hot(ids, num_classes, dtype=tf.float32)
-    # Sum then clip: a repeated id stays 1 and no id gives all zeros.
-    return tf.minimum(tf.reduce_sum(one_hot, axis=0), 1.0)
-
-
-def _labels_to_multi_hot(features, num_classes):
-    """Replaces `label_ids`/`difficult_ids` by `labels`/`difficult` (C,)."""
-    features = dict(features)
-    filename = features["filename"]
-    features["labels"] = _multi_hot(features.pop("label_ids"), num_classes,
-                                    filename, "image/class/label")
-    features["difficult"] = _multi_hot(features.pop("difficult_ids"),
-                                       num_classes, filename,
-                                       "image/class/difficult") > 0
-    return features
-
-
-def decode_example(serialized, num_classes):
-    """Parses one serialized tf.Example of the mlcrl_tf schema.
-
-    Args:
-        serialized: scalar string tensor, one record.
-        num_classes: int C.
-
-    Returns:
-        A dict: `image_bytes` string (), `filename` string (), `labels`
-        float32 (C,) multi-hot (difficult classes included), `difficult`
-        bool (C,).
-
-    Raises:
-        tf.errors.InvalidArgumentError: a label or difficult id is outside
-            [0, num_classes) (message names num_classes and the filename).
-    """
-    return _labels_to_multi_hot(_parse_example(serialized), num_classes)
-
-
-def decode_image(image_bytes, max_pixels=None):
-    """Decodes JPEG/PNG/GIF/BMP bytes (by content, not name) to RGB.
-
-    Grayscale and RGBA become 3-channel RGB; an animated GIF gives its first
-    frame. EXIF rotation and CMYK are normalised by the converters at write
-    time, not here.
-
-    Args:
-        image_bytes: scalar string tensor.
-        max_pixels: optional pixel budget read from the header BEFORE
-            decoding (`pipelines.image_header`): a decompression bomb is
-            refused without being decoded.
-
-    Returns:
-        uint8 tensor (H, W, 3).
-
-    Raises:
-        tf.errors.InvalidArgumentError: the bytes are not a decodable image,
-            or the image is above `max_pixels`.
-    """
-    if max_pixels is not None:
-        image_bytes = image_header.within_pixel_budget_fast(image_bytes, max_pixels)
-    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
-                               expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-# --------------------------------------------------------------------------
-# Preprocessing: the train/eval pair.
-# --------------------------------------------------------------------------
-
-def _resize(image, image_size, antialias):
-    """Bilinear resize to (S, S), aspect ratio not kept."""
-    return tf.image.resize(tf.cast(image, tf.float32),
-                           (image_size, image_size), method="bilinear",
-                           antialias=antialias)
-
-
-def preprocess_eval(image, image_size, antialias=False):
-    """Evaluation (and serving) preprocessing.
-
-    Args:
-        image: uint8 or float tensor (H, W, 3) (or a batch (B, H, W, 3)),
-            RGB in [0, 255].
-        image_size: side S of the square model input.
-        antialias: antialiased (PIL-like) bilinear downscaling; about 3x
-            slower on 640x480 photos to 448 (docs/performance.md). The
-            identity when the image already has the model size.
-
-    Returns:
-        float32 (S, S, 3) (or (B, S, S, 3)), RGB in [0, 255] (the model
-        normalises).
-    """
-    return _resize(image, image_size, antialias)
-
-
-def _multi_scale_crop(image, crop_scales, seed):
-    """ML-GCN's MultiScaleCrop with a random (not fixed-grid) offset.
-
-    The crop height and width are each `min(H, W) * scale` for scales picked
-    from `crop_scales` whose indices differ by at most 2 (max_distort=2), so
-    the aspect ratio changes a little too.
-    """
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    base = tf.cast(tf.minimum(height, width), tf.float32)
-    sizes = tf.maximum(tf.cast(base * tf.constant(crop_scales, tf.float32),
-                               tf.int32), 1)
-    n = len(crop_scales)
-    pairs = tf.constant([(i, j) for i in range(n) for j in range(n)
-                         if abs(i - j) <= _MAX_DISTORT], tf.int32)
-    k = tf.random.stateless_uniform([], seeds[0], 0, tf.shape(pairs)[0],
-                                    dtype=tf.int32)
-    crop_h, crop_w = sizes[pairs[k, 0]], sizes[pairs[k, 1]]
-    top = tf.random.stateless_uniform([], seeds[1], 0, height - crop_h + 1,
-                                      dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[2], 0, width - crop_w + 1,
-                                       dtype=tf.int32)
-    return tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
-
-
-def preprocess_train(image, image_size, augmentation=None, seed=None, antialias=False):
-    """Training preprocessing; equal to `preprocess_eval` by default.
-
-    Args:
-        image: uint8 or float tensor (H, W, 3), RGB in [0, 255].
-        image_size: side S of the square model input.
-        augmentation: an `Augmentation`, or None for none (the paper's).
-        seed: stateless seed, int tensor of shape (2,). The same seed gives
-            the same augmentation eagerly and inside tf.data. None draws a
-            fresh one per call (not reproducible).
-        antialias: see `preprocess_eval`.
-
-    Returns:
-        float32 (S, S, 3), RGB in [0, 255].
-    """
-    augmentation = augmentation or Augmentation()
-    if augmentation:
-        if seed is None:
-            seed = tf.random.uniform([2], maxval=_INT32_MAX, dtype=tf.int32)
-        crop_seed, flip_seed = tf.unstack(
-            tf.random.experimental.stateless_split(seed, 2))
-    if augmentation.crop_scales:
-        image = _multi_scale_crop(image, tuple(augmentation.crop_scales), crop_seed)
-    image = _resize(image, image_size, antialias)
-    if augmentation.random_flip:
-        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return image
-
-
-# --------------------------------------------------------------------------
-# Counting undecodable records.
-# --------------------------------------------------------------------------
-
-class SkipCounter:
-    """Where `make_dataset` reports its counts: records read, images
-    delivered, records skipped as undecodable.
-
-    int64 host tf.Variables written by the pipeline as it runs (see
-    `pipelines.record_stream`): in evaluation (ordered, one pass) the counts
-    are exact at the end of the pass and per file as each file completes;
-    in training, skips are counted per pass, once the pass is through the
-    pipeline. Each iteration over the dataset counts from 0 again; the
-    counter shows the latest one.
-
-    Use one counter per `make_dataset` call, created outside any
-    `tf.distribute` strategy scope (the variables must stay plain host
-    variables). A dataset that captures variables cannot be serialised, so
-    this pipeline is not for the tf.data service or iterator checkpoints.
-
-    Example:
-        counter = SkipCounter()
-        ds = make_dataset(..., training=False, skip_counter=counter)
-        for batch in ds: ...
-        counter.log("eval")   # or counter.skipped
-    """
-
-    def __init__(self):
-        if tf.distribute.has_strategy():
-            raise ValueError(
-                "SkipCounter: create it outside the tf.distribute strategy "
-                "scope (it holds plain host variables).")
-        with tf.init_scope(), tf.device("/cpu:0"):
-            self._values = {name: tf.Variable(0, dtype=tf.int64, trainable=False,
-                                              name=f"records_{name}")
-                            for name in ("read", "delivered", "skipped")}
-        self._attached = False
-
-    @property
-    def read(self):
-        """Records read from completed files (int); this input pipeline's
-        share of them when pipelines share files."""
-        return int(self._values["read"].numpy())
-
-    @property
-    def delivered(self):
-        """Images decoded and passed on (int)."""
-        return int(self._values["delivered"].numpy())
-
-    @property
-    def skipped(self):
-        """Records that could not be decoded so far (int)."""
-        return int(self._values["skipped"].numpy())
-
-    def reset(self):
-        """Sets every count to 0 (between passes, not during one)."""
-        for v in self._values.values():
-            v.assign(0)
-
-    def log(self, name="input"):
-        """Logs the counts: a warning if any record was skipped."""
-        skipped = self.skipped
-        log = logging.warning if skipped else logging.info
-        log("%s pipeline: %d records read, %d images delivered, %d skipped "
-            "as undecodable.", name, self.read, self.delivered, skipped)
-
-    def attach(self):
-        """Claims the counter for one dataset (ValueError if already claimed)."""
-        if self._attached:
-            raise ValueError("This SkipCounter already belongs to another "
-                             "make_dataset call; create one per dataset.")
-        self._attached = True
-
-    def record(self, element):
-        """Stores the running counts carried by one element (inside tf.data)."""
-        updates = [self._values[name].assign(element[name], read_value=False)
-                   for name in ("read", "delivered", "skipped")]
-        with tf.control_dependencies(updates):
-            return tf.nest.map_structure(tf.identity, element)
-
-
-# --------------------------------------------------------------------------
-# The pipeline.
-# --------------------------------------------------------------------------
 
 def make_dataset(source, batch_size, image_size, num_classes, training, *,
                  shuffle_buffer=2048, input_context=None, augmentation=None,
@@ -391,7 +114,7 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
     if skip_batches and not training:
         raise ValueError("skip_batches is for resuming training; evaluation "
                          "reads every record.")
-    seed = random.randrange(_INT32_MAX) if seed is None else seed
+    seed = random.randrange(preprocessing.INT32_MAX) if seed is None else seed
     if skip_counter is not None:
         skip_counter.attach()
     num_pipelines = input_context.num_input_pipelines if input_context else 1
@@ -404,7 +127,7 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
     if skip_counter is not None:
         ds = ds.map(skip_counter.record)
     ds = ds.filter(lambda e: tf.logical_not(e["end"]))
-    ds = ds.map(lambda e: _labels_to_multi_hot(_features(e), num_classes))
+    ds = ds.map(lambda e: decoder.labels_to_multi_hot(_features(e), num_classes))
     per_pipeline_batch = (input_context.get_per_replica_batch_size(batch_size)
                           if input_context else batch_size)
     ds = ds.batch(per_pipeline_batch, drop_remainder=training)
@@ -430,7 +153,7 @@ def eval_batches_per_pipeline(source, batch_size, num_replicas, num_pipelines=1)
     Returns:
         (batches per pipeline, steps per replica).
     """
-    files = tfrecord_lib.find_shards(source)
+    files = shard_sets.find_shards(source)
     counts = record_stream.expected_counts(files, count_unreported=True)
     per_replica = max(1, batch_size // num_replicas)
     replicas_per_pipeline = max(1, num_replicas // num_pipelines)
@@ -486,7 +209,7 @@ def make_record_dataset(source, batch_size, num_classes, data_dir=None, skip_cou
     if skip_counter is not None:
         ds = ds.map(skip_counter.record)
     ds = ds.filter(lambda e: tf.logical_not(e["end"]))
-    ds = ds.map(lambda e: _labels_to_multi_hot(
+    ds = ds.map(lambda e: decoder.labels_to_multi_hot(
         {k: e[k] for k in ("image_bytes", "filename", "label_ids", "difficult_ids")},
         num_classes))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -519,7 +242,7 @@ def _records(source, training, seed, input_context, data_dir, shuffle_buffer):
         split = tfds_source.open_split(source, data_dir=data_dir)
         return (record_stream.tfds_stream(split, training, seed, input_context,
                                           shuffle_buffer), dict, [])
-    files = tfrecord_lib.find_shards(source)
+    files = shard_sets.find_shards(source)
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     if 1 < num_pipelines > len(files):
         logging.warning(
@@ -528,7 +251,7 @@ def _records(source, training, seed, input_context, data_dir, shuffle_buffer):
             "shard by file.", len(files), num_pipelines, num_pipelines,
             num_pipelines)
     return (record_stream.record_stream(files, training, seed, input_context,
-                                        shuffle_buffer), _parse_example, files)
+                                        shuffle_buffer), decoder.parse_example, files)
 
 
 def _number_images(ds, skip):
@@ -558,14 +281,14 @@ def _decode(ds, parse, image_size, training, augmentation, seed, image_options, 
 
     def decode_and_preprocess(element):
         features = parse(element["record"])
-        image = decode_image(features.pop("image_bytes"), max_pixels)
+        image = decoder.decode_image(features.pop("image_bytes"), max_pixels)
         if training:
-            image = preprocess_train(
+            image = preprocessing.preprocess_train(
                 image, image_size, augmentation,
                 seed=tf.stack([tf.constant(seed, tf.int64), element["index"]]),
                 antialias=antialias)
         else:
-            image = preprocess_eval(image, image_size, antialias)
+            image = preprocessing.preprocess_eval(image, image_size, antialias)
         return dict(features, images=image)
 
     def step(element):

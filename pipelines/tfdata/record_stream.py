@@ -48,7 +48,7 @@ import sys
 
 import tensorflow as tf
 
-from pipelines import tfrecord_lib
+from pipelines.records import shard_sets
 
 ERROR_TAG = "mlcrl_tf input:"
 UNKNOWN = -1
@@ -65,9 +65,9 @@ def expected_counts(files, count_unreported=False):
         count_unreported: count a file no report lists by reading it (which
             raises ValueError naming a corrupt file); else -1 (unknown).
     """
-    counts = tfrecord_lib.expected_records(files)
+    counts = shard_sets.expected_records(files)
     return [int(counts[path]) if counts[path] is not None
-            else (tfrecord_lib.count_records([path]) if count_unreported else UNKNOWN)
+            else (shard_sets.count_records([path]) if count_unreported else UNKNOWN)
             for path in files]
 
 

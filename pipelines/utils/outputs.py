@@ -1,12 +1,8 @@
-"""Output locations checked before the work.
+"""Output locations, checked before the work starts.
 
-Shared by the command lines that write files (`predict --output`,
-`export --export_dir`, `evaluate --output_json/--output_scores`,
-`visualize --output_dir`): a missing, unwritable or full location is one
-`ValueError` naming the flag and the path (the command line prints it as one
-`error:` line), raised before anything long runs (before a checkpoint is
-restored or an image read). A damaged checkpoint is one ValueError naming it
-from `checkpoints.restore_model` itself.
+A missing, unwritable or full location is one `ValueError` naming the flag
+and the path, raised before anything long runs (before a checkpoint is
+restored or an image read); the command lines print it as one `error:` line.
 """
 
 import os
@@ -14,20 +10,7 @@ import uuid
 
 import tensorflow as tf
 
-# What the file systems raise: Python's and TensorFlow's (tf.io.gfile).
-IO_ERRORS = (OSError, tf.errors.OpError)
-
-
-def error_text(error):
-    """The first line of an OSError's or a TensorFlow error's message."""
-    if isinstance(error, tf.errors.OpError):
-        text = error.message
-    elif isinstance(error, OSError) and error.strerror:
-        text = error.strerror
-    else:
-        text = str(error)
-    text = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return text.split("}} ")[-1]
+from pipelines.utils import files
 
 
 def _probe(directory):
@@ -44,12 +27,12 @@ def _writable_dir_problem(directory):
         return f"{directory} is not a directory"
     try:
         tf.io.gfile.makedirs(directory)
-    except IO_ERRORS as e:
-        return f"cannot create the directory: {error_text(e)}"
+    except files.IO_ERRORS as e:
+        return f"cannot create the directory: {files.error_text(e)}"
     try:
         _probe(directory)
-    except IO_ERRORS as e:
-        return f"cannot write into {directory}: {error_text(e)}"
+    except files.IO_ERRORS as e:
+        return f"cannot write into {directory}: {files.error_text(e)}"
     return None
 
 

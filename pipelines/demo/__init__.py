@@ -1,0 +1,1 @@
+"""The embedded real demo set "outfits", made of Fashion-MNIST photos."""

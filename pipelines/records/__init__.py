@@ -1,0 +1,1 @@
+"""TFRecord files: the schema, checking images, writing and finding shards."""

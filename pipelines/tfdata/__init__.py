@@ -1,0 +1,1 @@
+"""The tf.data input: reading shards with integrity checks, decoding, preprocessing."""

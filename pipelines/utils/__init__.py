@@ -1,0 +1,1 @@
+"""Helpers both packages share: files, output checks, console, progress."""
