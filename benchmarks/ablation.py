@@ -51,11 +51,13 @@ for _path in (REPO, os.path.join(REPO, "benchmarks")):
 # pylint: disable=wrong-import-position
 import ablation_analysis as analysis  # noqa: E402
 import ablation_page as page  # noqa: E402
-from mlcrl_tf import checkpoints  # noqa: E402
-from mlcrl_tf import metrics as metrics_lib  # noqa: E402
-from pipelines.tfdata import decoder
+
+from mlcrl_tf.evaluation import metrics
+from mlcrl_tf.run_dir import restore
 from pipelines.records import label_maps
 from pipelines.records import shard_sets
+from pipelines.tfdata import decoder
+
 # pylint: enable=wrong-import-position
 
 VARIANTS = ("baseline", "tbc", "mse", "crl", "tba")
@@ -185,7 +187,7 @@ def read_eval_curve(model_dir):
 def save_label_projector(model_dir, embeddings_path, units_path):
     """From the run's final checkpoint: E = f_l(I_C) as .npy, and the active
     ReLU units of f_l's hidden layers as JSON ([[active, width], ...])."""
-    model = checkpoints.restore_model(model_dir)[0]
+    model = restore.restore_model(model_dir)[0]
     np.save(embeddings_path, model.label_embeddings().numpy())
     weights = [(layer.kernel.numpy(), layer.bias.numpy())
                for layer in model.label_projector.dense_layers]
@@ -278,7 +280,7 @@ def facts_from(train, test, coco, min_positives):
         coco: the test split's COCO dict (with `visible_fraction`).
         min_positives: the hidden-label AP's N.
     """
-    prior = metrics_lib.multilabel_metrics(np.tile(train.mean(axis=0), (len(test), 1)), test)
+    prior = metrics.multilabel_metrics(np.tile(train.mean(axis=0), (len(test), 1)), test)
     prior.pop("AP")
     names = [image["file_name"] for image in coco["images"]]
     positives, ignore = analysis.hidden_label_masks(

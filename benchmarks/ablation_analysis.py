@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-from mlcrl_tf import label_space
-from mlcrl_tf import metrics as metrics_lib
+from mlcrl_tf.evaluation import label_space
+from mlcrl_tf.evaluation import metrics
 from pipelines.tfdata import label_stats
 
 HIDDEN_BELOW = 0.5     # an item is mostly hidden below this visible fraction
@@ -111,7 +111,7 @@ def hidden_label_ap(logits, positives, ignore, min_positives):
     """
     counts = positives.sum(axis=0)
     enough = counts >= max(min_positives, 1)
-    ap = metrics_lib.average_precision(logits, positives, ignore=ignore, from_logits=True)
+    ap = metrics.average_precision(logits, positives, ignore=ignore, from_logits=True)
     eligible = np.flatnonzero(enough)
     ap = np.where(enough, ap, np.nan)
     return {"per_class": ap, "num_positives": counts.astype(int),

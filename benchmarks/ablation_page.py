@@ -10,19 +10,20 @@ import math
 import os
 import platform
 
+import ablation_analysis as analysis
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 import tensorflow as tf
 
-import ablation_analysis as analysis
-from mlcrl_tf import cams
-from mlcrl_tf import checkpoints
-from mlcrl_tf import metrics as metrics_lib
+from mlcrl_tf.evaluation import cam_panels
+from mlcrl_tf.evaluation import cams
+from mlcrl_tf.evaluation import tables
+from mlcrl_tf.run_dir import restore
+from pipelines.records import shard_sets
 from pipelines.tfdata import decoder
 from pipelines.tfdata import preprocessing
-from pipelines.records import shard_sets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("baseline", "tbc", "mse")
@@ -217,7 +218,7 @@ def table_lines(c, by_variant, facts):
         rows[variant] = {key: analysis.mean_std([r["metrics"][key] for r in chosen])
                          for key in chosen[0]["metrics"]}
     lines = ["Table 1 layout, in %, mean ± std over seeds:", "",
-             metrics_lib.format_table(rows), "",
+             tables.format_table(rows), "",
              "| method | seeds | mAP | hidden-label AP | converged | label-embedding ρ |",
              "|---|---:|---:|---:|---:|---:|",
              f"| label prior | - | {percent(facts['prior']['mAP'])} | "
@@ -492,7 +493,7 @@ def _cam_row(models, example, class_names, tile):
         if result["f_conv"] is not None:
             maps["f_conv"] = result["f_conv"][0, 0]
         score = float(result["probabilities"][0, class_id])
-        panels.append(cams.render_cam_panel(
+        panels.append(cam_panels.render_cam_panel(
             display, maps, f"{variant}: {class_names[class_id]}", score, tile))
     return np.concatenate(panels, axis=1)
 
@@ -506,12 +507,12 @@ def write_cam_figure(c, setting, data_root, num_images=4, tile=128):
         model_dir = c.path(c.run_name(setting, variant, c.seeds[0]))
         if not os.path.exists(os.path.join(model_dir, "run.json")):
             return None
-        models[variant] = checkpoints.restore_model(model_dir)
+        models[variant] = restore.restore_model(model_dir)
     class_names = models["crl"][2]
     files = shard_sets.find_shards(os.path.join(data_root, "tfrecords", "test-*.tfrecord"))
     rows = [_cam_row(models, decoder.decode_example(record, len(class_names)),
                      class_names, tile)
             for record in tf.data.TFRecordDataset(files).take(num_images)]
     path = os.path.join(os.path.dirname(os.path.abspath(c.output)), f"cams_{setting}.png")
-    cams.save_png(np.concatenate(rows, axis=0), path)
+    cam_panels.save_png(np.concatenate(rows, axis=0), path)
     return os.path.basename(path)

@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
-from mlcrl_tf import evaluate_lib  # noqa: E402  pylint: disable=wrong-import-position
-from mlcrl_tf import export_lib  # noqa: E402  pylint: disable=wrong-import-position
-from mlcrl_tf import serving  # noqa: E402  pylint: disable=wrong-import-position
+from mlcrl_tf.evaluation import evaluator
+from mlcrl_tf.serving import export_client
+from mlcrl_tf.serving import export_lib  # noqa: E402  pylint: disable=wrong-import-position
 from pipelines.tfdata import input_pipeline
 
 flags.DEFINE_string("model_dir", "runs/demo", "A training run.")
@@ -53,14 +53,14 @@ def main(argv):
     with tempfile.TemporaryDirectory() as root:
         paths = {p: export_lib.export_from_model_dir(FLAGS.model_dir, os.path.join(root, p),
                                                      precision=p) for p in PRECISIONS}
-        num_classes = len(serving.ExportClient(paths["float32"]).class_names)
-        results = {p: evaluate_lib.evaluate_saved_model(path, FLAGS.eval_files, num_classes,
+        num_classes = len(export_client.ExportClient(paths["float32"]).class_names)
+        results = {p: evaluator.evaluate_saved_model(path, FLAGS.eval_files, num_classes,
                                                         batch_size=FLAGS.batch_size,
                                                         keep_scores=True)
                    for p, path in paths.items()}
         batch = next(iter(input_pipeline.make_record_dataset(
             FLAGS.eval_files, FLAGS.batch_size, num_classes)))["image_bytes"].numpy()
-        seconds = latency({p: serving.ExportClient(path) for p, path in paths.items()},
+        seconds = latency({p: export_client.ExportClient(path) for p, path in paths.items()},
                           list(batch))
     difference = np.abs(results["mixed_bfloat16"].scores["logits"]
                         - results["float32"].scores["logits"])

@@ -40,9 +40,9 @@ from sklearn.datasets import load_sample_images  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pipelines.converters import csv_lib  # noqa: E402
-from pipelines.tfdata import input_pipeline
 from pipelines.records import schema
 from pipelines.records import shard_sets
+from pipelines.tfdata import input_pipeline
 
 flags.DEFINE_integer("num_images", 512, "COCO-like images to generate.")
 flags.DEFINE_integer("image_size", 448, "Model input side S.")

@@ -40,7 +40,7 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mlcrl_tf import losses  # noqa: E402
+from mlcrl_tf.modeling import losses
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Images per batch B.")

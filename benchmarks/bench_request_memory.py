@@ -57,8 +57,8 @@ def small_jpegs(count, seed=0):
 
 def export(directory):
     """Exports a random-init crl model; returns the version directory."""
-    from mlcrl_tf import export_lib  # pylint: disable=import-outside-toplevel
-    from mlcrl_tf.model import build_model  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.modeling.model import build_model  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.serving import export_lib  # pylint: disable=import-outside-toplevel
     model = build_model(10, FLAGS.backbone, FLAGS.image_size, "crl")
     names = [f"class{i}" for i in range(10)]
     options = {"max_batch_size": FLAGS.max_batch_size} if FLAGS.max_batch_size else {}

@@ -39,8 +39,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mlcrl_tf import export_lib  # noqa: E402
-from mlcrl_tf.model import build_model  # noqa: E402
+from mlcrl_tf.modeling.model import build_model  # noqa: E402
+from mlcrl_tf.serving import export_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("backbone", "resnet101", "Backbone of both models.")

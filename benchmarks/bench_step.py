@@ -34,8 +34,8 @@ import keras  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 
-from mlcrl_tf import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
-from mlcrl_tf import train_lib  # noqa: E402  pylint: disable=wrong-import-position
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.training import trainer as trainer_lib
 
 flags.DEFINE_list("cases", ["small_cnn:96:32", "resnet50:224:8"],
                   "backbone:image_size:batch_size cases.")
@@ -55,7 +55,7 @@ def make_trainer(backbone, image_size, batch_size, model_dir, precision, jit):
         steps_per_epoch=1, backbone_weights=None, lr_decay_epochs=(),
         precision=precision, jit_compile=jit)
     class_names = [f"c{i}" for i in range(FLAGS.num_classes)]
-    return train_lib.Trainer(config, class_names, tf.distribute.get_strategy(), batch_size)
+    return trainer_lib.Trainer(config, class_names, tf.distribute.get_strategy(), batch_size)
 
 
 def synthetic_batch(image_size, batch_size, seed=0):

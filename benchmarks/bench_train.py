@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 
-from mlcrl_tf import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
-from mlcrl_tf import train_lib  # noqa: E402  pylint: disable=wrong-import-position
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.training import trainer as trainer_lib
 
 flags.DEFINE_list("cases", ["small_cnn:96:32", "resnet50:448:2", "resnet101:448:2"],
                   "backbone:image_size:batch_size cases.")
@@ -40,7 +40,7 @@ def make_trainer(variant, backbone, image_size, batch_size, model_dir):
         image_size=image_size, batch_size=batch_size, num_classes=FLAGS.num_classes,
         steps_per_epoch=1, backbone_weights=None, lr_decay_epochs=())
     class_names = [f"c{i}" for i in range(FLAGS.num_classes)]
-    return train_lib.Trainer(config, class_names, tf.distribute.get_strategy(), batch_size)
+    return trainer_lib.Trainer(config, class_names, tf.distribute.get_strategy(), batch_size)
 
 
 def synthetic_batch(image_size, batch_size, seed=0):

@@ -44,9 +44,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # pylint: disable=wrong-import-position
-from mlcrl_tf import backbones  # noqa: E402
-from pipelines.demo import outfits  # noqa: E402
+from mlcrl_tf.modeling import backbones  # noqa: E402
 from pipelines.demo import fashion_mnist  # noqa: E402
+from pipelines.demo import outfits  # noqa: E402
+
 # pylint: enable=wrong-import-position
 
 NUM_CLASSES = 10

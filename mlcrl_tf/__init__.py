@@ -17,10 +17,20 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # INFO logs unless --verbosity >= 0 or the user's TF_CPP_MIN_LOG_LEVEL asks
 # for them (`pipelines.console`; the import of `pipelines` does it).
 from pipelines.utils import console as _console  # noqa: E402
+from pipelines.utils import module_aliases as _module_aliases  # noqa: E402
 
 try:
     import tensorflow as _tf  # noqa: F401,E402
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(_console.INSTALL_HINT) from e
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Release 0.1's module paths of the Python API (README) and of `.keras` files.
+_module_aliases.install({
+    "mlcrl_tf.model": "mlcrl_tf.modeling.model",
+    "mlcrl_tf.backbones": "mlcrl_tf.modeling.backbones",
+    "mlcrl_tf.losses": "mlcrl_tf.modeling.losses",
+    "mlcrl_tf.optim": "mlcrl_tf.modeling.optim",
+    "mlcrl_tf.metrics": "mlcrl_tf.evaluation.metrics",
+})

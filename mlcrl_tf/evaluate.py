@@ -20,10 +20,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mlcrl_tf import evaluate_lib
-from pipelines.utils import files
-from pipelines.utils import outputs
+from mlcrl_tf.evaluation import evaluate_lib
 from pipelines.utils import console
+from pipelines.utils import files
+from pipelines.utils import output_checks
 from pipelines.utils import progress
 
 
@@ -62,7 +62,7 @@ def main(argv):
         try:
             for flag in ("output_json", "output_scores"):
                 if f[flag].value:
-                    outputs.ensure_output_file(f[flag].value, flag)
+                    output_checks.ensure_output_file(f[flag].value, flag)
             result, class_names, name = evaluate_lib.evaluate_target(
                 f.model_dir, f.saved_model, f.eval_files, f.checkpoint, f.best, f.use_ema,
                 f.labels_file, f.batch_size, f.max_steps, f.threshold,

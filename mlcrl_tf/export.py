@@ -18,11 +18,11 @@ import time
 from absl import app
 from absl import flags
 
-from mlcrl_tf import checkpoints
-from mlcrl_tf import export_lib
-from pipelines.utils import files
-from mlcrl_tf import serving
+from mlcrl_tf.run_dir import checkpoints
+from mlcrl_tf.serving import contract
+from mlcrl_tf.serving import export_lib
 from pipelines.utils import console
+from pipelines.utils import files
 from pipelines.utils import progress
 
 
@@ -41,10 +41,10 @@ def define_flags():
     flags.DEFINE_float("threshold", None, "Threshold of the `predicted` output; "
                        "default the run's --threshold.")
     flags.DEFINE_integer("top_k", None, "k of the top_k_* outputs; default min(5, C).")
-    flags.DEFINE_integer("max_batch_size", serving.DEFAULT_MAX_BATCH_SIZE,
+    flags.DEFINE_integer("max_batch_size", contract.DEFAULT_MAX_BATCH_SIZE,
                          "The most images one request may hold (both image signatures); "
                          "a larger request fails with INVALID_ARGUMENT.")
-    flags.DEFINE_integer("max_image_pixels", serving.DEFAULT_MAX_IMAGE_PIXELS,
+    flags.DEFINE_integer("max_image_pixels", contract.DEFAULT_MAX_IMAGE_PIXELS,
                          "Pixel budget of one encoded image (width x height, x frames "
                          "for a GIF), read from its header before decoding; a request "
                          "with a larger image fails with INVALID_ARGUMENT.")

@@ -13,9 +13,9 @@ import sys
 from absl import app
 from absl import flags
 
-from pipelines.utils import files
-from mlcrl_tf import predict_lib
+from mlcrl_tf.serving import predict_lib
 from pipelines.utils import console
+from pipelines.utils import files
 from pipelines.utils import progress
 
 

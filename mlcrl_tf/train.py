@@ -20,20 +20,21 @@ import sys
 from absl import app
 from absl import logging
 
-from mlcrl_tf import checkpoints
-from mlcrl_tf import config as config_lib
-from mlcrl_tf import flagfiles
-from mlcrl_tf import train_lib
+from mlcrl_tf.run_dir import checkpoints
+from mlcrl_tf.training import flagfiles
+from mlcrl_tf.training import train_flags
+from mlcrl_tf.training import train_lib
+from mlcrl_tf.training import trainer as trainer_lib
 from pipelines.utils import console
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config = config_lib.config_from_flags()
+    config = train_flags.config_from_flags()
     try:
         result = train_lib.train_and_evaluate(config)
-    except (ValueError, train_lib.NonFiniteLossError, checkpoints.CheckpointError) as e:
+    except (ValueError, trainer_lib.NonFiniteLossError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
     logging.info("Done: %s", result)
     print(f"Finished at step {result['step']}; weights fingerprint {result['fingerprint']}")
@@ -45,7 +46,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_lib.define_flags()
+    train_flags.define_flags()
     # --verbosity defaults to WARNING (absl's app.run would raise it to INFO).
     app.run(main, flags_parser=functools.partial(
         console.parse_flags, parser=flagfiles.parse_flags_with_usage))

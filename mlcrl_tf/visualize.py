@@ -15,11 +15,11 @@ import sys
 from absl import app
 from absl import flags
 
-from mlcrl_tf import cams
-from pipelines.utils import files
-from pipelines.utils import console
-from pipelines.records import image_header
+from mlcrl_tf.evaluation import visualize_lib
 from pipelines.records import image_files
+from pipelines.records import image_header
+from pipelines.utils import console
+from pipelines.utils import files
 
 
 def define_flags():
@@ -47,7 +47,7 @@ def main(argv):
         raise app.UsageError("give at least one image file.")
     f = flags.FLAGS
     try:
-        code = cams.run(f.model_dir, paths, f.output_dir,
+        code = visualize_lib.run(f.model_dir, paths, f.output_dir,
                         {"checkpoint": f.checkpoint, "best": f.best, "use_ema": f.use_ema},
                         classes=f.classes, top_k=f.top_k, tile_size=f.tile_size,
                         max_pixels=f.max_image_pixels, max_bytes=f.max_image_bytes)

@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from pipelines.utils import console as _console  # noqa: E402
+from pipelines.utils import module_aliases as _module_aliases  # noqa: E402
 
 if "tensorflow" not in sys.modules and _console.quiet_tensorflow_logs():
     # TensorFlow prints a few INFO lines at load whatever the level: load it
@@ -22,3 +23,6 @@ if "tensorflow" not in sys.modules and _console.quiet_tensorflow_logs():
             import tensorflow as _tf  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(_console.INSTALL_HINT) from e
+
+# Release 0.1's module path of the input pipeline (README's Python API).
+_module_aliases.install({"pipelines.input_pipeline": "pipelines.tfdata.input_pipeline"})

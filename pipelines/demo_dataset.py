@@ -12,8 +12,8 @@ import sys
 from absl import app
 from absl import flags
 
-from pipelines.utils import console
 from pipelines.demo import outfits
+from pipelines.utils import console
 from pipelines.utils import progress
 
 

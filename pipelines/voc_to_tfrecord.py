@@ -10,11 +10,11 @@ import sys
 from absl import app
 from absl import flags
 
-from pipelines.utils import console
 from pipelines.converters import voc_lib
-from pipelines.utils import progress
 from pipelines.converters import writer_flags
 from pipelines.records import split_report
+from pipelines.utils import console
+from pipelines.utils import progress
 
 
 def define_flags():

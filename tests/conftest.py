@@ -35,7 +35,7 @@ def small_config(demo_data, model_dir, **overrides):
     """The Config of a small, fast training run on `demo_data` (1 epoch of 3
     steps of batch 8 at 48 px, random init, no decay); `overrides` replace
     any field."""
-    from mlcrl_tf import config as config_lib  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.run_dir import config as config_lib  # pylint: disable=import-outside-toplevel
     values = dict(model_dir=str(model_dir), train_files=demo_data["train_files"],
                   eval_files=demo_data["test_files"], backbone="small_cnn",
                   image_size=48, batch_size=8, epochs=1, steps_per_epoch=3,
@@ -50,8 +50,8 @@ def small_config(demo_data, model_dir, **overrides):
 def crl_run(demo_data, tmp_path_factory):
     """A crl training run of 2 epochs x 2 steps on `demo_data` (evaluated
     after each epoch; no summary images, no EMA). Returns its Config."""
-    from mlcrl_tf import config as config_lib  # pylint: disable=import-outside-toplevel
-    from mlcrl_tf import train_lib  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.run_dir import config as config_lib  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.training import train_lib  # pylint: disable=import-outside-toplevel
     config = config_lib.Config(
         model_dir=str(tmp_path_factory.mktemp("crl_run") / "run"),
         train_files=demo_data["train_files"], eval_files=demo_data["test_files"],
@@ -124,7 +124,7 @@ def run_module(module, args, env=None, timeout=600, check=True):
 def train_briefly(model, images, labels, steps=4, learning_rate=0.05):
     """A few real steps of the model's own objective (its Keras train_step)
     with the paper's optimizer, on RGB images in [0, 255]."""
-    from mlcrl_tf import optim  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.modeling import optim  # pylint: disable=import-outside-toplevel
     model.compile(optimizer=optim.make_optimizer(model, learning_rate, learning_rate,
                                                  momentum=0.9, weight_decay=1e-4))
     for _ in range(steps):

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 # pylint: disable=wrong-import-position
 import ablation  # noqa: E402
 import ablation_page  # noqa: E402
+
 # pylint: enable=wrong-import-position
 
 C, N_TEST, N_TRAIN = 4, 120, 200

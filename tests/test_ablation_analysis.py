@@ -17,8 +17,10 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 # pylint: disable=wrong-import-position
 import ablation_analysis as analysis  # noqa: E402
 import pretrain_backbone  # noqa: E402
-from mlcrl_tf import model as model_lib  # noqa: E402
+
+from mlcrl_tf.modeling import model as model_lib
 from pipelines.demo import fashion_mnist  # noqa: E402
+
 # pylint: enable=wrong-import-position
 
 

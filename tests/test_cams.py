@@ -10,16 +10,20 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
-from mlcrl_tf import backbones
-from mlcrl_tf import cams
-from mlcrl_tf import checkpoints
-from mlcrl_tf import summaries
-from mlcrl_tf import config as config_lib
-from mlcrl_tf.model import build_model
+from mlcrl_tf.evaluation import cam_panels
+from mlcrl_tf.evaluation import cams
+from mlcrl_tf.evaluation import visualize_lib
+from mlcrl_tf.modeling import backbones
+from mlcrl_tf.modeling.model import build_model
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.training import summaries
 from pipelines.demo import fashion_mnist
 from pipelines.records import schema
 from pipelines.tfdata import input_pipeline
+
+from conftest import run_module
 
 NUM_CLASSES = 10
 SIZE = 64
@@ -119,16 +123,16 @@ def test_render_panel_and_png(models, data, tmp_path):
     images, _, x = data
     maps = cams.compute_cams(models["crl"], x[:1], 8)
     one = {"direct": maps["direct"][0, 0], "f_conv": maps["f_conv"][0, 0]}
-    panel = cams.render_cam_panel(images[0], one, "Bag", score=0.87, tile_size=96)
+    panel = cam_panels.render_cam_panel(images[0], one, "Bag", score=0.87, tile_size=96)
     assert panel.dtype == np.uint8 and panel.shape == (96 + 14, 3 * 96, 3)
     resized = np.asarray(Image.fromarray(images[0]).resize((96, 96), Image.BILINEAR))
     np.testing.assert_array_equal(panel[14:, :96], resized)
     assert not np.array_equal(panel[14:, 96:192], panel[14:, 192:])
     assert panel[:14].any()  # caption text
-    only_direct = cams.render_cam_panel(images[0], {"direct": one["direct"]}, "Bag")
+    only_direct = cam_panels.render_cam_panel(images[0], {"direct": one["direct"]}, "Bag")
     assert only_direct.shape == (SIZE + 14, 2 * SIZE, 3)
     path = str(tmp_path / "cam.png")
-    cams.save_png(panel, path)
+    cam_panels.save_png(panel, path)
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), panel)
 
 
@@ -137,12 +141,12 @@ def test_visualize_files_from_a_training_run(models, data, tmp_path):
     os.makedirs(model_dir)
     config = config_lib.Config(model_dir=model_dir, train_files="unused", backbone=BACKBONE,
                                variant="crl", image_size=SIZE, num_classes=NUM_CLASSES)
-    checkpoints.write_run(model_dir, config, CLASS_NAMES)
+    run_files.write_run(model_dir, config, CLASS_NAMES)
     tf.train.Checkpoint(model=models["crl"]).save(os.path.join(model_dir, "ckpt"))
-    model, config, class_names, _ = checkpoints.restore_model(model_dir)
+    model, config, class_names, _ = restore.restore_model(model_dir)
     image_path = str(tmp_path / "outfit.png")
     Image.fromarray(data[0][0]).resize((100, 80)).save(image_path)
-    written, problems = cams.visualize_files(model, class_names, [image_path],
+    written, problems = visualize_lib.visualize_files(model, class_names, [image_path],
                                              str(tmp_path / "cams"),
                                              classes=["Bag", "T-shirt/top"], tile_size=64)
     assert problems == []
@@ -150,11 +154,11 @@ def test_visualize_files_from_a_training_run(models, data, tmp_path):
                                                       "outfit_T-shirt_top.png"]
     for path in written:
         assert Image.open(path).size == (3 * 64, 64 + 14)
-    top, _ = cams.visualize_files(model, class_names, [image_path],
+    top, _ = visualize_lib.visualize_files(model, class_names, [image_path],
                                   str(tmp_path / "top"), top_k=2)
     assert len(top) == 2
     with pytest.raises(ValueError, match="Hat"):
-        cams.visualize_files(model, class_names, [image_path],
+        visualize_lib.visualize_files(model, class_names, [image_path],
                                   str(tmp_path / "x"), classes=["Hat"])
 
 
@@ -183,7 +187,7 @@ def test_write_eval_images_is_readable_from_the_event_file(models, data, tmp_pat
     tile = summaries.TILE_SIZE
     assert (width, height) == (3 * tile, tile + 14 + 24)
     assert all(p.shape == (height, width, 3) for p in pictures)
-    panels = cams.eval_image_panels(samples, model, CLASS_NAMES, 2, summaries.TILE_SIZE)
+    panels = cam_panels.eval_image_panels(samples, model, CLASS_NAMES, 2, summaries.TILE_SIZE)
     np.testing.assert_array_equal(pictures[0], panels[0])
     # No writer, no samples: nothing written, no error.
     assert not summaries.write_eval_images(None, model, CLASS_NAMES)
@@ -196,7 +200,7 @@ def _run_dir(path, model, antialias):
     config = config_lib.Config(model_dir=model_dir, train_files="unused", backbone=BACKBONE,
                                variant="crl", image_size=SIZE, num_classes=NUM_CLASSES,
                                antialias=antialias)
-    checkpoints.write_run(model_dir, config, CLASS_NAMES)
+    run_files.write_run(model_dir, config, CLASS_NAMES)
     tf.train.Checkpoint(model=model).save(os.path.join(model_dir, "ckpt"))
     return model_dir
 
@@ -227,7 +231,7 @@ def test_visualize_input_equals_the_runs_eval_pipeline(models, data, tmp_path, m
             images, **kwargs)
 
     monkeypatch.setattr(cams, "_feature_model", spy)
-    code = cams.run(model_dir, [image_path], str(tmp_path / "cams"), {},
+    code = visualize_lib.run(model_dir, [image_path], str(tmp_path / "cams"), {},
                     stdout=io.StringIO(), stderr=io.StringIO(), top_k=1, tile_size=32)
     assert code == 0 and len(seen) == 1
     np.testing.assert_allclose(seen[0], pipeline[antialias], atol=1e-3)
@@ -261,7 +265,7 @@ def test_top_k_runs_the_network_once_per_image(models, data, tmp_path):
     for i in range(2):
         paths.append(str(tmp_path / f"im{i}.png"))
         Image.fromarray(data[0][i]).save(paths[-1])
-    written, problems = cams.visualize_files(model, CLASS_NAMES, paths,
+    written, problems = visualize_lib.visualize_files(model, CLASS_NAMES, paths,
                                              str(tmp_path / "cams"), top_k=2, tile_size=32)
     assert problems == [] and len(written) == 4
     assert model.runs == 2
@@ -269,7 +273,7 @@ def test_top_k_runs_the_network_once_per_image(models, data, tmp_path):
     logits = models["tbc"].inference_model(data[2][:2]).numpy()
     for i in range(2):
         top = np.argsort(-logits[i], kind="stable")[:2]
-        _, class_parts = cams.output_names(paths, CLASS_NAMES)
+        _, class_parts = visualize_lib.output_names(paths, CLASS_NAMES)
         assert sorted(os.path.basename(p) for p in written[2 * i:2 * i + 2]) == sorted(
             f"im{i}_{class_parts[c]}.png" for c in top)
 

@@ -23,11 +23,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_module
-from mlcrl_tf import checkpoints
-from mlcrl_tf import config as config_lib
-from mlcrl_tf import run_lock
-from mlcrl_tf import train_lib
+from mlcrl_tf.run_dir import checkpoints
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.run_dir import run_lock
+from mlcrl_tf.training import train_lib
+
+from conftest import REPO
+from conftest import run_module
 
 SMALL = ["--backbone=small_cnn", "--backbone_weights=", "--image_size=48", "--lr_decay_epochs=",
          "--batch_size=8", "--learning_rate=0.05", "--backbone_learning_rate=0.02",
@@ -284,10 +288,10 @@ def test_restore_model_names_an_unreadable_checkpoint(demo_data, tmp_path):
     config = _config(demo_data, tmp_path / "run", steps_per_epoch=2)
     train_lib.train_and_evaluate(config)
     _lose_state(tmp_path / "run")
-    assert checkpoints.restore_model(config.model_dir)[3].endswith("ckpt-2")
+    assert restore.restore_model(config.model_dir)[3].endswith("ckpt-2")
     _truncate(_data_file(tmp_path / "run", 2))
     with pytest.raises(ValueError, match=r"ckpt-2' cannot be read .*--checkpoint="):
-        checkpoints.restore_model(config.model_dir)
+        restore.restore_model(config.model_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -455,7 +459,7 @@ def test_heartbeat_is_refreshed_and_a_lost_lock_stops_saving(tmp_path):
 
 _HOLDER = """
 import sys, time
-from mlcrl_tf import run_lock
+from mlcrl_tf.run_dir import run_lock
 with run_lock.RunLock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
@@ -507,7 +511,7 @@ def test_truncated_best_metrics_is_ignored_and_named(demo_data, tmp_path, caplog
     text = path.read_text()
     path.write_text(text[:len(text) // 2])
     with caplog.at_level(logging.WARNING):
-        assert checkpoints.read_best_metrics(str(path)) is None
+        assert run_files.read_best_metrics(str(path)) is None
         train_lib.train_and_evaluate(config.replace(epochs=2))
     assert f"Ignoring unreadable {path}" in caplog.text
     assert json.loads(path.read_text())["step"] == 2

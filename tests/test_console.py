@@ -15,11 +15,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO
-from mlcrl_tf import checkpoints
-from mlcrl_tf import evaluate_lib
-from pipelines.utils import console
+from mlcrl_tf.evaluation import evaluator
+from mlcrl_tf.run_dir import restore
 from pipelines.tfdata import input_pipeline
+from pipelines.utils import console
+
+from conftest import REPO
 
 INFO_LINE = re.compile(r"^I\d{4} ", re.MULTILINE)
 # A C++ INFO line of TensorFlow's: every CPU prints one at import (the oneDNN
@@ -147,8 +148,8 @@ class _Counter:
 
 
 def test_evaluate_model_reports_every_batch(crl_run):
-    model, config, _, _ = checkpoints.restore_model(crl_run.model_dir)
+    model, config, _, _ = restore.restore_model(crl_run.model_dir)
     dataset = input_pipeline.make_dataset(config.eval_files, 5, 48, 10, training=False)
     counter = _Counter()
-    result = evaluate_lib.evaluate_model(model, dataset, 10, progress=counter)
+    result = evaluator.evaluate_model(model, dataset, 10, progress=counter)
     assert counter.updates == [5] * 6 + [2] and result.num_examples == 32

@@ -20,10 +20,10 @@ import tensorflow as tf
 
 from pipelines.converters import coco_lib
 from pipelines.converters import csv_lib
+from pipelines.converters import voc_lib
 from pipelines.records import label_maps
 from pipelines.records import schema
 from pipelines.records import shard_sets
-from pipelines.converters import voc_lib
 
 W, H = 80, 56
 

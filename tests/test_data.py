@@ -10,16 +10,17 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
-from mlcrl_tf import checkpoints
-from mlcrl_tf import config as config_lib
-from mlcrl_tf import data
-from mlcrl_tf import evaluate_lib
-from mlcrl_tf import export_lib
-from mlcrl_tf import train_lib
+from mlcrl_tf.evaluation import evaluate_lib
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.serving import export_lib
+from mlcrl_tf.training import data
+from mlcrl_tf.training import train_lib
 from pipelines.records import label_maps
 from pipelines.records import schema
 from pipelines.records import shard_sets
+
+from conftest import run_module
 
 
 def _config(demo_data, tmp_path, **overrides):
@@ -76,7 +77,7 @@ def small_run(demo_data, tmp_path_factory):
     config = _config(demo_data, root, eval_files=None)
     train_lib.train_and_evaluate(config)
     model_dir = config.model_dir
-    model, _, names, _ = checkpoints.restore_model(model_dir)
+    model, _, names, _ = restore.restore_model(model_dir)
     export = export_lib.export_model(model, str(root / "export"), names)
     return model_dir, export
 

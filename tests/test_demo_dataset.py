@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pipelines.demo import outfits
 from pipelines.demo import fashion_mnist
+from pipelines.demo import outfits
 from pipelines.records import label_maps
 from pipelines.records import schema
 from pipelines.tfdata import input_pipeline

@@ -9,8 +9,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port, run_module
 from pipelines.tfdata import input_pipeline
+
+from conftest import REPO
+from conftest import free_port
+from conftest import run_module
 
 SMALL = ["--backbone=small_cnn", "--backbone_weights=", "--lr_decay_epochs=",
          "--image_size=48", "--batch_size=8", "--learning_rate=0.05",
@@ -70,7 +73,9 @@ _IN_PROCESS = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
-from mlcrl_tf import distribute, evaluate_lib, model as model_lib
+from mlcrl_tf.evaluation import evaluator
+from mlcrl_tf.modeling import model as model_lib
+from mlcrl_tf.training import distribute
 from pipelines.tfdata import input_pipeline
 
 files = sys.argv[1]
@@ -81,8 +86,8 @@ batches, steps = input_pipeline.eval_batches_per_pipeline(files, 6, 2)
 fn = lambda ctx: input_pipeline.padded_eval_dataset(files, 6, 48, 10, ctx, batches)
 sizes = [[int(tf.shape(x)[0]) for x in strategy.experimental_local_results(b["images"])]
          for b in strategy.distribute_datasets_from_function(fn)]
-spread = evaluate_lib.evaluate_distributed(model, strategy, fn, steps, 10)
-one = evaluate_lib.evaluate_model(model, input_pipeline.make_dataset(files, 6, 48, 10, False), 10)
+spread = evaluator.evaluate_distributed(model, strategy, fn, steps, 10)
+one = evaluator.evaluate_model(model, input_pipeline.make_dataset(files, 6, 48, 10, False), 10)
 print(json.dumps({"sizes": sizes, "steps": steps, "n": spread.num_examples,
                   "diff": max(abs(spread.metrics[k] - one.metrics[k]) for k in one.metrics)}))
 """

@@ -7,17 +7,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
-from mlcrl_tf import checkpoints
-from mlcrl_tf import config as config_lib
-from mlcrl_tf import evaluate_lib as evaluate
-from mlcrl_tf import export_lib as export
-from mlcrl_tf import metrics
-from mlcrl_tf import train_lib
-from pipelines.tfdata import skip_counts
+from mlcrl_tf.evaluation import evaluate_lib
+from mlcrl_tf.evaluation import evaluator
+from mlcrl_tf.evaluation import metrics
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.serving import export_lib as export
+from mlcrl_tf.training import train_lib
 from pipelines.records import schema
 from pipelines.records import shard_sets
 from pipelines.tfdata import input_pipeline
+from pipelines.tfdata import skip_counts
+
+from conftest import run_module
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def trained(demo_data, tmp_path_factory):
         backbone_learning_rate=0.05, num_summary_images=0, log_every_steps=2,
         backbone_weights=None, lr_decay_epochs=())
     train_lib.train_and_evaluate(config)
-    model, config, class_names, _ = checkpoints.restore_model(config.model_dir)
+    model, config, class_names, _ = restore.restore_model(config.model_dir)
     export_path = export.export_model(model, str(root / "export"), class_names)
     return {"config": config, "model": model, "class_names": class_names,
             "export": export_path, "root": root}
@@ -41,7 +44,7 @@ def test_evaluate_model_equals_metrics_on_all_predictions(trained, demo_data):
     config, model = trained["config"], trained["model"]
     dataset = input_pipeline.make_dataset(demo_data["test_files"], 5, 48, 10,
                                           training=False)
-    result = evaluate.evaluate_model(model, dataset, 10, num_samples=3)
+    result = evaluator.evaluate_model(model, dataset, 10, num_samples=3)
     batches = list(dataset.as_numpy_iterator())
     images = np.concatenate([b["images"] for b in batches])
     labels = np.concatenate([b["labels"] for b in batches])
@@ -86,9 +89,9 @@ def test_undecodable_record_is_skipped_and_counted(trained, demo_data, tmp_path)
     counter = skip_counts.SkipCounter()
     dataset = input_pipeline.make_dataset(path, 4, 48, 10, training=False,
                                           skip_counter=counter)
-    result = evaluate.evaluate_model(trained["model"], dataset, 10, skip_counter=counter)
+    result = evaluator.evaluate_model(trained["model"], dataset, 10, skip_counter=counter)
     assert (result.num_examples, result.num_skipped) == (6, 1)
-    exported = evaluate.evaluate_saved_model(trained["export"], path, 10, batch_size=4)
+    exported = evaluator.evaluate_saved_model(trained["export"], path, 10, batch_size=4)
     assert (exported.num_examples, exported.num_skipped) == (6, 1)
     for key in result.metrics:
         assert exported.metrics[key] == pytest.approx(result.metrics[key], abs=1e-5), key
@@ -109,7 +112,7 @@ class _SaturatingModel:
 
 def test_checkpoint_and_export_evaluation_rank_saturated_logits(trained, demo_data, tmp_path):
     """Logits >= 16.6 saturate float32 probabilities; evaluation must rank the logits."""
-    model, config, class_names, _ = checkpoints.restore_model(trained["config"].model_dir)
+    model, config, class_names, _ = restore.restore_model(trained["config"].model_dir)
     model = _SaturatingModel(model).model
     dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10,
                                           training=False)
@@ -121,9 +124,9 @@ def test_checkpoint_and_export_evaluation_rank_saturated_logits(trained, demo_da
     expected = metrics.multilabel_metrics(logits.astype(np.float64), labels, from_logits=True)
     flattened = metrics.multilabel_metrics(probabilities, labels)
     assert abs(flattened["mAP"] - expected["mAP"]) > 1e-3  # the test can tell them apart
-    on_checkpoint = evaluate.evaluate_model(model, dataset, 10)
+    on_checkpoint = evaluator.evaluate_model(model, dataset, 10)
     export_path = export.export_model(model, str(tmp_path / "export"), class_names)
-    on_export = evaluate.evaluate_saved_model(export_path, demo_data["test_files"], 10)
+    on_export = evaluator.evaluate_saved_model(export_path, demo_data["test_files"], 10)
     for result in (on_checkpoint, on_export):
         assert result.metrics["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
         np.testing.assert_allclose(result.per_class_ap, expected["AP"], atol=1e-6)
@@ -143,7 +146,7 @@ def test_output_scores_file(trained, demo_data, tmp_path):
                                             from_logits=True)
     dataset = input_pipeline.make_dataset(demo_data["test_files"], 8, 48, 10,
                                           training=False)
-    direct = evaluate.evaluate_model(trained["model"], dataset, 10)
+    direct = evaluator.evaluate_model(trained["model"], dataset, 10)
     assert recomputed["mAP"] == pytest.approx(direct.metrics["mAP"], abs=1e-7)
 
 
@@ -181,8 +184,8 @@ def test_difficult_labels_are_ignored_by_every_metric(trained, demo_data, tmp_pa
             want = metrics.average_precision(logits[keep][:, [c]], labels[keep][:, [c]],
                                              from_logits=True)[0]
             assert expected["AP"][c] == pytest.approx(want, abs=1e-12)
-    on_checkpoint = evaluate.evaluate_model(trained["model"], dataset, 10)
-    on_export = evaluate.evaluate_saved_model(trained["export"], path, 10)
+    on_checkpoint = evaluator.evaluate_model(trained["model"], dataset, 10)
+    on_export = evaluator.evaluate_saved_model(trained["export"], path, 10)
     for result in (on_checkpoint, on_export):
         for key, value in result.metrics.items():
             assert value == pytest.approx(expected[key], abs=1e-6), key
@@ -196,19 +199,19 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(trained, tmp_path):
     with pytest.raises(ValueError, match="no such checkpoint"):
-        checkpoints.restore_model(trained["config"].model_dir,
+        restore.restore_model(trained["config"].model_dir,
                                   checkpoint=str(tmp_path / "ckpt-99"))
     with pytest.raises(ValueError, match="model_dir"):
-        checkpoints.read_run(str(tmp_path))
+        run_files.read_run(str(tmp_path))
 
 
 def test_format_report_has_table_rows(trained):
     keys = ("mAP", "CF1", "CP", "CR", "OF1", "OP", "OR", "CF1_top3", "CP_top3", "CR_top3",
             "OF1_top3", "OP_top3", "OR_top3")
-    result = evaluate.EvalResult(metrics={k: (i + 1) / 100 for i, k in enumerate(keys)},
+    result = evaluator.EvalResult(metrics={k: (i + 1) / 100 for i, k in enumerate(keys)},
                                  per_class_ap=[0.25] * 9 + [float("nan")], num_examples=1)
     names = trained["class_names"]
-    text = evaluate.format_report(result, names, "crl", per_class=True)
+    text = evaluate_lib.format_report(result, names, "crl", per_class=True)
     lines = text.splitlines()
     # Table 1: header, rule, one row with the 13 values in the paper's column order.
     assert lines[0] == "| method | " + " | ".join(keys) + " |"
@@ -217,7 +220,7 @@ def test_format_report_has_table_rows(trained):
     assert lines[4] == "| method | " + " | ".join(names) + " | mAP |"
     assert lines[6] == "| crl | " + " | ".join(["25.0"] * 9 + ["nan"]) + " | 25.0 |"
     assert len(lines) == 7
-    assert "\n\n" not in evaluate.format_report(result, names, "crl")
+    assert "\n\n" not in evaluate_lib.format_report(result, names, "crl")
 
 
 def _strict_json(text):
@@ -230,11 +233,11 @@ def _strict_json(text):
 def test_write_json_writes_nan_as_null(trained, tmp_path):
     """A class without positives has AP NaN: written as null, valid JSON."""
     names = trained["class_names"]
-    result = evaluate.EvalResult(metrics={"mAP": 0.5, "CF1": float("nan"),
+    result = evaluator.EvalResult(metrics={"mAP": 0.5, "CF1": float("nan"),
                                           "OF1": float("inf")},
                                  per_class_ap=[0.25] * 9 + [float("nan")], num_examples=3)
     path = tmp_path / "eval.json"
-    evaluate.write_json(result, names, "crl", str(path))
+    evaluate_lib.write_json(result, names, "crl", str(path))
     payload = _strict_json(path.read_text())
     assert payload["per_class_ap"][names[9]] is None
     assert payload["per_class_ap"][names[0]] == 0.25
@@ -247,18 +250,18 @@ def test_export_evaluation_defaults_to_the_export_threshold(trained, demo_data, 
     the SavedModel is loaded once."""
     model, class_names = trained["model"], trained["class_names"]
     path = export.export_model(model, str(tmp_path / "export"), class_names, threshold=0.2)
-    at_02 = evaluate.evaluate_saved_model(path, demo_data["test_files"], 10, threshold=0.2)
-    at_05 = evaluate.evaluate_saved_model(path, demo_data["test_files"], 10, threshold=0.5)
+    at_02 = evaluator.evaluate_saved_model(path, demo_data["test_files"], 10, threshold=0.2)
+    at_05 = evaluator.evaluate_saved_model(path, demo_data["test_files"], 10, threshold=0.5)
     assert at_02.metrics["OR"] != at_05.metrics["OR"]  # the test can tell them apart
     loads = []
     real_load = tf.saved_model.load
     monkeypatch.setattr(tf.saved_model, "load",
                         lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    result, _, _ = evaluate.evaluate_target(saved_model=path,
+    result, _, _ = evaluate_lib.evaluate_target(saved_model=path,
                                             eval_files=demo_data["test_files"])
     assert len(loads) == 1
     assert result.metrics == at_02.metrics
-    explicit, _, _ = evaluate.evaluate_target(saved_model=path, threshold=0.5,
+    explicit, _, _ = evaluate_lib.evaluate_target(saved_model=path, threshold=0.5,
                                               eval_files=demo_data["test_files"])
     assert explicit.metrics == at_05.metrics
 
@@ -267,7 +270,7 @@ def test_export_evaluation_defaults_to_the_export_threshold(trained, demo_data, 
 def test_threshold_outside_the_unit_interval_is_refused(trained, threshold):
     """An explicit 0 is not "no threshold": it is refused, before any work."""
     with pytest.raises(ValueError, match="threshold must be in"):
-        evaluate.evaluate_target(model_dir=trained["config"].model_dir,
+        evaluate_lib.evaluate_target(model_dir=trained["config"].model_dir,
                                  saved_model=trained["export"], threshold=threshold)
 
 
@@ -281,7 +284,7 @@ def test_export_evaluation_passes_data_dir(trained, demo_data, monkeypatch):
         return real(source, batch_size, num_classes, data_dir=data_dir, **kwargs)
 
     monkeypatch.setattr(input_pipeline, "make_record_dataset", spy)
-    evaluate.evaluate_target(saved_model=trained["export"], eval_files=demo_data["test_files"],
+    evaluate_lib.evaluate_target(saved_model=trained["export"], eval_files=demo_data["test_files"],
                              data_dir="/some/tfds_data")
     assert seen == ["/some/tfds_data"]
 
@@ -305,12 +308,12 @@ def test_a_record_that_is_not_an_example_is_skipped_and_counted_alike(trained, d
     records = list(tf.data.TFRecordDataset(files).as_numpy_iterator())[:6]
     clean = _shard_with(records, tmp_path / "clean")
     dirty = _shard_with(records[:4] + [garbage] + records[4:], tmp_path / "dirty")
-    reference = evaluate.evaluate_saved_model(trained["export"], clean, 10, batch_size=4)
-    exported = evaluate.evaluate_saved_model(trained["export"], dirty, 10, batch_size=4)
+    reference = evaluator.evaluate_saved_model(trained["export"], clean, 10, batch_size=4)
+    exported = evaluator.evaluate_saved_model(trained["export"], dirty, 10, batch_size=4)
     assert (reference.num_skipped, exported.num_skipped) == (0, 1)
     assert exported.num_examples == reference.num_examples == 6
     assert exported.metrics == reference.metrics
-    checkpoint, _, _ = evaluate.evaluate_target(model_dir=trained["config"].model_dir,
+    checkpoint, _, _ = evaluate_lib.evaluate_target(model_dir=trained["config"].model_dir,
                                                 eval_files=dirty, batch_size=4)
     assert (checkpoint.num_skipped, checkpoint.num_examples) == (1, 6)
     proc = run_module("mlcrl_tf.evaluate", [f"--saved_model={trained['export']}",
@@ -334,9 +337,9 @@ def test_evaluate_model_traces_once_per_model(trained, demo_data):
     model = Counting(trained["model"])
     dataset = input_pipeline.make_dataset(demo_data["test_files"], 5, 48, 10,
                                           training=False)
-    first = evaluate.evaluate_model(model, dataset, 10)
+    first = evaluator.evaluate_model(model, dataset, 10)
     traced = len(traces)
     assert traced >= 1
-    second = evaluate.evaluate_model(model, dataset, 10)
+    second = evaluator.evaluate_model(model, dataset, 10)
     assert len(traces) == traced
     assert first.metrics == second.metrics

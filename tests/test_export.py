@@ -17,18 +17,19 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # disable_op_determinism
 
-from conftest import train_briefly
-from mlcrl_tf import backbones
-from mlcrl_tf import checkpoints
-from mlcrl_tf import evaluate_lib
-from mlcrl_tf import export_lib
-from mlcrl_tf import serving
-from mlcrl_tf import train_lib
-from mlcrl_tf import config as config_lib
-from mlcrl_tf.model import build_model
+from mlcrl_tf.evaluation import evaluator
+from mlcrl_tf.modeling import backbones
+from mlcrl_tf.modeling.model import build_model
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.serving import contract
+from mlcrl_tf.serving import export_lib
+from mlcrl_tf.training import train_lib
 from pipelines.demo import fashion_mnist
 from pipelines.tfdata.decoder import decode_image
 from pipelines.tfdata.preprocessing import preprocess_eval
+
+from conftest import train_briefly
 
 NUM_CLASSES = 10
 SIZE = 64
@@ -160,7 +161,7 @@ def test_serve_tensor_equals_keras_model(trained, loaded):
     out = loaded.signatures["serve_tensor"](images=tf.constant(raw))
     expected = trained["crl"].inference_model(raw, training=False).numpy()
     np.testing.assert_allclose(out["logits"].numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert set(out) == set(serving.OUTPUT_KEYS)
+    assert set(out) == set(contract.OUTPUT_KEYS)
 
 
 def test_tf1_session_load_like_tf_serving(trained, loaded, encoded_images):
@@ -275,7 +276,7 @@ def test_metadata_and_labels_asset(trained, loaded):
     assert int(metadata["image_size"].numpy()) == SIZE
     assert metadata["backbone"].numpy().decode() == BACKBONE
     assert metadata["variant"].numpy().decode() == "crl"
-    labels = os.path.join(trained["crl_path"], "assets", serving.LABELS_FILE)
+    labels = os.path.join(trained["crl_path"], "assets", contract.LABELS_FILE)
     with open(labels, encoding="utf-8") as f:
         assert f.read().splitlines() == CLASS_NAMES
     assert loaded.labels_file.asset_path.numpy().decode().endswith("labels.txt")
@@ -369,7 +370,7 @@ def test_cli_exports_a_training_run(trained, tmp_path, encoded_images):
     config = config_lib.Config(model_dir=model_dir, train_files="unused", backbone=BACKBONE,
                                variant="crl", image_size=SIZE, num_classes=NUM_CLASSES,
                                threshold=0.3)
-    checkpoints.write_run(model_dir, config, CLASS_NAMES)
+    run_files.write_run(model_dir, config, CLASS_NAMES)
     tf.train.Checkpoint(model=trained["crl"]).save(os.path.join(model_dir, "ckpt"))
     export_dir = str(tmp_path / "saved")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -412,7 +413,7 @@ def test_bfloat16_export_serves_float32_close_to_the_float32_export(tmp_path, de
         metadata = loaded.signatures["metadata"]()
         assert metadata["precision"].numpy().decode() == precision
         assert bool(metadata["antialias"].numpy())  # the run's resize travels along
-        results[precision] = evaluate_lib.evaluate_saved_model(
+        results[precision] = evaluator.evaluate_saved_model(
             path, demo_data["test_files"], 10, keep_scores=True)
     f32, bf16 = results["float32"], results["mixed_bfloat16"]
     assert bf16.scores["logits"].dtype == np.float32

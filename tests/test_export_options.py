@@ -11,12 +11,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
+from test_export import BACKBONE
+from test_export import CLASS_NAMES
+from test_export import NUM_CLASSES
+from test_export import SIZE
+from test_export import _canvases
+from test_export import _encode
+from test_export import _train
+
+from mlcrl_tf.modeling.model import build_model
+from mlcrl_tf.serving import contract
+from mlcrl_tf.serving import export_lib
+from mlcrl_tf.serving import request_checks
+from mlcrl_tf.serving import serving_module
 
 from conftest import REPO
-from mlcrl_tf import export_lib
-from mlcrl_tf import serving
-from mlcrl_tf.model import build_model
-from test_export import BACKBONE, CLASS_NAMES, NUM_CLASSES, SIZE, _canvases, _encode, _train
 
 # XLA fuses and reorders the float32 arithmetic of the same weights.
 XLA_TOLERANCE = 1e-4
@@ -104,7 +113,7 @@ def test_top_k_ranking_helper_follows_the_logits():
     logits = tf.constant(np.stack([SATURATED, -SATURATED[::-1], SATURATED / 2]))
     probabilities = tf.sigmoid(logits)
     assert np.all(probabilities.numpy()[0] == 1.0)  # The ties the ranking must not see.
-    scores, ids = serving.top_k_by_logits(logits, probabilities, 4)
+    scores, ids = request_checks.top_k_by_logits(logits, probabilities, 4)
     expected = np.argsort(-logits.numpy(), axis=1, kind="stable")[:, :4]
     np.testing.assert_array_equal(ids.numpy(), expected)
     np.testing.assert_array_equal(
@@ -124,9 +133,9 @@ def test_served_top_k_follows_the_logits_when_probabilities_tie(tmp_path, real_i
     encoded, pixels = real_images
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"{name}\n" for name in CLASS_NAMES))
-    info = serving.ServingInfo(class_names=tuple(CLASS_NAMES), backbone="test",
+    info = contract.ServingInfo(class_names=tuple(CLASS_NAMES), backbone="test",
                                image_size=SIZE, threshold=0.5, top_k=5, variant="test")
-    module = serving.ServingModule(_saturated_model(), info, str(labels))
+    module = serving_module.ServingModule(_saturated_model(), info, str(labels))
     tf.saved_model.save(module, str(tmp_path / "m"), signatures=module.signatures())
     loaded = tf.saved_model.load(str(tmp_path / "m"))
     expected = np.argsort(-SATURATED)[:5]  # [1 5 8 3 9]
@@ -150,7 +159,7 @@ import sys
 import tensorflow as tf
 from absl import app
 from mlcrl_tf import export
-from mlcrl_tf import export_lib
+from mlcrl_tf.serving import export_lib
 
 def fail(*unused_args, **unused_kwargs):
     raise {error}

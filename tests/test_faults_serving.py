@@ -16,19 +16,23 @@ import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
+from test_image_header import gif_of_frames
+from test_image_header import png_bomb
 
-from conftest import run_module
-from mlcrl_tf import cams
-from mlcrl_tf import checkpoints
-from mlcrl_tf import export_lib
-from mlcrl_tf import predict_lib
-from mlcrl_tf import serving
-from mlcrl_tf import config as config_lib
-from mlcrl_tf.model import build_model
+from mlcrl_tf.evaluation import visualize_lib
+from mlcrl_tf.modeling.model import build_model
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.serving import contract
+from mlcrl_tf.serving import export_client
+from mlcrl_tf.serving import export_lib
+from mlcrl_tf.serving import predict_lib
+from mlcrl_tf.serving import request_checks
 from pipelines.records import image_header
 from pipelines.records import shard_writer
-from pipelines.utils import outputs
-from test_image_header import gif_of_frames, png_bomb
+from pipelines.utils import output_checks
+
+from conftest import run_module
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -58,8 +62,8 @@ def export(model, tmp_path_factory):
                                    max_batch_size=MAX_BATCH, max_image_pixels=MAX_PIXELS)
     loaded = tf.saved_model.load(path)
     return {"path": path, "loaded": loaded,
-            "serve": loaded.signatures[serving.SERVING_DEFAULT],
-            "tensor": loaded.signatures[serving.SERVE_TENSOR]}
+            "serve": loaded.signatures[contract.SERVING_DEFAULT],
+            "tensor": loaded.signatures[contract.SERVE_TENSOR]}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def run_dir(model, tmp_path_factory):
     config = config_lib.Config(model_dir=model_dir, train_files="unused",
                                backbone="small_cnn", variant="crl", image_size=SIZE,
                                num_classes=NUM_CLASSES)
-    checkpoints.write_run(model_dir, config, CLASS_NAMES)
+    run_files.write_run(model_dir, config, CLASS_NAMES)
     tf.train.Checkpoint(model=model).save(os.path.join(model_dir, "ckpt"))
     return model_dir
 
@@ -90,13 +94,13 @@ def test_requests_above_max_batch_size_are_refused(export):
     pixels = tf.zeros([MAX_BATCH + 1, SIZE, SIZE, 3])
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_batch_size=8"):
         tensor(images=pixels)
-    metadata = export["loaded"].signatures[serving.METADATA]()
+    metadata = export["loaded"].signatures[contract.METADATA]()
     assert int(metadata["max_batch_size"]) == MAX_BATCH
     assert int(metadata["max_image_pixels"]) == MAX_PIXELS
 
 
 def test_client_splits_requests_at_the_exports_limit(export):
-    client = serving.ExportClient(export["path"])
+    client = export_client.ExportClient(export["path"])
     assert client.max_batch_size == MAX_BATCH
     images = [_jpeg(i) for i in range(2 * MAX_BATCH + 3)]
     kept, logits, problems = client.score(images)
@@ -151,10 +155,10 @@ def test_pixel_budget_of_large_jpegs_reads_a_bounded_prefix(monkeypatch):
     (it used to copy the whole file into an int64 tensor), with the answers
     of the whole-file rule; a header past the prefix still gets the whole file."""
     large = _noise_jpeg(1200, 900)  # ~1.3 MB, header in its first bytes.
-    late_header = _noise_jpeg(1100, 1000, icc_profile=b"\0" * 3 * serving.HEADER_PREFIX_BYTES)
+    late_header = _noise_jpeg(1100, 1000, icc_profile=b"\0" * 3 * request_checks.HEADER_PREFIX_BYTES)
     small, png, gif = _jpeg(0), png_bomb(2000, 1000), gif_of_frames(200, 100, 60)
-    assert len(large) > 10 * serving.HEADER_PREFIX_BYTES
-    batch = [large, small, large[:serving.HEADER_PREFIX_BYTES + 10], late_header, png, gif,
+    assert len(large) > 10 * request_checks.HEADER_PREFIX_BYTES
+    batch = [large, small, large[:request_checks.HEADER_PREFIX_BYTES + 10], late_header, png, gif,
              b"", b"junk", large[:40]]
     lengths = []
     real = image_header.budget_problem
@@ -164,32 +168,32 @@ def test_pixel_budget_of_large_jpegs_reads_a_bounded_prefix(monkeypatch):
         return real(data, max_pixels)
 
     monkeypatch.setattr(image_header, "budget_problem", spy)
-    problems = serving.pixel_budget_problems(tf.constant(batch), MAX_PIXELS).numpy()
+    problems = request_checks.pixel_budget_problems(tf.constant(batch), MAX_PIXELS).numpy()
     monkeypatch.undo()
     expected = [image_header.pixel_budget_problem(data, MAX_PIXELS) or "" for data in batch]
     assert [p.decode() for p in problems] == expected
     assert expected[0] == "1200x900 = 1080000 pixels, above the pixel budget of 1000000"
     assert expected[3] == "1100x1000 = 1100000 pixels, above the pixel budget of 1000000"
-    assert lengths[0] == lengths[2] == serving.HEADER_PREFIX_BYTES
+    assert lengths[0] == lengths[2] == request_checks.HEADER_PREFIX_BYTES
     assert lengths[3] == len(late_header)  # libjpeg needs more than the prefix.
     assert lengths[1] == len(small) and lengths[5] == len(gif)
 
 
 def test_client_reports_bombs_and_out_of_memory_as_what_they_are(export, monkeypatch):
-    client = serving.ExportClient(export["path"])
+    client = export_client.ExportClient(export["path"])
     bomb, good = png_bomb(2000, 1000), _jpeg(0)
     kept, _, problems = client.score([good, bomb, b"", b"junk"])
     assert kept == [0]
     reasons = {p.index: p.reason for p in problems}
     assert "2000x1000 = 2000000 pixels, above the pixel budget of 1000000" in reasons[1]
-    assert reasons[2] == serving.EMPTY and reasons[3] == serving.UNKNOWN_FORMAT
+    assert reasons[2] == request_checks.EMPTY and reasons[3] == request_checks.UNKNOWN_FORMAT
 
     def exhausted(unused_image_bytes):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")
     monkeypatch.setattr(client, "outputs", exhausted)
     kept, _, problems = client.score([good])
-    assert kept == [] and problems == [serving.ImageProblem(0, serving.OUT_OF_MEMORY)]
-    assert "out of memory" in serving.CORRUPT  # The graph cannot tell them apart.
+    assert kept == [] and problems == [export_client.ImageProblem(0, request_checks.OUT_OF_MEMORY)]
+    assert "out of memory" in request_checks.CORRUPT  # The graph cannot tell them apart.
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +260,7 @@ def test_predict_overwrite_and_unwritable_output(export, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="p0.jpg is not a directory"):
         predict_lib.run(export["path"], photos, output=os.path.join(photos[0], "x.jsonl"),
                         stderr=io.StringIO())
-    monkeypatch.setattr(outputs, "ensure_output_file", lambda *unused: None)
+    monkeypatch.setattr(output_checks, "ensure_output_file", lambda *unused: None)
     with pytest.raises(ValueError, match="cannot write: No space left on device"):
         predict_lib.run(export["path"], photos, output="/dev/full", overwrite=True,
                         stderr=io.StringIO())
@@ -318,7 +322,7 @@ def test_visualize_names_are_distinct_and_bad_images_are_skipped(model, tmp_path
     bomb = str(tmp_path / "bomb.png")
     with open(bomb, "wb") as f:
         f.write(png_bomb(20000, 20000))
-    written, problems = cams.visualize_files(
+    written, problems = visualize_lib.visualize_files(
         model, CLASS_NAMES, [a[0], bad, b[0], bomb, a[0]], str(tmp_path / "out"),
         classes=CLASS_NAMES, tile_size=32)
     assert len(written) == len(set(written)) == 2 * len(CLASS_NAMES)
@@ -337,13 +341,13 @@ def test_visualize_run_exit_codes_and_output_dir(run_dir, tmp_path):
         f.write(b"\x89PNG\r\n\x1a\n broken")
     options = {"checkpoint": None, "best": False, "use_ema": True}
     out, err = io.StringIO(), io.StringIO()
-    assert cams.run(run_dir, [bad, photo], str(tmp_path / "o"), options, out, err,
+    assert visualize_lib.run(run_dir, [bad, photo], str(tmp_path / "o"), options, out, err,
                     top_k=1, tile_size=32) == 0
     assert f"warning: {bad}: " in err.getvalue() and len(out.getvalue().split()) == 1
-    assert cams.run(run_dir, [bad], str(tmp_path / "o"), options, io.StringIO(),
+    assert visualize_lib.run(run_dir, [bad], str(tmp_path / "o"), options, io.StringIO(),
                     io.StringIO(), top_k=1) == 1
     with pytest.raises(ValueError, match="output_dir=.*cannot create the directory"):
-        cams.run("/no/such/run", [photo], os.path.join(photo, "x"), options)
+        visualize_lib.run("/no/such/run", [photo], os.path.join(photo, "x"), options)
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,10 @@ import glob, json, sys
 import keras
 import numpy as np
 import tensorflow as tf
-from mlcrl_tf import config as config_lib, data, distribute, optim, train_lib
+from mlcrl_tf.modeling import optim
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.training import data, distribute, trainer as trainer_lib
 from pipelines.tfdata import input_pipeline
 
 strategy_name, train_files, root = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -45,19 +48,19 @@ def dataset():
     return tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
 
 # The CLI loop: the Trainer of `python -m mlcrl_tf.train`.
-trainer = train_lib.Trainer(config, names, strategy, count)
+trainer = trainer_lib.Trainer(config, names, strategy, count)
 initial = [v.numpy() for v in trainer.model.weights]
 for batch in strategy.experimental_distribute_dataset(dataset()):
     trainer.train_step({"images": batch[0], "labels": batch[1]})
 
 # model.fit(): a fresh model from the same weights, compiled the Keras way.
 with strategy.scope():
-    model = train_lib.checkpoints.build_model_for(config)
+    model = restore.build_model_for(config)
     for v, w in zip(model.weights, initial):
         v.assign(w)
     model.compile(optimizer=optim.make_optimizer(
         model, 0.01, 0.001, momentum=0.9, weight_decay=1e-4, decay_boundaries=[2],
-        decay_factor=0.1), objective=train_lib.objective_from(config),
+        decay_factor=0.1), objective=trainer_lib.objective_from(config),
         jit_compile=False)  # the CLI loop's step is not XLA-compiled by default
 history = model.fit(dataset(), epochs=1, verbose=0, shuffle=False, callbacks=[
     keras.callbacks.TensorBoard(root + "/tb", update_freq=1),

@@ -9,9 +9,10 @@ import sys
 from absl import flags
 import pytest
 
+from mlcrl_tf.training import flagfiles
+from mlcrl_tf.training import train_flags
+
 from conftest import REPO
-from mlcrl_tf import config as config_lib
-from mlcrl_tf import flagfiles
 
 SHIPPED = ("ablation.flags", "base.flags", "coco.flags", "coco_keras_hub.flags", "demo.flags",
            "voc.flags")
@@ -20,9 +21,9 @@ SHIPPED = ("ablation.flags", "base.flags", "coco.flags", "coco_keras_hub.flags",
 def _config(argv):
     """Expands `argv`, parses it into fresh training flags, returns the Config."""
     values = flags.FlagValues()
-    config_lib.define_flags(values)
+    train_flags.define_flags(values)
     values(flagfiles.expand(["train"] + argv))
-    return config_lib.config_from_flags(values)
+    return train_flags.config_from_flags(values)
 
 
 def _write(path, *lines):

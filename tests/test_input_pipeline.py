@@ -14,11 +14,11 @@ from sklearn.datasets import load_sample_image
 import tensorflow as tf
 
 from pipelines.demo import fashion_mnist
+from pipelines.records import schema
 from pipelines.tfdata import decoder
+from pipelines.tfdata import input_pipeline
 from pipelines.tfdata import preprocessing
 from pipelines.tfdata import skip_counts
-from pipelines.records import schema
-from pipelines.tfdata import input_pipeline
 
 NUM_CLASSES = 10
 

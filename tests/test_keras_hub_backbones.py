@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mlcrl_tf import backbones
-from mlcrl_tf import export_lib
-from mlcrl_tf import keras_hub_backbones as khb
-from mlcrl_tf import model as model_lib
-from mlcrl_tf import optim
+from mlcrl_tf.modeling import backbones
+from mlcrl_tf.modeling import keras_hub_backbones as khb
+from mlcrl_tf.modeling import model as model_lib
+from mlcrl_tf.modeling import optim
+from mlcrl_tf.serving import export_lib
 
 keras_hub = pytest.importorskip("keras_hub")  # optional: docs/ecosystem.md
 

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import textwrap
 
+from absl.testing import parameterized
 import keras
 import numpy as np
 import tensorflow as tf
-from absl.testing import parameterized
 
-from mlcrl_tf import losses
+from mlcrl_tf.modeling import losses
 
 
 # --------------------------------------------------------------------------
@@ -262,7 +262,7 @@ class CrlValueTest(tf.test.TestCase, parameterized.TestCase):
         """
         script = textwrap.dedent("""
             import json, numpy as np, tensorflow as tf
-            from mlcrl_tf import losses
+            from mlcrl_tf.modeling import losses
 
             def peak(fn):
                 tf.config.experimental.reset_memory_stats("CPU:0")

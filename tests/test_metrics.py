@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from mlcrl_tf import metrics
-from mlcrl_tf.metrics import (MetricAccumulator, average_precision, format_per_class_ap,
-                              format_table, multilabel_metrics)
+from mlcrl_tf.evaluation import metrics
+from mlcrl_tf.evaluation.metrics import MetricAccumulator
+from mlcrl_tf.evaluation.metrics import average_precision
+from mlcrl_tf.evaluation.metrics import multilabel_metrics
+from mlcrl_tf.evaluation.tables import format_per_class_ap
+from mlcrl_tf.evaluation.tables import format_table
 
 SCALAR_KEYS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1",
                "CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3", "OF1_top3")

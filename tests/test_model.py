@@ -4,19 +4,24 @@ and which weights a real gradient step moves."""
 import json
 import pathlib
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
+from test_losses import reference_crl
+from test_losses import reference_mse_per_example
+from test_losses import reference_soft_margin_per_example
 
-from mlcrl_tf import backbones
-from mlcrl_tf import losses
-from mlcrl_tf import optim
-from mlcrl_tf.model import (VARIANTS, FusedPooling, ImageProjector, LabelProjector,
-                            MLCRLModel, build_model)
+from mlcrl_tf.modeling import backbones
+from mlcrl_tf.modeling import objective as objective_lib
+from mlcrl_tf.modeling import optim
+from mlcrl_tf.modeling.heads import FusedPooling
+from mlcrl_tf.modeling.heads import ImageProjector
+from mlcrl_tf.modeling.heads import LabelProjector
+from mlcrl_tf.modeling.model import VARIANTS
+from mlcrl_tf.modeling.model import MLCRLModel
+from mlcrl_tf.modeling.model import build_model
 from pipelines.demo import fashion_mnist
-from test_losses import (reference_crl, reference_mse_per_example,
-                         reference_soft_margin_per_example)
 
 NUM_CLASSES = 10  # Fashion-MNIST classes
 
@@ -44,8 +49,9 @@ def test_output_shapes_small_cnn(variant):
     assert out["logits"].shape == (3, NUM_CLASSES)
     assert out["logits"].dtype == tf.float32
     if variant in ("mse", "crl"):
+        assert set(out) == {"logits", "image_embeddings"}
         assert out["image_embeddings"].shape == (3, NUM_CLASSES)
-        assert out["label_embeddings"].shape == (NUM_CLASSES, NUM_CLASSES)
+        assert model.label_embeddings().shape == (NUM_CLASSES, NUM_CLASSES)
     else:
         assert set(out) == {"logits"}
     inference = model.inference_model(np.zeros((3, 64, 64, 3), np.float32))
@@ -121,7 +127,7 @@ def test_objective_of_every_variant_matches_the_numpy_reference(variant, real_ba
     with non-default alpha, beta, margin and lambdas."""
     images, labels = real_batch
     model = build_model(NUM_CLASSES, backbone="small_cnn", image_size=64, variant=variant)
-    objective = losses.Objective(cls_weight=0.7, aux_weight=1.3, margin=0.4,
+    objective = objective_lib.Objective(cls_weight=0.7, aux_weight=1.3, margin=0.4,
                                  image_weight=0.6, label_weight=0.2)
     model.compile(optimizer=optim.PaperSGD(0.01), objective=objective)
     out = model(images, training=True)
@@ -130,7 +136,7 @@ def test_objective_of_every_variant_matches_the_numpy_reference(variant, real_ba
     aux = 0.0
     if variant == "crl":
         aux = reference_crl(labels, out["image_embeddings"].numpy(),
-                            out["label_embeddings"].numpy(), margin=0.4,
+                            model.label_embeddings().numpy(), margin=0.4,
                             image_weight=0.6, label_weight=0.2)
         expected_keys = {"loss", "classification", "crl", "crl_image_term", "crl_label_term"}
         assert terms["crl"] == pytest.approx(aux, rel=1e-5)
@@ -345,11 +351,11 @@ def test_compile_refuses_a_keras_loss_as_the_objective():
     and training failed deep inside (AttributeError in a traced step)."""
     model = build_model(4, backbone="small_cnn", image_size=32, variant="crl")
     optimizer = optim.make_optimizer(model, 0.01, 0.001)
-    with pytest.raises(ValueError, match="objective must be a losses.Objective.*'bce'"):
+    with pytest.raises(ValueError, match="objective must be a mlcrl_tf Objective.*'bce'"):
         model.compile(optimizer, "bce")
     with pytest.raises(ValueError, match="not loss="):
         model.compile(optimizer, loss="bce")
-    model.compile(optimizer, losses.Objective(margin=0.3))  # positional objective: fine
+    model.compile(optimizer, objective_lib.Objective(margin=0.3))  # positional objective: fine
     assert model.objective.margin == 0.3
 
 
@@ -390,7 +396,7 @@ def test_from_config_does_not_reload_the_backbone_weights(tmp_path):
 def test_a_saved_model_loads_compiled_with_its_objective_and_two_rates(tmp_path):
     """Failed before: the objective was not in the compile config (the model
     loaded uncompiled, with a warning) and PaperSGD's multipliers were lost."""
-    model = _small_compiled(objective=losses.Objective(margin=0.25, reduction="sum"))
+    model = _small_compiled(objective=objective_lib.Objective(margin=0.25, reduction="sum"))
     assert "objective" in model.get_compile_config()
     path = str(tmp_path / "model.keras")
     model.save(path)
@@ -409,3 +415,15 @@ def test_random_weights_spellings_work_for_every_backbone():
         model = build_model(4, backbone="small_cnn", image_size=32,
                             backbone_weights=spelling)
         assert model.backbone.name == "backbone"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variables_come_in_release_0_1s_order(variant):
+    """A checkpoint stores optimizer slots and EMA shadows by position: a 0.1
+    run resumes correctly only if the variables come in 0.1's order (the
+    fixture was written by 0.1's code, small CNN, C = 5, 32 px)."""
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "variable_order_0.1.json"
+    expected = json.loads(fixture.read_text())[variant]
+    model = build_model(5, backbone="small_cnn", image_size=32, variant=variant)
+    assert [v.path for v in model.trainable_variables] == expected["trainable"]
+    assert [v.path for v in model.variables] == expected["all"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mlcrl_tf import optim
+from mlcrl_tf.modeling import optim
 
 
 def pytorch_sgd_reference(params, grads, lr_at, multipliers, momentum, weight_decay):

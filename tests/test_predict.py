@@ -13,14 +13,15 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from conftest import train_briefly
-from mlcrl_tf import export_lib
-from mlcrl_tf import serving
-from mlcrl_tf import predict_lib as predict
-from mlcrl_tf.model import build_model
+from mlcrl_tf.modeling.model import build_model
+from mlcrl_tf.serving import export_client
+from mlcrl_tf.serving import export_lib
+from mlcrl_tf.serving import predict_lib as predict
 from pipelines.demo import fashion_mnist
 from pipelines.tfdata.decoder import decode_image
 from pipelines.tfdata.preprocessing import preprocess_eval
+
+from conftest import train_briefly
 
 NUM_CLASSES = 10
 SIZE = 64
@@ -140,7 +141,7 @@ def test_top_k_and_threshold_choices(setup):
 
 def test_base_directory_uses_the_highest_version(setup):
     base = os.path.dirname(setup["saved"])
-    assert serving.resolve_saved_model(base) == setup["saved"]
+    assert export_client.resolve_saved_model(base) == setup["saved"]
 
 
 def test_run_exit_code_is_one_when_nothing_is_labelled(setup, tmp_path):

@@ -11,12 +11,13 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
-from mlcrl_tf import evaluate_lib
-from pipelines.tfdata import skip_counts
-from pipelines.tfdata import record_stream
+from mlcrl_tf.evaluation import evaluator
 from pipelines.records import schema
 from pipelines.tfdata import input_pipeline
+from pipelines.tfdata import record_stream
+from pipelines.tfdata import skip_counts
+
+from conftest import run_module
 
 
 @pytest.fixture()
@@ -70,7 +71,7 @@ def test_evaluate_model_reports_an_incomplete_set_as_an_error(shards, demo_data)
     """No metric is printed for an incomplete evaluation set."""
     _damage(shards, "truncate")
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        evaluate_lib.evaluate_model(
+        evaluator.evaluate_model(
             _Model(), input_pipeline.make_dataset(shards, 8, 48, 10, training=False), 10)
 
 

@@ -6,10 +6,14 @@ import os
 import numpy as np
 import pytest
 
+from mlcrl_tf.run_dir import checkpoints
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.training import train_lib
+from pipelines.utils import files
+
 from conftest import small_config
-from mlcrl_tf import checkpoints
-from mlcrl_tf import config as config_lib
-from mlcrl_tf import train_lib
 
 
 def _config(demo_data, model_dir, **overrides):
@@ -19,7 +23,7 @@ def _config(demo_data, model_dir, **overrides):
 
 
 def _run_json(model_dir):
-    with open(os.path.join(model_dir, checkpoints.RUN_FILE), encoding="utf-8") as f:
+    with open(os.path.join(model_dir, run_files.RUN_FILE), encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -27,7 +31,7 @@ def test_an_evaluation_killed_after_the_checkpoint_runs_on_resume(demo_data, tmp
     config = _config(demo_data, tmp_path / "run")
     first = train_lib.train_and_evaluate(config)
     assert first["metrics"] is not None
-    evaluated = os.path.join(config.model_dir, checkpoints.EVALUATED_FILE)
+    evaluated = os.path.join(config.model_dir, run_files.EVALUATED_FILE)
     with open(evaluated, encoding="utf-8") as f:
         assert json.load(f) == {"step": 4}
     # As if killed during the last epoch's evaluation: its checkpoint (step 4)
@@ -64,21 +68,21 @@ def test_a_run_json_without_antialias_predates_the_flag(tmp_path):
     model_dir.mkdir()
     config = config_lib.Config(model_dir=str(model_dir), num_classes=3)
     payload = {"config": {k: v for k, v in config.__dict__.items() if k != "antialias"},
-               "class_names": ["a", "b", "c"], "format": checkpoints.RUN_FORMAT}
-    (model_dir / checkpoints.RUN_FILE).write_text(json.dumps(payload))
-    assert checkpoints.read_run(str(model_dir))[0].antialias is True
+               "class_names": ["a", "b", "c"], "format": run_files.RUN_FORMAT}
+    (model_dir / run_files.RUN_FILE).write_text(json.dumps(payload))
+    assert run_files.read_run(str(model_dir))[0].antialias is True
 
 
 def test_a_checkpoint_without_what_run_json_describes_is_one_error(crl_run, tmp_path):
     """Failed before: an AssertionError traceback from TensorFlow."""
-    saved, names = checkpoints.read_run(crl_run.model_dir)
+    saved, names = run_files.read_run(crl_run.model_dir)
     claims_ema = saved.replace(model_dir=str(tmp_path / "claims_ema"), ema_decay=0.5)
     os.makedirs(claims_ema.model_dir)
-    checkpoints.write_run(claims_ema.model_dir, claims_ema, names)
+    run_files.write_run(claims_ema.model_dir, claims_ema, names)
     latest = checkpoints.resolve_checkpoint(crl_run.model_dir)
     with pytest.raises(ValueError, match=r"does not hold the model described by.*EMA"):
-        checkpoints.restore_model(claims_ema.model_dir, checkpoint=latest)
-    model, _, _, path = checkpoints.restore_model(claims_ema.model_dir, checkpoint=latest,
+        restore.restore_model(claims_ema.model_dir, checkpoint=latest)
+    model, _, _, path = restore.restore_model(claims_ema.model_dir, checkpoint=latest,
                                                   use_ema=False)
     assert path == latest and model.variant == "crl"
 
@@ -87,7 +91,7 @@ def test_run_files_are_strict_json(tmp_path):
     """best/metrics.json holds per-class AP, NaN for a class without positives:
     it was written as the invalid token NaN before."""
     path = str(tmp_path / "metrics.json")
-    checkpoints.write_json_atomically(path, {"mAP": np.float32(0.5), "per_class_ap": [
+    files.write_json_atomically(path, {"mAP": np.float32(0.5), "per_class_ap": [
         float("nan"), np.float64("inf"), 0.25], "step": 3, "ok": True})
 
     def refuse(token):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mlcrl_tf import run_lock
+from mlcrl_tf.run_dir import run_lock
 
 
 def _take_over(path, token="other", pid=7):

@@ -9,19 +9,19 @@ import itertools
 import math
 import os
 
+from google.protobuf import text_format
 import numpy as np
 import pytest
-import tensorflow as tf
-from google.protobuf import text_format
 from tensorboard.plugins import projector
+import tensorflow as tf
 
-from mlcrl_tf import checkpoints
-from mlcrl_tf import label_space
-from mlcrl_tf import summaries
-from mlcrl_tf.model import build_model
+from mlcrl_tf.evaluation import label_space
+from mlcrl_tf.modeling.model import build_model
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.training import summaries
+from pipelines.records import schema
 from pipelines.tfdata import label_stats
 from pipelines.tfdata import tfds_source
-from pipelines.records import schema
 
 # (label ids, difficult ids) per image: repeats, an empty image, difficult ids.
 RECORDS = [([0, 2], []), ([2, 0, 2], [2]), ([], []), ([1], [1]), ([0, 1, 3], []),
@@ -203,7 +203,7 @@ def test_training_writes_the_projector_files(crl_run, demo_data):
     eval_dir = os.path.join(crl_run.model_dir, "eval")
     config, values, rows = _projector_files(eval_dir)
     assert config.embeddings[0].tensor_name == summaries.TENSOR_NAME
-    model, _, class_names, _ = checkpoints.restore_model(crl_run.model_dir, use_ema=False)
+    model, _, class_names, _ = restore.restore_model(crl_run.model_dir, use_ema=False)
     assert values.shape == (10, 10)  # C rows, the last evaluation's (step 4)
     np.testing.assert_allclose(values, model.label_embeddings().numpy(), atol=1e-6)
     assert [r[0] for r in rows[1:]] == class_names and rows[0] == [
@@ -230,7 +230,7 @@ def test_training_writes_closeness_vs_cooccurrence(crl_run):
     pmi = label_stats.pmi(counts)
     upper = list(itertools.combinations(range(10), 2))
     for step, rho in rhos:
-        model, _, _, _ = checkpoints.restore_model(
+        model, _, _, _ = restore.restore_model(
             crl_run.model_dir, checkpoint=os.path.join(crl_run.model_dir, f"ckpt-{step}"),
             use_ema=False)
         embeddings = model.label_embeddings().numpy()

@@ -23,11 +23,11 @@ from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
 from pipelines.converters import coco_lib
-from pipelines.tfdata import tfds_source
+from pipelines.converters import voc_lib
 from pipelines.records import label_maps
 from pipelines.records import schema
 from pipelines.records import shard_sets
-from pipelines.converters import voc_lib
+from pipelines.tfdata import tfds_source
 
 tfds = pytest.importorskip("tensorflow_datasets")  # the tfds extra
 
@@ -342,8 +342,8 @@ def test_tfds_source_through_the_input_pipeline(prepared):
 
 
 def test_training_and_evaluation_on_a_tfds_source(prepared, tmp_path):
-    from mlcrl_tf import config as config_lib  # pylint: disable=import-outside-toplevel
-    from mlcrl_tf import train_lib  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.run_dir import config as config_lib  # pylint: disable=import-outside-toplevel
+    from mlcrl_tf.training import train_lib  # pylint: disable=import-outside-toplevel
     config = config_lib.Config(
         model_dir=str(tmp_path / "run"), train_files="tfds:voc/2007:trainval",
         eval_files="tfds:voc/2007:test", data_dir=prepared["data_dir"],

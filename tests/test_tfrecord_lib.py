@@ -19,13 +19,13 @@ import pytest
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-from pipelines.utils import progress
 from pipelines.records import generations
 from pipelines.records import image_files
 from pipelines.records import label_maps
 from pipelines.records import schema
 from pipelines.records import shard_sets
 from pipelines.records import shard_writer
+from pipelines.utils import progress
 
 W, H = 96, 64  # Fixture size (width, height): small but real content.
 CLASSES = ["cat", "dog", "person"]

@@ -17,12 +17,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, free_port, run_module, small_config
-from mlcrl_tf import checkpoints
-from mlcrl_tf import config as config_lib
-from mlcrl_tf import flagfiles
-from mlcrl_tf import progress as progress_lib
-from mlcrl_tf import train_lib
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.training import flagfiles
+from mlcrl_tf.training import step_progress
+from mlcrl_tf.training import train_flags
+from mlcrl_tf.training import train_lib
+from mlcrl_tf.training import trainer as trainer_lib
+
+from conftest import REPO
+from conftest import free_port
+from conftest import run_module
+from conftest import small_config
 
 SMALL = ["--backbone=small_cnn", "--backbone_weights=", "--lr_decay_epochs=",
          "--image_size=48", "--batch_size=8",
@@ -110,10 +116,10 @@ def test_flagfiles_parse():
     assert any(p.endswith("coco_keras_hub.flags") for p in paths)
     for path in paths:
         values = flags.FlagValues()
-        config_lib.define_flags(values)
+        train_flags.define_flags(values)
         values(flagfiles.expand(
             ["train", f"--flagfile={path}", "--model_dir=x", "--train_files=y"]))
-        config = config_lib.config_from_flags(values)
+        config = train_flags.config_from_flags(values)
         config_lib.validate(config)
         if not path.endswith("base.flags"):
             text = open(path).read()
@@ -253,7 +259,8 @@ _TWO_RATES_SCRIPT = """
 import json, sys
 import numpy as np
 import tensorflow as tf
-from mlcrl_tf import config as config_lib, data, distribute, train_lib
+from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.training import data, distribute, trainer as trainer_lib
 
 replicas, train_files, model_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 config = config_lib.Config(
@@ -265,7 +272,7 @@ config = config_lib.Config(
     num_summary_images=0, shuffle_buffer=64)
 config, names, count = data.resolve_data(config)
 strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
-trainer = train_lib.Trainer(config, names, strategy, count)
+trainer = trainer_lib.Trainer(config, names, strategy, count)
 model = trainer.model
 variables = model.trainable_variables
 backbone = {id(v) for v in model.backbone_variables}
@@ -331,8 +338,7 @@ def _checkpoint_keys_under(prefix, root):
     `model/` keys hold only the BatchNorm statistics, so the keys of the
     model's variables must be found through the graph, not by name.
     """
-    from tensorflow.core.protobuf import (  # pylint: disable=import-outside-toplevel
-        trackable_object_graph_pb2)
+    from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=import-outside-toplevel
     reader = tf.train.load_checkpoint(prefix)
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
@@ -361,18 +367,18 @@ def _value_multiset(arrays):
 def test_ema_weights_are_evaluated_and_restored(demo_data, tmp_path, monkeypatch):
     trainers = []
 
-    class RecordingTrainer(train_lib.Trainer):
+    class RecordingTrainer(trainer_lib.Trainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(train_lib, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(trainer_lib, "Trainer", RecordingTrainer)
     config = small_config(demo_data, tmp_path / "ema", ema_decay=0.5)
     result = train_lib.train_and_evaluate(config)
     assert result["metrics"] is not None
     (trainer,) = trainers
-    model, _, _, _ = checkpoints.restore_model(config.model_dir, use_ema=True)
-    raw, _, _, _ = checkpoints.restore_model(config.model_dir, use_ema=False)
+    model, _, _, _ = restore.restore_model(config.model_dir, use_ema=True)
+    raw, _, _, _ = restore.restore_model(config.model_dir, use_ema=False)
     latest = tf.train.latest_checkpoint(config.model_dir)
     assert latest.endswith("ckpt-3")  # saved at the end of the epoch, before its eval
     reader = tf.train.load_checkpoint(latest)
@@ -526,7 +532,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
     good = tf.train.latest_checkpoint(config.model_dir)
     assert good.endswith("ckpt-2")
     diverging = config.replace(epochs=3, learning_rate=1e12, backbone_learning_rate=1e12)
-    with pytest.raises(train_lib.NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(trainer_lib.NonFiniteLossError, match="last good checkpoint"):
         train_lib.train_and_evaluate(diverging)
     for path in glob.glob(os.path.join(config.model_dir, "ckpt-*.index")):
         for name, value in _checkpoint_values(path[:-len(".index")]).items():
@@ -555,7 +561,7 @@ def test_mixed_precision_trains(demo_data, tmp_path):
 def test_progress_is_line_based_without_tty():
     import io  # pylint: disable=import-outside-toplevel
     stream = io.StringIO()
-    progress = progress_lib.Progress(total_steps=100, global_batch_size=4, stream=stream,
+    progress = step_progress.StepProgress(total_steps=100, global_batch_size=4, stream=stream,
                                      is_tty=False)
     progress.start(0)
     speed = progress.update(10, 0.5)
@@ -565,7 +571,7 @@ def test_progress_is_line_based_without_tty():
     assert "step  10/100" in text and "ETA" in text and speed["images_per_sec"] > 0
     # Durations are written as everywhere else (pipelines.progress): 1:02:05.
     now = [0.0]
-    progress = progress_lib.Progress(total_steps=100, global_batch_size=4, stream=stream,
+    progress = step_progress.StepProgress(total_steps=100, global_batch_size=4, stream=stream,
                                      is_tty=False, clock=lambda: now[0])
     progress.start(0)
     now[0] = 3725.0 / 9  # 10 steps: the 90 left take 3725 s
@@ -582,7 +588,7 @@ def test_progress_redraws_one_line_on_a_tty_with_interval_speed_and_eta():
 
     now = [100.0]
     stream = Tty()
-    progress = progress_lib.Progress(total_steps=100, global_batch_size=4, stream=stream,
+    progress = step_progress.StepProgress(total_steps=100, global_batch_size=4, stream=stream,
                                      clock=lambda: now[0])
     progress.start(20)  # resumed at step 20: ETA from the steps done since
     now[0] += 10
@@ -606,7 +612,7 @@ def test_the_speed_after_an_evaluation_counts_training_steps_only():
     by the training time plus the evaluation time."""
     import io  # pylint: disable=import-outside-toplevel
     now = [0.0]
-    progress = progress_lib.Progress(total_steps=100, global_batch_size=4,
+    progress = step_progress.StepProgress(total_steps=100, global_batch_size=4,
                                      stream=io.StringIO(), is_tty=False,
                                      clock=lambda: now[0])
     progress.start(0)
@@ -623,22 +629,22 @@ def test_the_summary_writers_are_closed_when_training_fails(demo_data, tmp_path,
     """Failed before: TrainingSummaries had no close() and the trainer left
     its tf.summary writers open, also after an error."""
     closed = []
-    real_close = train_lib.summaries_lib.TrainingSummaries.close
+    real_close = trainer_lib.summaries_lib.TrainingSummaries.close
 
     def spy(self):
         closed.append(self)
         real_close(self)
 
-    monkeypatch.setattr(train_lib.summaries_lib.TrainingSummaries, "close", spy)
+    monkeypatch.setattr(trainer_lib.summaries_lib.TrainingSummaries, "close", spy)
 
     def diverge(self, epoch, progress):
         self.summaries.write_train(1, {"loss": 1.0}, (0.1, 0.01),
                                    {"images_per_sec": 1.0, "steps_per_sec": 1.0})
-        raise train_lib.NonFiniteLossError("diverged")
+        raise trainer_lib.NonFiniteLossError("diverged")
 
-    monkeypatch.setattr(train_lib.Trainer, "_train_epoch", diverge)
+    monkeypatch.setattr(trainer_lib.Trainer, "_train_epoch", diverge)
     config = small_config(demo_data, tmp_path / "run", eval_files=None)
-    with pytest.raises(train_lib.NonFiniteLossError, match="diverged"):
+    with pytest.raises(trainer_lib.NonFiniteLossError, match="diverged"):
         train_lib.train_and_evaluate(config)
     (summaries,) = closed
     assert summaries._writers == {}  # pylint: disable=protected-access

@@ -34,7 +34,6 @@ import json
 import os
 import re
 
-
 from pipelines.records import image_paths
 from pipelines.records import label_maps
 from pipelines.records import shard_writer

@@ -44,7 +44,6 @@ The command line is `pipelines.csv_to_tfrecord`:
 import csv
 import os
 
-
 from pipelines.records import image_paths
 from pipelines.records import label_maps
 from pipelines.records import shard_writer

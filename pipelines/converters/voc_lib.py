@@ -27,7 +27,6 @@ The command line is `pipelines.voc_to_tfrecord`:
 import os
 import xml.etree.ElementTree as ElementTree
 
-
 from pipelines.records import image_paths
 from pipelines.records import shard_writer
 from pipelines.utils import files

@@ -15,7 +15,6 @@ import tensorflow as tf
 from pipelines.records import schema
 from pipelines.utils import files
 
-
 _SWITCH_RE = re.compile(r"^\.(?P<split>.+)" + re.escape(schema.SWITCH_SUFFIX) + "$")
 
 

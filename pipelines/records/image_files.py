@@ -10,14 +10,13 @@ import dataclasses
 import io
 import os
 
+import numpy as np
 from PIL import Image
 from PIL import ImageOps
-import numpy as np
 import tensorflow as tf
 
 from pipelines.records import image_header
 from pipelines.utils import files
-
 
 # Formats stored as they are (when TensorFlow decodes them). MPO is how PIL
 # names a JPEG carrying extra preview images (some camera photos).

@@ -136,3 +136,24 @@ def class_names_for_shards(files):
                 f"({_first_difference(first, names)}): the selected shards "
                 "use different class ids; select shards of one label map")
     return first
+
+
+def check_same_classes(names, expected, what, expected_from):
+    """Raises ValueError unless two label maps agree (None = unknown: passes).
+
+    Args:
+        names: the class names of the data being read (or None).
+        expected: the class names of the run or export (or None).
+        what: how to name the data in the message.
+        expected_from: where `expected` came from, for the message.
+    """
+    if names is None or expected is None or list(names) == list(expected):
+        return
+    where = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b),
+                 min(len(names), len(expected)))
+    detail = (f"class id {where} is {names[where]!r} there but {expected[where]!r} in "
+              f"{expected_from}" if where < min(len(names), len(expected))
+              else f"{len(names)} classes there, {len(expected)} in {expected_from}")
+    raise ValueError(f"{what}: the label map differs from the run's ({detail}); every "
+                     "class id would be scored as another class. Convert the data with "
+                     "the same class list (--classes=<labels.txt>).")

@@ -14,7 +14,6 @@ import re
 
 import tensorflow as tf
 
-
 ENCODED_KEY = "image/encoded"
 FILENAME_KEY = "image/filename"
 LABEL_KEY = "image/class/label"

@@ -28,7 +28,6 @@ from pipelines.records import schema
 from pipelines.records import split_report
 from pipelines.utils import files
 
-
 # Images per task sent to a worker process (progress granularity).
 CHUNK_SIZE = 16
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

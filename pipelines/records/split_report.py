@@ -6,7 +6,6 @@ import numpy as np
 
 from pipelines.records import schema
 
-
 RESERVED_REPORT_KEYS = (
     "split", "num_shards", "shards", "num_input_records", "num_records",
     "num_skipped", "skipped", "num_reencoded", "reencoded", "num_zero_label",

@@ -59,11 +59,11 @@ from absl import logging
 import tensorflow as tf
 
 from pipelines.records import image_header
-from pipelines.tfdata import record_stream
-from pipelines.tfdata import tfds_source
+from pipelines.records import shard_sets
 from pipelines.tfdata import decoder
 from pipelines.tfdata import preprocessing
-from pipelines.records import shard_sets
+from pipelines.tfdata import record_stream
+from pipelines.tfdata import tfds_source
 
 
 def make_dataset(source, batch_size, image_size, num_classes, training, *,

@@ -22,9 +22,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from pipelines.tfdata import tfds_source
 from pipelines.records import schema
 from pipelines.records import shard_sets
+from pipelines.tfdata import tfds_source
 
 BATCH_SIZE = 512  # records parsed per call; batches parse in parallel
 _LABEL_SPEC = {schema.LABEL_KEY: tf.io.VarLenFeature(tf.int64)}

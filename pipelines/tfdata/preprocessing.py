@@ -8,7 +8,6 @@ import dataclasses
 
 import tensorflow as tf
 
-
 # ML-GCN's MultiScaleCrop(448, scales=(1.0, 0.875, 0.75, 0.66, 0.5)).
 ML_GCN_CROP_SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)
 # ML-GCN's max_distort: the height and width scale indices differ by <= 2.

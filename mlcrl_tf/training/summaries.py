@@ -31,11 +31,11 @@ import os
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 from tensorboard.plugins import projector
+import tensorflow as tf
 
-from mlcrl_tf import cams
-from mlcrl_tf import label_space
+from mlcrl_tf.evaluation import cam_panels
+from mlcrl_tf.evaluation import label_space
 from pipelines.tfdata import label_stats
 
 TAG = "eval/cams"
@@ -62,7 +62,7 @@ def write_eval_images(samples, model, class_names, max_images=4):
     """
     if not samples or len(samples["images"]) == 0 or max_images < 1:
         return False
-    panels = cams.eval_image_panels(samples, model, class_names, max_images, TILE_SIZE)
+    panels = cam_panels.eval_image_panels(samples, model, class_names, max_images, TILE_SIZE)
     return bool(tf.summary.image(TAG, panels, max_outputs=len(panels)))
 
 

@@ -1,62 +1,6 @@
-"""Multi-label evaluation metrics (paper §5.2, Eq. 11-13; SPEC §6).
-
-Pure NumPy (no TensorFlow): per-class average precision, mAP, the per-class
-(C*) and overall (O*) precision / recall / F1 for all labels and for the
-top-k labels, a streaming `MetricAccumulator`, and Markdown tables in the
-paper's Table 1 / Table 2 layouts.
-
-Inputs are `scores` (N, C), `labels` (N, C) in {0, 1} (bool, int or float)
-and an optional boolean `ignore` (N, C) mask (VOC "difficult"). Scores are
-probabilities in [0, 1] by default, or the model's logits with
-`from_logits=True`.
-
-**Rank on logits.** In float32, `sigmoid(x) == 1.0` for every logit
-x >= 16.6 (float64: x >= 36.7), so ranking probabilities ties confident
-positives with confident false positives and flattens AP and top-k. Every
-evaluation in mlcrl_tf therefore accumulates the logits and passes
-`from_logits=True`: ranks (AP, top-k) use the logits themselves and the
-probability threshold t becomes the logit threshold log(t / (1 - t)) (0 for
-t = 0.5), the same decision as `sigmoid(logit) >= t` without the rounding.
-
-Conventions (ML-GCN's code, the field's reference; decided here where the paper
-and SPEC leave them open):
-
-* Average precision of a class is the non-interpolated AP over the images
-  sorted by descending score: the mean over the class's positives of the
-  precision at that positive's rank. **Ties**: images with equal scores form
-  one threshold, as in `sklearn.metrics.average_precision_score`; a positive
-  inside a tie group gets the precision at the end of its group
-  (TP / count over every image scoring >= its score). The result therefore
-  does not depend on the order of the images.
-* A class without any (non-ignored) positive has AP = NaN; it is left out of
-  mAP and of CR but still counts (with precision 0 if it is predicted) in CP.
-  If no class has a positive at all, mAP, CR, CF1, OR and OF1 are NaN.
-* A label is predicted iff its probability >= `threshold` (0.5: logit >= 0).
-* CP = mean over *all* C classes of TP / (TP + FP); a class with no prediction
-  has precision 0. CR = mean over classes with >= 1 positive of
-  TP / (TP + FN). CF1 = 2 CP CR / (CP + CR) (harmonic mean of CP and CR, not
-  the mean of per-class F1; 0 if both are 0). OP = sum TP / sum (TP + FP)
-  (0 if nothing is predicted), OR = sum TP / sum (TP + FN), OF1 their
-  harmonic mean.
-* Top-k: a label is predicted iff it is among the image's k highest scores
-  **and** its probability >= `threshold`. Ties in the top-k selection go to
-  the lower class id (stable sort). With k >= C every class is in the top k.
-* `ignore`: an ignored (image, class) pair counts neither as TP, FP nor FN and
-  is removed from that class's AP ranking, exactly as if the entry did not
-  exist. The top-k ranking is still computed over all C classes (the model
-  does not know which labels are ignored), so an ignored class can take one
-  of the k slots.
-* Per-class AP is returned by `average_precision` (a float64 array) and by
-  `multilabel_metrics` under the key ``"AP"`` as a list of Python floats
-  (JSON-friendly; NaN for classes without positives).
-* `MetricAccumulator` stores scores as float32 (the model's logits are
-  float32, so nothing is lost): its result equals
-  `multilabel_metrics(scores.astype(np.float32), ...)` on the concatenated data.
-"""
+"""Multi-label metrics (paper §5.2, Eq. 11-13) in NumPy, with ML-GCN's conventions."""
 
 import math
-import re
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -64,13 +8,6 @@ import numpy as np
 # of the per-class sorts and of the top-k selection on large datasets).
 _CHUNK_ELEMENTS = 1 << 22
 
-_TABLE1_KEYS = ("mAP", "CF1", "CP", "CR", "OF1", "OP", "OR")
-_TABLE1_TOPK_KEYS = ("CF1", "CP", "CR", "OF1", "OP", "OR")
-
-
-# --------------------------------------------------------------------------
-# Input validation
-# --------------------------------------------------------------------------
 
 def _as_array(value, name):
     try:
@@ -165,10 +102,6 @@ def _check_top_k(top_k):
         raise ValueError(f"top_k must be >= 1, got {top_k}.")
     return int(top_k)
 
-
-# --------------------------------------------------------------------------
-# Core computations (on validated arrays)
-# --------------------------------------------------------------------------
 
 def _ap_columns(scores, labels, valid):
     """Per-class AP of a block of columns; see the module docstring."""
@@ -290,10 +223,6 @@ def _metrics(scores, labels, ignore, threshold, top_k, from_logits):
     result["AP"] = [float(x) for x in ap]
     return result
 
-
-# --------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------
 
 def average_precision(scores, labels, ignore=None, from_logits=False):
     """Per-class non-interpolated average precision.
@@ -465,139 +394,3 @@ class MetricAccumulator:
         ignore = None if self._ignore is None else self._ignore[:n]
         return _metrics(self._scores[:n], self._labels[:n], ignore, threshold, top_k,
                         self._from_logits)
-
-
-# --------------------------------------------------------------------------
-# Markdown tables
-# --------------------------------------------------------------------------
-
-def _format_value(value, name):
-    """Percent with one decimal; (mean, std) -> "81.1 ± 0.3"; None -> "-"."""
-    if value is None:
-        return "-"
-    if isinstance(value, (tuple, list, np.ndarray)):
-        if len(value) != 2:
-            raise ValueError(
-                f"{name} must be a number or a (mean, std) pair, got {value!r}.")
-        mean, std = (_format_value(v, name) for v in value)
-        return f"{mean} ± {std}"
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a number or a (mean, std) pair, "
-                         f"got {value!r}.") from e
-    return "nan" if math.isnan(number) else f"{100.0 * number:.1f}"
-
-
-def _markdown(header, body):
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def _cell_name(name):
-    return str(name).replace("|", "\\|")
-
-
-def format_table(rows, per_class=False, class_names=None):
-    """Markdown table in the paper's Table 1 layout.
-
-    Columns: ``method | mAP | CF1 | CP | CR | OF1 | OP | OR`` then the six
-    top-k metrics ``CF1_top3 ... OR_top3`` (k read from the rows' keys).
-    Values are percentages with one decimal; a (mean, std) pair renders as
-    ``"81.1 ± 0.3"``, a missing key as ``"-"``, NaN as ``"nan"``.
-
-    Args:
-        rows: dict method name -> metrics dict (as from `multilabel_metrics`;
-            values fractions in [0, 1] or (mean, std) pairs).
-        per_class: also append the Table 2 layout (`format_per_class_ap`)
-            for the rows that have an ``"AP"`` entry.
-        class_names: class names for the per-class table (default: ids).
-
-    Returns:
-        The Markdown text.
-
-    Raises:
-        ValueError: if rows is empty / malformed or mixes top-k values.
-    """
-    if not isinstance(rows, Mapping) or not rows:
-        raise ValueError("rows must be a non-empty dict of method name -> metrics dict.")
-    ks = set()
-    for name, metrics in rows.items():
-        if not isinstance(metrics, Mapping):
-            raise ValueError(f"rows[{name!r}] must be a metrics dict, got {type(metrics)}.")
-        for key in metrics:
-            match = re.fullmatch(r"CF1_top(\d+)", str(key))
-            if match:
-                ks.add(int(match.group(1)))
-    if len(ks) > 1:
-        raise ValueError(f"rows mix top-k values {sorted(ks)}; use one top_k.")
-    k = ks.pop() if ks else 3
-    keys = list(_TABLE1_KEYS) + [f"{key}_top{k}" for key in _TABLE1_TOPK_KEYS]
-    body = [[_cell_name(name)]
-            + [_format_value(metrics.get(key), f"rows[{name!r}][{key!r}]") for key in keys]
-            for name, metrics in rows.items()]
-    table = _markdown(["method"] + keys, body)
-    if per_class:
-        with_ap = {name: metrics for name, metrics in rows.items() if "AP" in metrics}
-        if not with_ap:
-            raise ValueError("rows have no 'AP' entry; per_class=True needs per-class AP.")
-        table += "\n\n" + format_per_class_ap(with_ap, class_names)
-    return table
-
-
-def format_per_class_ap(ap, class_names=None, method="model"):
-    """Markdown table in the paper's Table 2 layout (one column per class + mAP).
-
-    Args:
-        ap: per-class AP, a sequence of C values (one row named `method`), or
-            a dict name -> (sequence of C values, or a metrics dict with
-            ``"AP"`` and optionally ``"mAP"``). Values are fractions or
-            (mean, std) pairs; NaN renders as ``"nan"``.
-        class_names: C column names (default: class ids 0..C-1).
-        method: row name when `ap` is a single sequence.
-
-    Returns:
-        The Markdown text. The mAP column is the row's ``"mAP"`` if given,
-        else the mean over the non-NaN per-class values (means of pairs).
-
-    Raises:
-        ValueError: if the rows' lengths differ or do not match class_names.
-    """
-    rows = ap if isinstance(ap, Mapping) else {method: ap}
-    if not rows:
-        raise ValueError("ap must not be empty.")
-    body = []
-    num_classes = None
-    for name, entry in rows.items():
-        given_map = None
-        if isinstance(entry, Mapping):
-            if "AP" not in entry:
-                raise ValueError(f"ap[{name!r}] is a dict without an 'AP' entry.")
-            given_map = entry.get("mAP")
-            entry = entry["AP"]
-        try:
-            values = list(entry)
-        except TypeError as e:
-            raise ValueError(f"ap[{name!r}] must be a sequence of per-class AP.") from e
-        if num_classes is None:
-            num_classes = len(values)
-        elif len(values) != num_classes:
-            raise ValueError(
-                f"ap rows have different class counts ({num_classes} and {len(values)}).")
-        cells = [_format_value(v, f"ap[{name!r}]") for v in values]
-        if given_map is None:
-            means = [float(v[0] if isinstance(v, (tuple, list, np.ndarray)) else v)
-                     for v in values]
-            means = [m for m in means if not math.isnan(m)]
-            given_map = sum(means) / len(means) if means else math.nan
-        body.append([_cell_name(name)] + cells
-                    + [_format_value(given_map, f"ap[{name!r}] mAP")])
-    if class_names is None:
-        class_names = [str(i) for i in range(num_classes)]
-    elif len(class_names) != num_classes:
-        raise ValueError(
-            f"class_names has {len(class_names)} names but ap has {num_classes} classes.")
-    header = ["method"] + [_cell_name(c) for c in class_names] + ["mAP"]
-    return _markdown(header, body)

@@ -36,7 +36,8 @@ import sys
 from absl import app
 from absl import flags
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# mlcrl_tf/configs/: the flagfiles shipped in the package.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _LEGACY_PREFIX = "configs" + os.sep
 _DIRECTIVES = ("--flagfile", "-flagfile")
 

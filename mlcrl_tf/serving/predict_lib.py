@@ -54,10 +54,11 @@ import sys
 
 import numpy as np
 
-from pipelines.utils import files
-from pipelines.utils import outputs
-from mlcrl_tf import serving
+from mlcrl_tf.serving import export_client
+from mlcrl_tf.serving import request_checks
 from pipelines.records import image_files
+from pipelines.utils import files
+from pipelines.utils import output_checks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # An --output with one of these would replace a picture with JSON lines.
@@ -182,7 +183,7 @@ def check_output(output, found, overwrite=False):
     if os.path.lexists(output) and not overwrite:
         raise ValueError(f"--output={output!r} already exists; pass --overwrite to "
                          "replace it.")
-    outputs.ensure_output_file(output, "output")
+    output_checks.ensure_output_file(output, "output")
 
 
 def _check_choice(threshold, top_k, num_classes):
@@ -247,7 +248,7 @@ def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_s
     for name, value in (("batch_size", batch_size), ("max_image_bytes", max_image_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    client = serving.ExportClient(saved_model_dir)
+    client = export_client.ExportClient(saved_model_dir)
     _check_choice(threshold, top_k, len(client.class_names))
     if threshold is None and top_k is None:
         threshold = client.threshold
@@ -272,7 +273,7 @@ def _predictions(client, files, labelling, batch_size, max_image_bytes):
 
 
 def _problem_text(reason):
-    undecodable = (serving.EMPTY, serving.UNKNOWN_FORMAT, serving.CORRUPT)
+    undecodable = (request_checks.EMPTY, request_checks.UNKNOWN_FORMAT, request_checks.CORRUPT)
     return f"not a decodable image: {reason}" if reason in undecodable else reason
 
 

@@ -1,71 +1,21 @@
-"""What a training run leaves in `model_dir`, and how to load it back.
+"""A run's checkpoints on disk: the newest that loads, rotation, repair."""
 
-    model_dir/
-      run.json              the Config of the run + class names (written at start)
-      .lock                 held by the run while it trains (`run_lock.RunLock`)
-      checkpoint            TensorFlow's state file: the latest checkpoints, in order
-      ckpt-<n>.*            latest checkpoints (model, optimizer, step, EMA)
-      best/ckpt-<n>.*       the checkpoint with the best mAP on --selection_files,
-                            else on --eval_files (for COCO/VOC: the test split)
-      best/metrics.json     its step, what it was selected on, its metrics
-      train/, eval/         TensorBoard event files
-      .corrupt/<time>/      unreadable checkpoints set aside at a resume (never
-                            deleted by mlcrl_tf)
-
-`restore_model` rebuilds the training model from run.json and restores the
-weights (the EMA weights when the run kept an EMA), for evaluate/export.
-
-Decisions (docs/reliability.md, "Training runs and checkpoints"):
-- A resume takes the newest checkpoint that actually loads, found from the
-  files on disk (`ckpt-<n>.index` / `.data-*`) and best/, not only from the
-  `checkpoint` state file, newest first. Newer ones that do not load are
-  moved to `.corrupt/<time>/` (not deleted), and the state file is rebuilt
-  from the files left, in step order, so that the manager's rotation can
-  only delete checkpoints older than the one restored.
-- When checkpoints of the run evidently existed (the state file lists some,
-  or ckpt files are present) and none loads, training refuses to start
-  (`CheckpointError`) and leaves every file where it is.
-- One run at a time per model_dir: `RunLock`, a lock file created with
-  O_CREAT|O_EXCL (works on NFS, unlike fcntl locks) holding host, pid, start
-  time and a heartbeat; a lock whose process is gone (same host) or whose
-  heartbeat is older than `stale_after_secs` is broken with a warning.
-"""
-
-import contextlib
-import dataclasses
 import json
-import math
-import numbers
 import os
 import re
 import shutil
 import time
 
 from absl import logging
-import keras
 import tensorflow as tf
 
-from mlcrl_tf import config as config_lib
+from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.run_dir import run_lock
 from pipelines.utils import files
-from mlcrl_tf import model as model_lib
-from mlcrl_tf import optim
-from mlcrl_tf import run_lock
 
-RUN_FILE = "run.json"
-# run.json "format": 2 = trained with PaperSGD (PyTorch's momentum rule). Runs
-# without it used Keras SGD, whose momentum slots mean something else: their
-# checkpoints evaluate and export, but training cannot resume from them.
-RUN_FORMAT = 2
-BEST_DIR = "best"
-BEST_METRICS_FILE = "metrics.json"
 CHECKPOINT_NAME = "ckpt"
 STATE_FILE = "checkpoint"
 CORRUPT_DIR = ".corrupt"
-# Fields that define the network: a resumed run must agree on them.
-MODEL_FIELDS = ("backbone", "variant", "image_size", "num_classes")
-# A resumed run must also keep its preprocessing (evaluate/export follow run.json).
-RESUME_FIELDS = MODEL_FIELDS + ("antialias",)
-EVALUATED_FILE = "evaluated.json"
 _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})$")
 _TEMP_DIR = re.compile(r"^ckpt-\d+_temp$")
 # What reading a truncated, corrupt or missing checkpoint raises (measured on
@@ -76,151 +26,6 @@ _UNREADABLE = (tf.errors.OpError, IndexError)
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or restored, or the run lost its lock."""
 
-
-def _write_atomically(path, text):
-    """Writes `text` to a hidden temporary file, then renames it over `path`."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def _strict_json_value(value):
-    """`value` with every NaN/infinity (Python or NumPy float) replaced by None."""
-    if isinstance(value, dict):
-        return {k: _strict_json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json_value(v) for v in value]
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
-
-
-def write_json_atomically(path, payload):
-    """Writes strict JSON (NaN and infinities as null) to a hidden temporary
-    file, then renames it over `path`."""
-    _write_atomically(path, json.dumps(_strict_json_value(payload), indent=2,
-                                       sort_keys=True, default=float, allow_nan=False))
-
-
-def write_run(model_dir, config, class_names):
-    """Writes run.json (atomically) so evaluate/export can rebuild the model."""
-    payload = {"config": dataclasses.asdict(config), "class_names": list(class_names),
-               "format": RUN_FORMAT}
-    write_json_atomically(os.path.join(model_dir, RUN_FILE), payload)
-
-
-def read_best_metrics(path):
-    """best/metrics.json as a dict; None if absent or unreadable (logged).
-
-    An unreadable file (e.g. truncated by a crash of an older version that
-    wrote it in place) is not fatal: the next evaluation rewrites it.
-    """
-    if not tf.io.gfile.exists(path):
-        return None
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            payload = json.load(f)
-        best_selection_score(payload)
-        return payload
-    except (ValueError, KeyError, TypeError) as e:
-        logging.warning("Ignoring unreadable %s (%s); the next evaluation rewrites it.",
-                        path, e)
-        return None
-
-
-def best_selection_score(best):
-    """The mAP best/ was selected on (older files: their eval mAP)."""
-    return float(best.get("selection_mAP", best["metrics"]["mAP"]))
-
-
-def read_run(model_dir):
-    """Returns (Config, class_names) of the run in model_dir.
-
-    Raises:
-        ValueError: model_dir has no run.json (not a training directory).
-    """
-    path = os.path.join(model_dir, RUN_FILE)
-    if not tf.io.gfile.exists(path):
-        raise ValueError(f"model_dir={model_dir!r} holds no {RUN_FILE}: not the "
-                         "model_dir of an mlcrl_tf training run.")
-    with tf.io.gfile.GFile(path) as f:
-        payload = json.load(f)
-    fields = {f.name for f in dataclasses.fields(config_lib.Config)}
-    values = {k: v for k, v in payload["config"].items() if k in fields}
-    for key in ("crop_scales", "lr_decay_epochs"):
-        values[key] = tuple(values.get(key, ()))
-    # Runs from before --antialias resized with antialiasing; every run.json
-    # written since has the key.
-    values.setdefault("antialias", True)
-    return config_lib.Config(**values), payload["class_names"]
-
-
-def check_resumable(model_dir, config):
-    """Raises ValueError if training cannot resume the run in `model_dir`.
-
-    A run.json of another network, or checkpoints of a run trained with the
-    old (Keras SGD) optimizer state, are refused with a message saying what
-    to do; a model_dir without run.json is a new run.
-    """
-    path = os.path.join(model_dir, RUN_FILE)
-    if not tf.io.gfile.exists(path):
-        return
-    saved, _ = read_run(model_dir)
-    check_resume_compatible(saved, config)
-    with tf.io.gfile.GFile(path) as f:
-        run_format = json.load(f).get("format", 1)
-    if run_format < RUN_FORMAT and checkpoints_on_disk(model_dir):
-        raise ValueError(
-            f"--model_dir={model_dir!r} holds checkpoints of an earlier mlcrl_tf whose "
-            "optimizer was Keras SGD (its momentum slots do not mean what PaperSGD's "
-            "do), so training cannot resume from them exactly. They still evaluate "
-            "and export; to train, use a new --model_dir.")
-
-
-def check_resume_compatible(saved, config):
-    """Raises ValueError if `config` would build a different network (or
-    preprocess differently)."""
-    for name in RESUME_FIELDS:
-        if getattr(saved, name) != getattr(config, name):
-            raise ValueError(
-                f"--{name}={getattr(config, name)!r} differs from the run already in "
-                f"--model_dir={config.model_dir!r} ({getattr(saved, name)!r}); use a "
-                "new --model_dir or the same setting to resume.")
-
-
-@contextlib.contextmanager
-def dtype_policy(policy):
-    """Builds layers under a Keras dtype policy, then restores the global one.
-
-    Layers keep the policy they were built with, so float32 and
-    mixed-precision models can live in one process.
-    """
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
-def build_model_for(config, backbone_weights=None):
-    """The training model described by a Config.
-
-    Args:
-        config: a `Config` with num_classes set.
-        backbone_weights: None (random init, e.g. before restoring a
-            checkpoint) or what `--backbone_weights` names.
-    """
-    return model_lib.build_model(
-        config.num_classes, backbone=config.backbone, image_size=config.image_size,
-        variant=config.variant, backbone_weights=backbone_weights)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints on disk (not only those the `checkpoint` state file lists).
-# ---------------------------------------------------------------------------
 
 def checkpoints_on_disk(directory):
     """{step: [file names]} of the `ckpt-<step>.index` / `.data-*` files in `directory`."""
@@ -276,7 +81,7 @@ def write_checkpoint_state(directory, steps):
     lines += [f'all_model_checkpoint_paths: "{name}"' for name in names]
     lines += [f"all_model_checkpoint_timestamps: {stamp!r}" for stamp in stamps]
     lines.append(f"last_preserved_timestamp: {min(stamps) - 1.0!r}")
-    _write_atomically(path, "\n".join(lines) + "\n")
+    files.write_atomically(path, "\n".join(lines) + "\n")
 
 
 def newest_on_disk(directory):
@@ -301,7 +106,7 @@ def resolve_checkpoint(model_dir, checkpoint=None, best=False):
             raise ValueError(f"checkpoint={checkpoint!r}: no such checkpoint "
                              "(expected <prefix>.index).")
         return checkpoint
-    directory = os.path.join(model_dir, BEST_DIR) if best else model_dir
+    directory = os.path.join(model_dir, run_files.BEST_DIR) if best else model_dir
     path = tf.train.latest_checkpoint(directory)
     if path is None:
         path = newest_on_disk(directory)
@@ -312,59 +117,6 @@ def resolve_checkpoint(model_dir, checkpoint=None, best=False):
         raise ValueError(f"no checkpoint in {directory!r}"
                          + (" (no eval has run yet: try without --best)" if best else ""))
     return path
-
-
-def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
-                  precision="float32"):
-    """Rebuilds a run's model and restores its weights for inference.
-
-    Args:
-        model_dir: a training run's directory.
-        checkpoint: an explicit checkpoint prefix; default the latest.
-        best: take the best-by-mAP checkpoint instead of the latest.
-        use_ema: load the EMA weights when the run kept an EMA.
-        precision: the Keras policy to build the model under (its variables
-            are float32 whatever the policy, so any checkpoint restores).
-
-    Returns:
-        (model, config, class_names, checkpoint_path).
-
-    Raises:
-        ValueError: no run.json, no checkpoint, the checkpoint cannot be
-            read (truncated, corrupt, files missing) or holds another model:
-            the message names it.
-    """
-    config, class_names = read_run(model_dir)
-    path = resolve_checkpoint(model_dir, checkpoint, best)
-    with dtype_policy(precision):
-        model = build_model_for(config)
-    objects = {"model": model}
-    ema = None
-    if use_ema and config.ema_decay > 0:
-        ema = optim.ExponentialMovingAverage(model.trainable_variables, config.ema_decay)
-        objects["ema"] = ema
-    try:
-        status = tf.train.Checkpoint(**objects).restore(path)
-    except _UNREADABLE as e:
-        raise ValueError(
-            f"checkpoint {path!r} cannot be read "
-            f"({type(e).__name__}: {files.error_text(e)}); "
-            "it is truncated, corrupt or incomplete. Choose another one with "
-            "--checkpoint=<prefix> (or resume training, which sets it aside).") from None
-    # Every variable of the rebuilt model must come from the checkpoint (the
-    # optimizer state in it is not needed here).
-    try:
-        status.assert_existing_objects_matched().expect_partial()
-    except AssertionError as e:
-        raise ValueError(
-            f"checkpoint {path!r} does not hold the model described by {model_dir!r}/"
-            f"{RUN_FILE} ({config.variant}/{config.backbone}, {config.num_classes} classes"
-            f"{', EMA' if ema is not None else ''}): {files.error_text(e)[:300]}. Is it "
-            "a checkpoint of another run? (--use_ema=false loads a run without its EMA.)"
-        ) from None
-    if ema is not None:
-        ema.copy_to_model()
-    return model, config, class_names, path
 
 
 class CheckpointRun:
@@ -398,7 +150,7 @@ class CheckpointRun:
             self.checkpoint, self._directory, max_to_keep=self.keep,
             checkpoint_name=CHECKPOINT_NAME)
         self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self._directory, BEST_DIR), max_to_keep=1,
+            self.checkpoint, os.path.join(self._directory, run_files.BEST_DIR), max_to_keep=1,
             checkpoint_name=CHECKPOINT_NAME)
 
     @property
@@ -447,7 +199,7 @@ class CheckpointRun:
     def _candidates(self, on_disk):
         """[(step, prefix, in model_dir)] of model_dir's and best/'s checkpoints,
         newest first (model_dir's first at equal steps)."""
-        best_dir = os.path.join(self.model_dir, BEST_DIR)
+        best_dir = os.path.join(self.model_dir, run_files.BEST_DIR)
         found = [(step, True, os.path.join(self.model_dir, f"{CHECKPOINT_NAME}-{step}"))
                  for step in on_disk]
         found += [(step, False, os.path.join(best_dir, f"{CHECKPOINT_NAME}-{step}"))
@@ -543,7 +295,7 @@ class CheckpointRun:
 
     def best_metrics(self):
         """best/metrics.json (see `read_best_metrics`)."""
-        return read_best_metrics(os.path.join(self.model_dir, BEST_DIR, BEST_METRICS_FILE))
+        return run_files.read_best_metrics(os.path.join(self.model_dir, run_files.BEST_DIR, run_files.BEST_METRICS_FILE))
 
     def save_best(self, step, payload):
         """Keeps the state of `step` as best/ with `payload` as its metrics.json.
@@ -552,18 +304,18 @@ class CheckpointRun:
             CheckpointError: as `save`.
         """
         self._check_lock()
-        best_dir = os.path.join(self._directory, BEST_DIR)
+        best_dir = os.path.join(self._directory, run_files.BEST_DIR)
         try:
             self.best_manager.save(checkpoint_number=step)
             if self.is_chief:
-                write_json_atomically(os.path.join(best_dir, BEST_METRICS_FILE), payload)
+                files.write_json_atomically(os.path.join(best_dir, run_files.BEST_METRICS_FILE), payload)
         except (OSError, tf.errors.OpError) as e:
             raise self._save_failed(best_dir, step, e) from None
         self._clean_worker_dir()
 
     def evaluated_step(self):
         """The step of the run's last finished end-of-epoch evaluation, or -1."""
-        path = os.path.join(self.model_dir, EVALUATED_FILE)
+        path = os.path.join(self.model_dir, run_files.EVALUATED_FILE)
         try:
             with tf.io.gfile.GFile(path) as f:
                 return int(json.load(f)["step"])
@@ -574,7 +326,7 @@ class CheckpointRun:
         """Records that the end-of-epoch evaluation of `step` finished (chief)."""
         if self.is_chief:
             try:
-                write_json_atomically(os.path.join(self.model_dir, EVALUATED_FILE),
+                files.write_json_atomically(os.path.join(self.model_dir, run_files.EVALUATED_FILE),
                                       {"step": int(step)})
             except (OSError, tf.errors.OpError) as e:
                 raise self._save_failed(self.model_dir, step, e) from None

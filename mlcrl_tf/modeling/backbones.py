@@ -22,9 +22,10 @@ evaluation and serving cannot disagree about it.
 import os
 
 import keras
-from keras import layers, ops
+from keras import layers
+from keras import ops
 
-from mlcrl_tf import keras_hub_backbones
+from mlcrl_tf.modeling import keras_hub_backbones
 
 BACKBONES = ("resnet101", "resnet50", "vgg16", "small_cnn")
 # The built-in backbones with ImageNet weights (keras.applications).

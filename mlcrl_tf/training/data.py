@@ -15,10 +15,10 @@ import os
 
 import tensorflow as tf
 
-from pipelines.tfdata import tfds_source
 from pipelines.records import label_maps
 from pipelines.records import schema
 from pipelines.records import shard_sets
+from pipelines.tfdata import tfds_source
 
 
 def resolve_data(config):
@@ -43,7 +43,7 @@ def resolve_data(config):
     if config.labels_file:
         # It names the classes; the training data must agree with it.
         file_names = _read_labels_file(config.labels_file)
-        check_same_classes(class_names, file_names, f"--train_files={config.train_files!r}",
+        label_maps.check_same_classes(class_names, file_names, f"--train_files={config.train_files!r}",
                            config.labels_file)
         class_names, labels_file = file_names, config.labels_file
     for flag in ("eval_files", "selection_files"):
@@ -85,28 +85,7 @@ def _check_source(config, flag, class_names, labels_file):
         names = _open_tfds(source, flag, config).class_names
     else:
         names = _shard_class_names(find_files(source, flag), flag)
-    check_same_classes(names, class_names, f"--{flag}={source!r}", labels_file)
-
-
-def check_same_classes(names, expected, what, expected_from):
-    """Raises ValueError unless two label maps agree (None = unknown: passes).
-
-    Args:
-        names: the class names of the data being read (or None).
-        expected: the class names of the run or export (or None).
-        what: how to name the data in the message.
-        expected_from: where `expected` came from, for the message.
-    """
-    if names is None or expected is None or list(names) == list(expected):
-        return
-    where = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b),
-                 min(len(names), len(expected)))
-    detail = (f"class id {where} is {names[where]!r} there but {expected[where]!r} in "
-              f"{expected_from}" if where < min(len(names), len(expected))
-              else f"{len(names)} classes there, {len(expected)} in {expected_from}")
-    raise ValueError(f"{what}: the label map differs from the run's ({detail}); every "
-                     "class id would be scored as another class. Convert the data with "
-                     "the same class list (--classes=<labels.txt>).")
+    label_maps.check_same_classes(names, class_names, f"--{flag}={source!r}", labels_file)
 
 
 def _shard_class_names(files, flag):

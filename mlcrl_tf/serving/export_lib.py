@@ -43,10 +43,11 @@ import uuid
 from absl import logging
 import tensorflow as tf
 
-from mlcrl_tf import checkpoints
+from mlcrl_tf.run_dir import restore
+from mlcrl_tf.serving import contract
+from mlcrl_tf.serving import serving_module
 from pipelines.utils import files
-from pipelines.utils import outputs
-from mlcrl_tf import serving
+from pipelines.utils import output_checks
 
 DEFAULT_TOP_K = 5
 TEMP_PREFIX = ".tmp-"
@@ -123,8 +124,8 @@ def _check_arguments(model, class_names, threshold, top_k):
 
 
 def export_model(model, export_dir, class_names, threshold=0.5, version=None, top_k=None,
-                 max_batch_size=serving.DEFAULT_MAX_BATCH_SIZE,
-                 max_image_pixels=serving.DEFAULT_MAX_IMAGE_PIXELS, antialias=False,
+                 max_batch_size=contract.DEFAULT_MAX_BATCH_SIZE,
+                 max_image_pixels=contract.DEFAULT_MAX_IMAGE_PIXELS, antialias=False,
                  jit_compile=False):
     """Writes the inference branch as `<export_dir>/<version>/` for TF Serving.
 
@@ -158,19 +159,19 @@ def export_model(model, export_dir, class_names, threshold=0.5, version=None, to
     class_names, top_k = _check_arguments(model, class_names, threshold, top_k)
     _check_limits(max_batch_size, max_image_pixels)
     _check_jit_compile(jit_compile)
-    outputs.ensure_output_dir(export_dir, "export_dir")
+    output_checks.ensure_output_dir(export_dir, "export_dir")
     version = _resolve_version(export_dir, version)
     with tempfile.TemporaryDirectory() as local:
-        labels_path = os.path.join(local, serving.LABELS_FILE)
+        labels_path = os.path.join(local, contract.LABELS_FILE)
         with open(labels_path, "w", encoding="utf-8") as f:
             f.write("".join(f"{name}\n" for name in class_names))
-        info = serving.ServingInfo(
+        info = contract.ServingInfo(
             class_names=tuple(class_names), backbone=model.backbone_name,
             image_size=model.image_size, threshold=float(threshold), top_k=top_k,
             variant=model.variant, max_batch_size=max_batch_size,
             max_image_pixels=max_image_pixels, antialias=bool(antialias),
             precision=model.dtype_policy.name, jit_compile=jit_compile)
-        module = serving.ServingModule(model.inference_model, info, labels_path)
+        module = serving_module.ServingModule(model.inference_model, info, labels_path)
         final_dir = _save_atomically(module, export_dir, version)
     logging.info("Exported %s/%s (%d classes) to %s", model.variant, model.backbone_name,
                  len(class_names), final_dir)
@@ -206,8 +207,8 @@ def _save_atomically(module, export_dir, version):
 
 def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
                           best=False, use_ema=True, threshold=None, top_k=None,
-                          max_batch_size=serving.DEFAULT_MAX_BATCH_SIZE,
-                          max_image_pixels=serving.DEFAULT_MAX_IMAGE_PIXELS,
+                          max_batch_size=contract.DEFAULT_MAX_BATCH_SIZE,
+                          max_image_pixels=contract.DEFAULT_MAX_IMAGE_PIXELS,
                           precision="float32", jit_compile=False):
     """Restores a training run and exports it; returns the version directory.
 
@@ -234,8 +235,8 @@ def export_from_model_dir(model_dir, export_dir, version=None, checkpoint=None,
     """
     _check_limits(max_batch_size, max_image_pixels)
     _check_jit_compile(jit_compile)
-    outputs.ensure_output_dir(export_dir, "export_dir")
-    model, config, class_names, path = checkpoints.restore_model(
+    output_checks.ensure_output_dir(export_dir, "export_dir")
+    model, config, class_names, path = restore.restore_model(
         model_dir, checkpoint=checkpoint, best=best, use_ema=use_ema, precision=precision)
     logging.info("Restored %s", path)
     return export_model(model, export_dir, class_names,

@@ -1,31 +1,17 @@
-"""Training configuration: the absl flags and the frozen `Config` built from them.
-
-This is the only module that reads the training FLAGS (`config_from_flags`);
-everything below it takes a `Config`.
-
-The defaults are the paper's COCO recipe (paper §5.1; docs/design.md, Training; with
-ML-GCN's schedule where the paper is silent): ResNet-101 from ImageNet
-weights at 448 px, SGD momentum 0.9 with coupled weight decay 1e-4, learning
-rate 0.01 for the head and 0.001 for the backbone, batch 16 (the paper states
-none; coco.flags uses 32), 40 epochs with
-both rates multiplied by 0.1 after epoch 30, CRL with δ = λ1 = λ2 = 0.5 and
-α = β = 1, no augmentation. `configs/base.flags` spells the recipe out and
-the dataset flagfiles include it and set data, batch and epochs.
-"""
+"""`Config`: every setting of a training run, one field per training flag."""
 
 import dataclasses
 import os
 
-from absl import flags
-
-from mlcrl_tf import backbones
-from mlcrl_tf import losses
-from mlcrl_tf import run_lock
-from mlcrl_tf.backbones import BACKBONES
-from mlcrl_tf.model import VARIANTS
+from mlcrl_tf.modeling import backbones
+from mlcrl_tf.modeling import losses
+from mlcrl_tf.modeling.backbones import BACKBONES
+from mlcrl_tf.modeling.model import VARIANTS
+from mlcrl_tf.run_dir import run_lock
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
 
 def _field(default, help_text, choices=None, element=None):
     """A Config field that is also a flag: default and help live here only."""
@@ -142,42 +128,6 @@ class Config:
 
 
 REQUIRED_FLAGS = ("model_dir", "train_files")
-
-
-def define_flags(flag_values=flags.FLAGS):
-    """Defines one flag per `Config` field (called once by `mlcrl_tf.train`)."""
-    for field in dataclasses.fields(Config):
-        name, default, meta = field.name, field.default, field.metadata
-        kwargs = {"flag_values": flag_values}
-        if meta["choices"]:
-            flags.DEFINE_enum(name, default, list(meta["choices"]), meta["help"], **kwargs)
-        elif meta["element"]:
-            flags.DEFINE_list(name, [str(v) for v in default], meta["help"], **kwargs)
-        elif isinstance(default, bool):
-            flags.DEFINE_bool(name, default, meta["help"], **kwargs)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(name, default, meta["help"], **kwargs)
-        elif isinstance(default, float):
-            flags.DEFINE_float(name, default, meta["help"], **kwargs)
-        else:
-            flags.DEFINE_string(name, default, meta["help"], **kwargs)
-    flags.mark_flags_as_required(list(REQUIRED_FLAGS), flag_values=flag_values)
-
-
-def config_from_flags(flag_values=flags.FLAGS):
-    """Builds the `Config` from parsed absl flags (the only FLAGS reader)."""
-    values = {}
-    for field in dataclasses.fields(Config):
-        value = flag_values[field.name].value
-        if field.metadata["element"]:
-            value = tuple(field.metadata["element"](v) for v in value)
-        values[field.name] = value
-    if values["backbone_weights"] in backbones.RANDOM_WEIGHTS:
-        values["backbone_weights"] = None
-    for name in ("export_dir", "eval_files", "selection_files", "labels_file", "data_dir"):
-        if not values[name]:
-            values[name] = None
-    return Config(**values)
 
 
 def validate(config):

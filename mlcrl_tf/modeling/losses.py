@@ -1,46 +1,4 @@
-"""Losses of the paper (§4, Eq. 6-10): soft margin, constrained ranking, MSE.
-
-Shapes: `labels` (B, C) multi-hot in {0, 1} (float, int or bool);
-`image_embeddings` `Fe` (B, E); `label_embeddings` `E` (C, E), one row per
-class (the label projector `f_l` applied to the C one-hot vectors);
-`logits` (B, C).
-
-Decisions (also recorded in docs/design.md):
-
-- Multi-label soft margin = PyTorch's `MultiLabelSoftMarginLoss`: sigmoid
-  binary cross-entropy on the logits, mean over classes, then mean over the
-  batch. The `*_per_example` functions return the (B,) values before the
-  batch mean, so a distributed loop can sum them and divide by the global
-  batch size.
-- Constrained ranking loss (CRL, Eq. 9) with Euclidean distance d:
-  image term `[δ + d(Fe_b, E_j) − d(Fe_b, E_k)]+` for j ∈ P_b, k ∈ N_b and
-  label term `[δ + d(E_p, E_q) − d(E_p, E_k)]+` for p, q ∈ P_b, q ≠ p,
-  k ∈ N_b. By default each term is the MEAN over its valid triplets in the
-  batch (a triplet is valid when its index conditions hold, whether or not
-  its hinge is zero), which keeps the scale independent of B and C;
-  `reduction="sum"` gives the paper's plain sums. Images with no positive or
-  no negative add nothing; an image with one positive adds nothing to the
-  label term; a term with no valid triplet is 0, never NaN.
-  Total CRL = λ1·image_term + λ2·label_term with δ = λ1 = λ2 = 0.5.
-- `crl_terms` returns each term's sum and triplet count so that a
-  distributed loop can all-reduce them and take the mean over the GLOBAL
-  batch's triplets; `constrained_ranking_loss` is sum / count on top of it.
-- The label term (O(B·C³) triplets) is vectorised in O(C³ + B·C²) memory: the
-  hinge tensor T[p, q, k] does not depend on the image, so
-  label_sum = Σ_b Σ_{p,q,k} Pos[b,p]·Pos[b,q]·Neg[b,k]·T[p,q,k] is one
-  (C², C) × (C, B) matmul followed by a masked reduction.
-- Distances use explicit differences (not ‖a‖² + ‖b‖² − 2ab, which cancels
-  badly) and a safe square root: d = 0 with a zero gradient where two
-  embeddings coincide (e.g. the diagonal of the label-label distances), so
-  gradients are always finite.
-- Computation is float32 (float64 when the inputs are float64); float16 /
-  bfloat16 inputs (mixed precision) are upcast to float32.
-- The losses take labels as given: VOC "difficult" labels count as positive
-  in training (docs/design.md, Data), which the input pipeline already encodes.
-- Bad input raises ValueError naming the argument. Static shapes are checked
-  at trace time; values (labels in {0, 1}, finite floats) only when running
-  eagerly, so compiled training steps pay nothing for them.
-"""
+"""The paper's losses (§4, Eq. 6-9): soft margin, constrained ranking, MSE."""
 
 import keras
 import tensorflow as tf
@@ -51,9 +9,6 @@ DEFAULT_LABEL_WEIGHT = 0.5
 TRIPLET_REDUCTIONS = ("mean", "sum")
 
 
-# --------------------------------------------------------------------------
-# Input checks and conversions.
-# --------------------------------------------------------------------------
 def _labels_to_float(labels, dtype, name="labels"):
     """Converts multi-hot labels (float, int or bool) to `dtype`."""
     if not isinstance(labels, str):
@@ -160,9 +115,6 @@ def _prepare_crl(labels, image_embeddings, label_embeddings):
     return labels, fe, emb
 
 
-# --------------------------------------------------------------------------
-# Multi-label soft margin (Eq. 6).
-# --------------------------------------------------------------------------
 def multilabel_soft_margin_per_example(labels, logits):
     """Per-image multi-label soft margin loss (PyTorch's definition).
 
@@ -198,9 +150,6 @@ def multilabel_soft_margin_loss(labels, logits):
     return tf.reduce_mean(multilabel_soft_margin_per_example(labels, logits))
 
 
-# --------------------------------------------------------------------------
-# Constrained ranking loss (Eq. 7-9).
-# --------------------------------------------------------------------------
 def _safe_norm(diff):
     """Euclidean norm over the last axis; 0 with zero gradient at 0.
 
@@ -353,9 +302,6 @@ def constrained_ranking_loss(labels, image_embeddings, label_embeddings,
     return combine_crl_terms(terms, image_weight, label_weight, reduction)
 
 
-# --------------------------------------------------------------------------
-# Ours(MSE) ablation (Table 6).
-# --------------------------------------------------------------------------
 def _prepare_mse(image_embeddings, projected_labels):
     fe = _to_float_tensor(image_embeddings, "image_embeddings")
     fl = _to_float_tensor(projected_labels, "projected_labels")
@@ -408,9 +354,6 @@ def embedding_mse_loss(image_embeddings, projected_labels):
                                                     projected_labels))
 
 
-# --------------------------------------------------------------------------
-# Keras wrappers.
-# --------------------------------------------------------------------------
 def _reject_string_labels(y_true, name):
     """keras.losses.Loss casts y_true to float first: check dtype before."""
     if isinstance(y_true, str):
@@ -552,123 +495,3 @@ class EmbeddingMSELoss(keras.losses.Loss):
 
     def get_config(self):
         return {"reduction": self.reduction, "name": self.name}
-
-
-# --------------------------------------------------------------------------
-# The training objective (Eq. 10), one definition for fit() and the CLI loop.
-# --------------------------------------------------------------------------
-AUX_LOSSES = (None, "crl", "mse")
-
-
-def _replica_sums(*values):
-    """All-reduces (sums) scalars over the replicas of the current step.
-
-    Outside a replica context (eager use, one device) the values are returned
-    as they are.
-    """
-    stacked = tf.stop_gradient(tf.stack([tf.cast(v, tf.float32) for v in values]))
-    context = tf.distribute.get_replica_context()
-    if context is not None and context.num_replicas_in_sync > 1:
-        stacked = context.all_reduce(tf.distribute.ReduceOp.SUM, stacked)
-    return tf.unstack(stacked)
-
-
-@keras.saving.register_keras_serializable(package="mlcrl_tf")
-class Objective:
-    """The paper's training objective: α·soft margin + β·(CRL or MSE) (Eq. 10).
-
-    `terms(labels, outputs, aux, project_labels)` returns THIS REPLICA'S SHARE
-    of every term: the classification and MSE losses are this replica's sum
-    over its images divided by the GLOBAL batch (all-reduced), and each CRL
-    term is this replica's hinge sum divided by the global batch's valid
-    triplet count (all-reduced). Summing the shares (or their gradients) over
-    the replicas gives exactly the value (gradient) of one device on the
-    whole global batch; on one device a share is the value itself.
-    `MLCRLModel.compute_loss` and `MLCRLModel.train_step` call it, so
-    `model.fit()` and the CLI loop optimise one definition of the objective.
-
-    Args:
-        cls_weight: α, weight of the soft margin loss.
-        aux_weight: β, weight of the CRL (or MSE) loss.
-        margin: CRL margin δ.
-        image_weight: CRL λ1.
-        label_weight: CRL λ2.
-        reduction: CRL triplet reduction, "mean" or "sum".
-
-    Example:
-    >>> objective = Objective()
-    >>> terms = objective.terms([[1.0, 0.0]], {"logits": [[2.0, -1.0]]})
-    >>> sorted(terms), round(float(terms["loss"]), 4)
-    (['classification', 'loss'], 0.2201)
-    """
-
-    def __init__(self, cls_weight=1.0, aux_weight=1.0, margin=DEFAULT_MARGIN,
-                 image_weight=DEFAULT_IMAGE_WEIGHT, label_weight=DEFAULT_LABEL_WEIGHT,
-                 reduction="mean"):
-        _check_reduction(reduction)
-        self.cls_weight = float(cls_weight)
-        self.aux_weight = float(aux_weight)
-        self.margin = float(margin)
-        self.image_weight = float(image_weight)
-        self.label_weight = float(label_weight)
-        self.reduction = reduction
-
-    def terms(self, labels, outputs, aux=None, project_labels=None):
-        """This replica's share of each loss term.
-
-        Args:
-            labels: (B, C) multi-hot labels of this replica's images.
-            outputs: the model's training outputs: `logits`, and for
-                aux="crl"/"mse" `image_embeddings` and `label_embeddings`.
-            aux: None (classification only), "crl" or "mse".
-            project_labels: for "mse", the label projector f_l (callable on
-                (B, C) multi-hot vectors).
-
-        Returns:
-            Dict of float32 scalars: `classification`, for crl `crl`,
-            `crl_image_term`, `crl_label_term` (unweighted terms), for mse
-            `mse`, and `loss` = α·classification + β·aux.
-
-        Raises:
-            ValueError: unknown `aux`, or mse without `project_labels`.
-        """
-        if aux not in AUX_LOSSES:
-            raise ValueError(f"aux={aux!r} is unknown; choose one of {AUX_LOSSES}.")
-        logits = tf.cast(outputs["logits"], tf.float32)
-        labels = _labels_to_float(labels, tf.float32)
-        batch = tf.cast(tf.shape(logits)[0], tf.float32)
-        if aux == "crl":
-            parts = crl_terms(labels, outputs["image_embeddings"],
-                              outputs["label_embeddings"], margin=self.margin)
-            global_batch, image_count, label_count = _replica_sums(
-                batch, parts["image_count"], parts["label_count"])
-            parts = dict(parts, image_count=image_count, label_count=label_count)
-        else:
-            (global_batch,) = _replica_sums(batch)
-        cls = tf.reduce_sum(multilabel_soft_margin_per_example(labels, logits)) / global_batch
-        terms = {"classification": cls}
-        aux_value = tf.zeros([], tf.float32)
-        if aux == "crl":
-            aux_value = combine_crl_terms(parts, self.image_weight, self.label_weight,
-                                          self.reduction)
-            terms.update(crl=aux_value,
-                         crl_image_term=combine_crl_terms(parts, 1.0, 0.0, self.reduction),
-                         crl_label_term=combine_crl_terms(parts, 0.0, 1.0, self.reduction))
-        elif aux == "mse":
-            if project_labels is None:
-                raise ValueError("aux='mse' needs project_labels (the label projector).")
-            projected = tf.cast(project_labels(labels), tf.float32)
-            aux_value = tf.reduce_sum(embedding_mse_per_example(
-                outputs["image_embeddings"], projected)) / global_batch
-            terms["mse"] = aux_value
-        terms["loss"] = self.cls_weight * cls + self.aux_weight * aux_value
-        return terms
-
-    def get_config(self):
-        return {"cls_weight": self.cls_weight, "aux_weight": self.aux_weight,
-                "margin": self.margin, "image_weight": self.image_weight,
-                "label_weight": self.label_weight, "reduction": self.reduction}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

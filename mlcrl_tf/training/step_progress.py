@@ -1,19 +1,4 @@
-"""Training's progress line, on top of `pipelines.progress.Progress`.
-
-    step  10/100 ( 10.0%) loss 0.5000 | 1.00 steps/s 4.0 img/s | ETA 1:30 | epoch 1/4
-
-The drawing is `pipelines.progress`'s, shared with the converters and
-`evaluate`: on a terminal one line redrawn in place (messages such as epoch
-summaries stay above it); when stdout is not a TTY (a log file, CI, `nohup`)
-one full line per report, so logs never fill with carriage returns. The
-training loop decides when to report (`--log_every_steps`), so every
-`update` draws. Speeds are those of the interval since the previous report
-(what TensorBoard's throughput scalars show), not counting a pause the
-loop marks with `resume()` (an evaluation): the speed after an evaluation
-is that of the training steps alone. The ETA uses the mean rate since
-(re)start, evaluations included (they recur until the end), written as
-`pipelines.progress.format_duration` writes durations (1:02:05).
-"""
+"""Training's progress line: step, loss, speed and ETA."""
 
 import sys
 import time
@@ -21,7 +6,7 @@ import time
 from pipelines.utils import progress
 
 
-class Progress(progress.Progress):
+class StepProgress(progress.Progress):
     """Reports step, loss, speed and ETA of a training run.
 
     Args:

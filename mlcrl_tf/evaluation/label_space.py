@@ -26,9 +26,11 @@ TensorBoard by `mlcrl_tf.summaries`:
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
-from mlcrl_tf import cams
+from mlcrl_tf.evaluation import cams
 
 _TEXT_HEIGHT = 13
 _CHAR_WIDTH = 6

@@ -1,0 +1,1 @@
+"""Metrics, evaluating checkpoints and exports, reports and class activation maps."""

@@ -1,0 +1,1 @@
+"""The paper's model, losses and optimizer; no data files, no flags."""

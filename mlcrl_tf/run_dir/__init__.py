@@ -1,0 +1,1 @@
+"""A training run's directory: its Config, run.json, checkpoints and lock."""

@@ -1,0 +1,1 @@
+"""The exported SavedModel: its contract, the export, and labelling files with it."""

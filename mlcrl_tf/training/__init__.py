@@ -1,0 +1,1 @@
+"""The training command: flags, data, strategies, the loop and its summaries."""
