@@ -27,6 +27,7 @@ from mlcrl_tf.run_dir import checkpoints
 from mlcrl_tf.run_dir import config as config_lib
 from mlcrl_tf.run_dir import restore
 from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.run_dir import lock_owner
 from mlcrl_tf.run_dir import run_lock
 from mlcrl_tf.training import train_lib
 
@@ -387,9 +388,12 @@ def test_cli_unusable_directory_is_one_line(demo_data, tmp_path, flag):
 # ---------------------------------------------------------------------------
 
 def _write_lock(model_dir, heartbeat=None, **fields):
-    """Another run's lock; its heartbeat is the file's modification time."""
+    """Another run's lock (of this machine unless `fields` say otherwise); its
+    heartbeat is the file's modification time."""
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
               "token": "other"}
+    if "host" not in fields:
+        holder.update(lock_owner.identity())
     holder.update(fields)
     (model_dir / ".lock").write_text(json.dumps(holder))
     if heartbeat is not None:
@@ -422,15 +426,26 @@ def test_lock_is_exclusive_and_released(tmp_path):
     ({"pid": "dead"}, True),                                   # same host, process gone
     ({"host": "elsewhere", "pid": 1}, False),                  # other host, fresh heartbeat
     ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 120}, True),
-    ({"heartbeat": time.time() - 120}, True),                  # same host, hung or pid reused
+    ({"heartbeat": time.time() - 120}, True),                  # same host, hung
+    ({"pid": "self", "process_start": 1}, True),               # our pid, reused: holder gone
+    # Failed before: a run on another machine with the same host name (or in
+    # another container) was judged dead because its pid is not alive here.
+    ({"pid": "dead", "machine": f"{socket.gethostname()}|another boot|1:1"}, False),
+    ({"pid": "dead", "machine": None}, False),                 # release 0.1's lock: no machine
 ])
 def test_stale_locks_are_broken_live_ones_refused(tmp_path, caplog, fields, stale):
     if fields.get("pid") == "dead":
         fields = dict(fields, pid=_dead_pid())
-    _write_lock(tmp_path, **fields)
+    if fields.get("pid") == "self":
+        fields = dict(fields, pid=os.getpid())
+    _write_lock(tmp_path, **{k: v for k, v in fields.items() if v is not None})
+    if fields.get("machine", "") is None:  # 0.1 wrote no machine nor start time
+        holder = json.loads((tmp_path / ".lock").read_text())
+        (tmp_path / ".lock").write_text(json.dumps(
+            {k: v for k, v in holder.items() if k not in ("machine", "process_start")}))
     lock = run_lock.RunLock(str(tmp_path), stale_after_secs=60)
     if not stale:
-        with pytest.raises(ValueError, match="in use by pid 1 on host elsewhere"):
+        with pytest.raises(ValueError, match=rf"in use by pid {fields['pid']} on host "):
             lock.acquire()
         return
     with caplog.at_level(logging.WARNING), lock:

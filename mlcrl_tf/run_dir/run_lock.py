@@ -24,6 +24,8 @@ import uuid
 
 from absl import logging
 
+from mlcrl_tf.run_dir import lock_owner
+
 LOCK_FILE = ".lock"
 # A lock whose heartbeat is older than this is stale (another host); the holder
 # refreshes it every LOCK_STALE_AFTER_SECS / 10 seconds. The default of
@@ -37,21 +39,6 @@ class LockLostError(RuntimeError):
 
 # The locks this process holds, by real path of their model_dir (see check_lock).
 _HELD_LOCKS = {}
-
-
-def _process_alive(pid):
-    """Whether process `pid` runs on this host (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _format_time(seconds):
@@ -129,7 +116,7 @@ class RunLock:
             self._fd = fd
             now = time.time()
             holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "started": now, "token": self.token}
+                      "started": now, "token": self.token, **lock_owner.identity()}
             os.write(fd, json.dumps(holder).encode())
             os.utime(fd, (now, now))  # the first heartbeat, on this host's clock
             os.fsync(fd)
@@ -215,10 +202,9 @@ class RunLock:
         """Why the lock `holder` describes is stale, or None if it is live."""
         if heartbeat is None:
             return "it is gone"
-        pid = holder.get("pid")
-        if (holder.get("host") == socket.gethostname() and isinstance(pid, int)
-                and not _process_alive(pid)):
-            return f"its process (pid {pid}) is gone"
+        gone = lock_owner.gone_reason(holder)
+        if gone:
+            return gone
         age = time.time() - heartbeat
         if age > self.stale_after_secs:
             return (f"its heartbeat is {age:.0f} s old, older than "
@@ -230,11 +216,13 @@ class RunLock:
         since = f" since {_format_time(started)}" if isinstance(started, (int, float)) else ""
         beat = (f", last heartbeat {time.time() - heartbeat:.0f} s ago"
                 if heartbeat is not None else "")
+        legacy = ("; it was taken by mlcrl_tf 0.1, which does not record its machine, so "
+                  "only its heartbeat can tell it is stale" if "machine" not in holder else "")
         return (f"--model_dir={self.model_dir!r} is in use by pid {holder.get('pid', '?')} "
-                f"on host {holder.get('host', '?')}{since}{beat} (lock file {self.path}). "
-                "Wait for that run to end or stop it, or use another --model_dir. A lock "
-                "is broken automatically once its process is gone (same host) or its "
-                f"heartbeat is older than {self.stale_after_secs:.0f} s.")
+                f"on host {holder.get('host', '?')}{since}{beat} (lock file {self.path}"
+                f"{legacy}). Wait for that run to end or stop it, or use another "
+                "--model_dir. A lock is broken automatically once its process is gone "
+                f"(same machine) or its heartbeat is older than {self.stale_after_secs:.0f} s.")
 
     def _break(self, text, reason):
         """Removes the stale lock whose content was `text` (and only that one).
