@@ -1,4 +1,5 @@
-r"""python benchmarks/bench_bf16_export.py --model_dir=runs/demo --eval_files='data/demo/tfrecords/test-*.tfrecord'
+r"""python benchmarks/bench_bf16_export.py --model_dir=runs/demo \
+    --eval_files='data/demo/tfrecords/test-*.tfrecord'
 
 A bfloat16 serving model against the float32 one, from the same checkpoint
 (`python -m mlcrl_tf.export --precision=mixed_bfloat16`): both exports score
@@ -73,7 +74,7 @@ def main(argv):
         print(f"| {p} | {results[p].num_examples} | {100 * results[p].metrics['mAP']:.2f} | "
               f"{1000 * seconds[p]:.1f} | {seconds[p] / seconds['float32']:.3f} |")
     print(f"\n|logit difference|: max {difference.max():.4f}, mean {difference.mean():.4f}; "
-          f"mAP difference {100 * (results['mixed_bfloat16'].metrics['mAP'] - results['float32'].metrics['mAP']):+.2f} points")
+          f"mAP difference {100 * (results['mixed_bfloat16'].metrics['mAP'] - results['float32'].metrics['mAP']):+.2f} points")  # noqa: E501
 
 
 if __name__ == "__main__":

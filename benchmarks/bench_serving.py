@@ -1,4 +1,5 @@
-"""python benchmarks/bench_serving.py --backbone=resnet101 --image_size=448 --num_classes=80 --runs=15
+r"""python benchmarks/bench_serving.py --backbone=resnet101 --image_size=448 --num_classes=80 \
+    --runs=15
 
 Serving cost of the paper's model against its baseline (the claim of SPEC §1:
 at test time crl = baseline + one 1x1 conv `f_conv` of D x C weights), or

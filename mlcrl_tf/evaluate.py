@@ -5,13 +5,9 @@
         [--saved_model=saved_models/demo/1] [--per_class] [--output_json=eval.json] \
         [--output_scores=scores.npz] [--threshold=0.5] [--data_dir=TFDS_DATA_DIR]
 
-Prints the Table 1 row (mAP, CF1, CP, CR, OF1, OP, OR and their top-3
-versions) and, with --per_class, the Table 2 row of per-class AP (SPEC §6
-conventions; scores ranked as logits). With --saved_model the export's
-`serving_default` signature is evaluated on the records' original image
-bytes, at the export's threshold unless --threshold is given. Progress
-(images, rate, ETA) goes to stderr, the tables to stdout.
-The work is `mlcrl_tf.evaluate_lib`.
+The Table 1 row and, with --per_class, the Table 2 row (docs/design.md,
+Metrics) on stdout; progress on stderr. The work is
+`mlcrl_tf.evaluation.evaluate_lib`.
 """
 
 import sys

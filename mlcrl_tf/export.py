@@ -4,14 +4,14 @@
         [--version=N] [--best | --checkpoint=PREFIX] [--use_ema=true] \
         [--threshold=0.5] [--top_k=5] [--max_batch_size=64] \
         [--max_image_pixels=100000000] [--precision=float32|mixed_bfloat16] \
-        [--jit_compile]
+        [--jit_compile] [--format=saved_model|onnx]
 
-Writes `<export_dir>/<version>/` (see `mlcrl_tf.export_lib` and the contract
-in `mlcrl_tf.serving`; clients in docs/serving.md). A bad flag, an unusable
-export directory, an unreadable checkpoint or a failed write is one
-`error: ...` line on stderr and exit code 1.
+Writes `<export_dir>/<version>/`, with --format=onnx also its onnx/model.onnx
+(`mlcrl_tf.serving.export_lib`; the contract and clients in docs/serving.md).
+Every failure is one `error: ...` line.
 """
 
+import os
 import sys
 import time
 
@@ -21,6 +21,7 @@ from absl import flags
 from mlcrl_tf.run_dir import checkpoints
 from mlcrl_tf.serving import contract
 from mlcrl_tf.serving import export_lib
+from mlcrl_tf.serving import onnx_export
 from pipelines.utils import console
 from pipelines.utils import files
 from pipelines.utils import progress
@@ -49,13 +50,22 @@ def define_flags():
                          "for a GIF), read from its header before decoding; a request "
                          "with a larger image fails with INVALID_ARGUMENT.")
     flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
-                      "Compute precision of the served model: mixed_bfloat16 is faster "
-                      "on AMX/AVX512-BF16 CPUs and Ampere+ GPUs (variables, inputs "
-                      "and outputs stay float32; docs/performance.md has its accuracy).")
+                      "Compute precision of the served model: mixed_bfloat16 serves in "
+                      "0.64-0.72x the float32 time on an Intel Xeon with AMX-BF16, but "
+                      "slower on an AVX2-only AMD EPYC (a warning says so on a CPU "
+                      "without AMX-BF16/AVX-512 BF16); GPUs need compute capability "
+                      ">= 8.0. Variables, inputs and outputs stay float32; "
+                      "docs/performance.md has its accuracy.")
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the model's forward pass (not the "
                       "image decoding); mostly slower on the build machine's CPU "
                       "(docs/serving.md). TF Serving runs such an export on CPU only with "
                       "--xla_cpu_compilation_enabled=true.")
+    flags.DEFINE_enum("format", "saved_model", list(onnx_export.FORMATS),
+                      "saved_model, or onnx: the SavedModel plus onnx/model.onnx and "
+                      "onnx/labels.txt in the same version (images -> logits; float32 "
+                      "only), refused unless onnxruntime's logits on up to 8 of the run's "
+                      "images equal the SavedModel's within 1e-4 (+ 1e-6 x |logit|). Needs "
+                      "`pip install 'mlcrl_tf[onnx]'`.")
 
 
 def main(argv):
@@ -70,7 +80,7 @@ def main(argv):
             f.model_dir, f.export_dir, version=f.version, checkpoint=f.checkpoint,
             best=f.best, use_ema=f.use_ema, threshold=f.threshold, top_k=f.top_k,
             max_batch_size=f.max_batch_size, max_image_pixels=f.max_image_pixels,
-            precision=f.precision, jit_compile=f.jit_compile)
+            precision=f.precision, jit_compile=f.jit_compile, model_format=f.format)
     except (ValueError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
     except files.IO_ERRORS as e:  # E.g. an unwritable temporary directory.
@@ -78,6 +88,10 @@ def main(argv):
         sys.exit(f"error: the export failed{f' on {path!r}' if path else ''}: "
                  f"{type(e).__name__}: {files.error_text(e)}")
     print(f"Exported {f.model_dir} to {path}")
+    if f.format == "onnx":
+        print(f"ONNX model: {os.path.join(path, onnx_export.ONNX_DIR, onnx_export.ONNX_FILE)}"
+              f" (its logits checked against the SavedModel's within "
+              f"{onnx_export.MAX_ABS_DIFF:g} + {onnx_export.MAX_REL_DIFF:g} x |logit|)")
     print(f"export: done in {progress.format_duration(time.monotonic() - start)}",
           file=sys.stderr)
 

@@ -2,10 +2,11 @@
 
     python -m mlcrl_tf.predict --saved_model=saved_models/demo/1 IMAGE_OR_DIR... \
         [--threshold=0.5 | --top_k=3] [--batch_size=16] [--output=preds.jsonl] \
-        [--all_probabilities] [--overwrite] [--max_image_bytes=268435456]
+        [--all_probabilities] [--overwrite] [--max_image_bytes=268435456] \
+        [--format=saved_model|onnx]
 
 Each line is `{"filename": ..., "labels": [...], "scores": [...]}` or
-`{"filename": ..., "error": ...}`; see `mlcrl_tf.predict_lib`.
+`{"filename": ..., "error": ...}` (`mlcrl_tf.serving.predict_lib`).
 """
 
 import sys
@@ -13,6 +14,7 @@ import sys
 from absl import app
 from absl import flags
 
+from mlcrl_tf.serving import onnx_export
 from mlcrl_tf.serving import predict_lib
 from pipelines.utils import console
 from pipelines.utils import files
@@ -34,6 +36,10 @@ def define_flags():
     flags.DEFINE_integer("max_image_bytes", predict_lib.DEFAULT_MAX_IMAGE_BYTES,
                          "Larger files are reported and not read.")
     flags.DEFINE_bool("all_probabilities", False, "Add every class's probability.")
+    flags.DEFINE_enum("format", "saved_model", list(onnx_export.FORMATS),
+                      "saved_model (TensorFlow) or onnx: the export's onnx/model.onnx "
+                      "(`export --format=onnx`) in onnxruntime, same decoding and labels; "
+                      "--saved_model may then also name the .onnx file or its folder.")
 
 
 def main(argv):
@@ -47,7 +53,8 @@ def main(argv):
             code = predict_lib.run(f.saved_model, paths, f.threshold, f.top_k,
                                    f.batch_size, f.output, f.all_probabilities,
                                    overwrite=f.overwrite,
-                                   max_image_bytes=f.max_image_bytes, progress=bar)
+                                   max_image_bytes=f.max_image_bytes, progress=bar,
+                                   model_format=f.format)
         except ValueError as e:
             sys.exit(f"error: {e}")
         except files.IO_ERRORS as e:  # e.g. an unreadable export

@@ -2,16 +2,10 @@
 
     python -m mlcrl_tf.train --flagfile=coco.flags --model_dir=runs/coco_crl
 
-Flags are defined in `mlcrl_tf.config`. `--flagfile=NAME` is expanded by
-`mlcrl_tf.flagfiles` before absl parses the command line, in place (later
-flags override earlier ones). On the command line NAME is a path relative to
-the working directory; inside a flagfile, an include is resolved relative to
-the directory of the including file, then to the working directory. Failing
-that, NAME is a shipped flagfile (`mlcrl_tf/configs/NAME`; a leading
-`configs/` is dropped), so `--flagfile=coco.flags` works from any directory.
-The shipped dataset flagfiles include `base.flags` (the paper's recipe).
+The flags are `Config`'s fields (`mlcrl_tf.run_dir.config`); `--flagfile=NAME`
+also finds the shipped flagfiles by name (`mlcrl_tf.training.flagfiles`).
 Rerunning the same command resumes from the latest checkpoint in
---model_dir (a different network or --antialias is refused).
+--model_dir. The work is `mlcrl_tf.training.train_lib`.
 """
 
 import functools
@@ -22,6 +16,7 @@ from absl import logging
 
 from mlcrl_tf.run_dir import checkpoints
 from mlcrl_tf.training import flagfiles
+from mlcrl_tf.training import stop_signals
 from mlcrl_tf.training import train_flags
 from mlcrl_tf.training import train_lib
 from mlcrl_tf.training import trainer as trainer_lib
@@ -36,6 +31,9 @@ def main(argv):
         result = train_lib.train_and_evaluate(config)
     except (ValueError, trainer_lib.NonFiniteLossError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except stop_signals.StopRequested as e:  # exit as a process killed by the signal
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signal_number)
     logging.info("Done: %s", result)
     print(f"Finished at step {result['step']}; weights fingerprint {result['fingerprint']}")
     if result["metrics"]:

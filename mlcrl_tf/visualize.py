@@ -4,10 +4,9 @@
         [--classes=Bag,Sandal | --top_k=3] --output_dir=cams/ [--best] [--tile_size=224]
 
 One panel per (image, class): the image, the direct head's CAM and the
-`f_conv` map (see `mlcrl_tf.cams`). Files are
-`<output_dir>/<image stem>_<class>.png` (clashing names get `~<n>`, see
-`mlcrl_tf.cams`). An image that cannot be read is named on stderr and
-skipped; the exit code is 1 only if no image was rendered.
+`f_conv` map, in `<output_dir>/<image stem>_<class>.png`
+(`mlcrl_tf.evaluation.visualize_lib`). An unreadable image is named on
+stderr and skipped; the exit code is 1 only if no image was rendered.
 """
 
 import sys

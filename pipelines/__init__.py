@@ -1,10 +1,9 @@
-"""Dataset converters (COCO 2014, VOC 2007, CSV -> TFRecord), the tf.data
-input pipeline and the embedded Fashion-MNIST "outfits" demo dataset.
+"""The data layer: converters (COCO 2014, VOC 2007, CSV -> TFRecords), the
+tf.data input pipeline and the "outfits" demo set of Fashion-MNIST photos.
 
-Importing the package sets the console up before TensorFlow loads
-(`pipelines.console`): a `python -m pipelines.X` run hides TensorFlow's INFO
-logs unless `--verbosity` >= 0 or the user's `TF_CPP_MIN_LOG_LEVEL` asks for
-them.
+Importing the package sets the console up before TensorFlow loads: a
+`python -m pipelines.X` run hides TensorFlow's INFO logs unless asked for.
+The folders and the decisions: docs/data.md (Layout; Console and progress).
 """
 
 import os

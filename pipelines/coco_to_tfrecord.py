@@ -1,8 +1,9 @@
-r"""python -m pipelines.coco_to_tfrecord --annotations=coco/annotations/instances_train2014.json --image_dir=coco/train2014 --output_dir=data/coco
+r"""python -m pipelines.coco_to_tfrecord --annotations=coco/annotations/instances_train2014.json \
+    --image_dir=coco/train2014 --output_dir=data/coco
 
-Converts with `pipelines.coco_lib` (see there for what is checked and
-stored); progress goes to stderr, the summary line to stdout. Limits and
-guarantees: docs/reliability.md.
+Converts one COCO split with `pipelines.converters.coco_lib.convert`: progress
+on stderr, the summary line on stdout, a failure as one `error:` line.
+Decisions: docs/data.md, Converters; limits: docs/reliability.md, Converters.
 """
 
 import sys

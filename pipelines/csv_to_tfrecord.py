@@ -1,8 +1,10 @@
-r"""python -m pipelines.csv_to_tfrecord --csv=my_data/train.csv --image_dir=my_data/images --output_dir=data/my_data --split=train
+r"""python -m pipelines.csv_to_tfrecord --csv=my_data/train.csv --image_dir=my_data/images \
+    --output_dir=data/my_data --split=train
 
-Converts with `pipelines.csv_lib` (see there for what is checked and
-stored); progress goes to stderr, the summary line to stdout. Limits and
-guarantees: docs/reliability.md.
+Converts the images a CSV lists with `pipelines.converters.csv_lib.convert`:
+progress on stderr, the summary line on stdout, a failure as one `error:`
+line. The CSV format and the decisions: docs/data.md, Converters; limits:
+docs/reliability.md, Converters.
 """
 
 import sys

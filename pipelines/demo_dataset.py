@@ -1,8 +1,9 @@
 r"""python -m pipelines.demo_dataset --output_dir=data/demo --preview=docs/demo_preview.png
 
-Builds the embedded real demo set "outfits" with `pipelines.demo_lib` (see
-there for what a canvas is, the visibility rule and the output layout);
-progress goes to stderr, the summary to stdout.
+Builds the "outfits" demo set with `pipelines.demo.outfits.generate`: JPEG
+canvases, COCO annotations, then TFRecords; progress on stderr, the summary on
+stdout. What a canvas is and the output layout: docs/data.md, The outfits demo
+set.
 """
 
 import json
@@ -43,7 +44,7 @@ def main(argv):
             summary = outfits.generate(f.output_dir, f.num_train, f.num_test,
                                         f.canvas_size, f.seed, f.occlusion,
                                         f.fashion_mnist_dir, f.overwrite, progress=bar)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     for split, s in summary.items():
         report = s.pop("report")
@@ -53,7 +54,10 @@ def main(argv):
         print("  " + json.dumps(s))
     print(f"TFRecords: {os.path.join(f.output_dir, 'tfrecords')}")
     if f.preview:
-        outfits.write_preview(f.output_dir, f.preview)
+        try:
+            outfits.write_preview(f.output_dir, f.preview)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
         print(f"preview: {f.preview}")
 
 

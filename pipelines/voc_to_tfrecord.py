@@ -1,8 +1,10 @@
-r"""python -m pipelines.voc_to_tfrecord --voc_dir=VOCdevkit/VOC2007 --split=trainval --output_dir=data/voc2007
+r"""python -m pipelines.voc_to_tfrecord --voc_dir=VOCdevkit/VOC2007 --split=trainval \
+    --output_dir=data/voc2007
 
-Converts with `pipelines.voc_lib` (see there for what is checked and
-stored); progress goes to stderr, the summary line to stdout. Limits and
-guarantees: docs/reliability.md.
+Converts one VOC 2007 split with `pipelines.converters.voc_lib.convert`:
+progress on stderr, the summary line on stdout, a failure as one `error:`
+line. Decisions: docs/data.md, Converters; limits: docs/reliability.md,
+Converters.
 """
 
 import sys

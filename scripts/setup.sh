@@ -24,7 +24,8 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$repo/.venv/bin/activate"
-if ! python -c "import mlcrl_tf, pytest, sklearn, tensorflow_datasets" >/dev/null 2>&1; then
+if ! python -c "import mlcrl_tf, pytest, sklearn, tensorflow_datasets" >/dev/null 2>&1 \
+    || ! python -m ruff --version >/dev/null 2>&1; then
   echo "== installing mlcrl_tf[test] (tensorflow-cpu 2.21, keras 3, ...)"
   python -m pip install -q --upgrade pip >/dev/null
   python -m pip install -q -e "$repo[test]"
@@ -38,5 +39,10 @@ if python -c "import sys; sys.exit(sys.version_info < (3, 11))" \
   echo "== installing keras-hub without tensorflow-text"
   python -m pip install -q -e "$repo[test,keras_hub]"
   python -m pip install -q --no-deps "keras-hub==0.32.0"
+fi
+# tf2onnx + onnxruntime for the ONNX export tests (the `onnx` extra).
+if ! python -c "import tf2onnx, onnxruntime" >/dev/null 2>&1; then
+  echo "== installing the ONNX extra (tf2onnx, onnx, onnxruntime)"
+  python -m pip install -q -e "$repo[test,onnx]"
 fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

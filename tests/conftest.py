@@ -6,7 +6,17 @@ import subprocess
 import sys
 import threading
 
+from PIL import Image
 import pytest
+from sklearn.datasets import load_sample_images
+
+from pipelines.records import shard_writer
+
+from helpers import H
+from helpers import W
+from helpers import jpeg_bytes
+from helpers import save
+from helpers import write_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,12 +131,95 @@ def run_module(module, args, env=None, timeout=600, check=True):
     return proc
 
 
-def train_briefly(model, images, labels, steps=4, learning_rate=0.05):
-    """A few real steps of the model's own objective (its Keras train_step)
-    with the paper's optimizer, on RGB images in [0, 255]."""
-    from mlcrl_tf.modeling import optim  # pylint: disable=import-outside-toplevel
-    model.compile(optimizer=optim.make_optimizer(model, learning_rate, learning_rate,
-                                                 momentum=0.9, weight_decay=1e-4))
-    for _ in range(steps):
-        model.train_step((images, labels))
-    return model
+@pytest.fixture(scope="module")
+def photos():
+    """Two real photos (scikit-learn's china.jpg, flower.jpg) at W x H."""
+    china, flower = load_sample_images().images
+    return [Image.fromarray(p).resize((W, H), Image.BILINEAR)
+            for p in (china, flower)]
+
+
+@pytest.fixture()
+def mixed_records(tmp_path, photos):
+    """Six real images (one corrupt, one missing) with labels."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    d = str(image_dir)
+    save(d, "a.jpg", photos[0], "JPEG", quality=90)
+    save(d, "gray.jpg", photos[1].convert("L"), "JPEG")
+    save(d, "png.jpg", photos[1], "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    save(d, "rotated.jpg", photos[0], "JPEG", exif=exif.tobytes())
+    write_bytes(d, "corrupt.jpg", jpeg_bytes(photos[0])[:300])
+    spec = [("a.jpg", (0, 2), ()), ("gray.jpg", (1,), (1,)),
+            ("png.jpg", (), ()), ("rotated.jpg", (0, 1, 2), (2,)),
+            ("corrupt.jpg", (0,), ()), ("missing.jpg", (1,), ())]
+    return [shard_writer.ImageRecord(os.path.join(d, name), name, labels, difficult)
+            for name, labels, difficult in spec]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """`mount_tmpfs(size)` gives a directory on its own tmpfs of that size
+    ("512k", "64m"): a disk that fills up, or is made read-only, for real
+    (skipped where this user may not mount one; the CI runs as root)."""
+    mounts = []
+
+    def mount(size, name="disk"):
+        path = tmp_path / name
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(path)], capture_output=True, text=True, check=False)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): run as root")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk(mount_tmpfs):
+    """A directory on its own 512 KiB tmpfs (see `mount_tmpfs`)."""
+    return mount_tmpfs("512k")
+
+
+@pytest.fixture
+def make_read_only():
+    """`make_read_only(directory)` makes a directory read-only for new opens
+    (EROFS) while files already open stay writable, as a file system remounted
+    read-only under a running process (a read-only bind mount over it);
+    `make_read_only(directory, False)` undoes it. Skipped where this user may
+    not mount (the CI runs as root)."""
+    mounted = []
+
+    def make(directory, read_only=True):
+        if not read_only:
+            subprocess.run(["umount", str(directory)], check=True)
+            mounted.remove(directory)
+            return
+        for args in (["--bind", str(directory), str(directory)],
+                     ["-o", "remount,ro,bind", str(directory)]):
+            proc = subprocess.run(["mount", *args], capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode:
+                pytest.skip(f"cannot mount here ({proc.stderr.strip()}): run as root")
+            if args[0] == "--bind":
+                mounted.append(directory)
+
+    yield make
+    for directory in mounted:
+        subprocess.run(["umount", str(directory)], check=False)
+
+
+def fill_disk(directory, leave=0):
+    """Fills the file system of `directory` with the file `filler`, leaving
+    about `leave` bytes free."""
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    with open(os.path.join(directory, "filler"), "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+        f.flush()

@@ -1,5 +1,5 @@
-"""Tests of the ablation driver (benchmarks/ablation.py) and its page
-(benchmarks/ablation_page.py) on synthetic runs: no training, seconds.
+"""Tests of the ablation driver (benchmarks/ablation/ablation.py) and its page
+(benchmarks/ablation/ablation_page.py) on synthetic runs: no training, seconds.
 
 The runs' files are faked exactly as the CLIs write them: the evaluate CLI's
 `--output_scores` npz (filenames, logits, labels, difficult), run.json, the
@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks", "ablation"))
 
 # pylint: disable=wrong-import-position
 import ablation  # noqa: E402
@@ -34,7 +34,7 @@ def _campaign(tmp_path, **changes):
                   variants=VARIANTS, settings=("occluded",), seeds=SEEDS,
                   flagfile="configs/ablation.flags", canvas_size=64, num_train=N_TRAIN,
                   num_test=N_TEST, data_seed=0, pretrain_canvases=100, pretrain_epochs=1,
-                  min_positives=5, command="python benchmarks/ablation.py --x")
+                  min_positives=5, command="python benchmarks/ablation/ablation.py --x")
     values.update(changes)
     return ablation.Campaign(**values)
 

@@ -1,6 +1,6 @@
-"""Tests of the ablation's analyses (benchmarks/ablation_analysis.py) against
+"""Tests of the ablation's analyses (benchmarks/ablation/ablation_analysis.py) against
 plain-Python loop references, and of the pretraining stage
-(benchmarks/pretrain_backbone.py): pretrain -> save -> build_model loads the
+(benchmarks/ablation/pretrain_backbone.py): pretrain -> save -> build_model loads the
 same backbone weights bit for bit."""
 
 import math
@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks", "ablation"))
 
 # pylint: disable=wrong-import-position
 import ablation_analysis as analysis  # noqa: E402

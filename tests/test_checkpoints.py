@@ -25,9 +25,9 @@ import tensorflow as tf
 
 from mlcrl_tf.run_dir import checkpoints
 from mlcrl_tf.run_dir import config as config_lib
+from mlcrl_tf.run_dir import lock_owner
 from mlcrl_tf.run_dir import restore
 from mlcrl_tf.run_dir import run_files
-from mlcrl_tf.run_dir import lock_owner
 from mlcrl_tf.run_dir import run_lock
 from mlcrl_tf.training import train_lib
 
@@ -352,7 +352,7 @@ def test_cli_full_disk_is_one_line(demo_data, tmp_path):
          "--checkpoint_every_steps=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    line = [text for text in proc.stderr.splitlines() if text.startswith("error:")]
     assert len(line) == 1 and "No space left on device" in line[0]
     assert "ckpt-2" in line[0] and str(tmp_path / "run") in line[0]
 

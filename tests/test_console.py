@@ -58,10 +58,10 @@ def test_command_line_verbosity(args, value):
 
 
 @pytest.mark.parametrize("argv,environ,level,hidden", [
-    (["-m", "--model_dir=x"], {}, "1", True),             # a CLI run: quiet
+    (["-m", "--model_dir=x"], {}, "2", True),             # a CLI run: quiet
     (["-m", "--verbosity=0"], {}, None, False),           # asked for INFO
     (["-m", "-v", "1"], {}, None, False),
-    (["-m", "--verbosity=-1"], {}, "1", True),
+    (["-m", "--verbosity=-1"], {}, "2", True),
     (["-m"], {console.ENV: "0"}, "0", False),             # the user's level wins
     (["-m", "-v", "1"], {console.ENV: "2"}, "2", True),
     (["script.py"], {}, None, False),                     # a library import

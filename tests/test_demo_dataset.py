@@ -1,4 +1,4 @@
-"""Tests of the "outfits" demo set (pipelines.demo_lib, CLI pipelines.demo_dataset)
+"""Tests of the "outfits" demo set (pipelines.demo.outfits, CLI pipelines.demo_dataset)
 and of the Fashion-MNIST reader it is built from, on the real Fashion-MNIST files.
 
 The round trip goes through the real COCO converter and `make_dataset`."""
@@ -238,7 +238,7 @@ def test_labels_are_exactly_the_visible_classes(demo_sets, sources):
     images = sources["train"][0]
     recomputed = _recomputed_fractions(coco, images)
     visible = {}
-    for a, mask, fraction in recomputed:
+    for a, _, fraction in recomputed:
         if fraction >= outfits.OCCLUDED_MIN_VISIBLE:
             visible.setdefault(a["image_id"], set()).add(a["category_id"] - 1)
     names = {image["id"]: image["file_name"] for image in coco["images"]}

@@ -11,13 +11,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
-from test_export import BACKBONE
-from test_export import CLASS_NAMES
-from test_export import NUM_CLASSES
-from test_export import SIZE
-from test_export import _canvases
-from test_export import _encode
-from test_export import _train
 
 from mlcrl_tf.modeling.model import build_model
 from mlcrl_tf.serving import contract
@@ -26,6 +19,13 @@ from mlcrl_tf.serving import request_checks
 from mlcrl_tf.serving import serving_module
 
 from conftest import REPO
+from helpers import CANVAS_SIZE
+from helpers import FASHION_CLASS_NAMES
+from helpers import FASHION_CLASSES
+from helpers import SMALL_BACKBONE
+from helpers import encode_image
+from helpers import fashion_canvases
+from helpers import train_on_canvases
 
 # XLA fuses and reorders the float32 arithmetic of the same weights.
 XLA_TOLERANCE = 1e-4
@@ -45,8 +45,8 @@ def exports(tmp_path_factory):
     """One briefly trained crl model exported without and with XLA."""
     keras.utils.set_random_seed(0)
     root = str(tmp_path_factory.mktemp("jit"))
-    model = _train(build_model(NUM_CLASSES, BACKBONE, SIZE, "crl"))
-    return {jit: export_lib.export_model(model, os.path.join(root, str(jit)), CLASS_NAMES,
+    model = train_on_canvases(build_model(FASHION_CLASSES, SMALL_BACKBONE, CANVAS_SIZE, "crl"))
+    return {jit: export_lib.export_model(model, os.path.join(root, str(jit)), FASHION_CLASS_NAMES,
                                          jit_compile=jit)
             for jit in (False, True)}
 
@@ -54,10 +54,10 @@ def exports(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_images():
     """Real JPEG and PNG canvases of two sizes, and a float batch at the model size."""
-    small, _ = _canvases(3, SIZE, SIZE, seed=7)
-    large, _ = _canvases(2, 90, 120, seed=8)
-    encoded = [_encode(small[0], "JPEG", quality=90), _encode(small[1], "PNG"),
-               _encode(large[0], "JPEG"), _encode(large[1], "PNG")]
+    small, _ = fashion_canvases(3, CANVAS_SIZE, CANVAS_SIZE, seed=7)
+    large, _ = fashion_canvases(2, 90, 120, seed=8)
+    encoded = [encode_image(small[0], "JPEG", quality=90), encode_image(small[1], "PNG"),
+               encode_image(large[0], "JPEG"), encode_image(large[1], "PNG")]
     return encoded, small.astype(np.float32)
 
 
@@ -95,9 +95,9 @@ def test_jit_compiled_export_runs_in_a_tf1_session_like_tf_serving(exports, real
 
 
 def test_jit_compile_must_be_a_bool(tmp_path):
-    model = build_model(NUM_CLASSES, BACKBONE, SIZE, "baseline")
+    model = build_model(FASHION_CLASSES, SMALL_BACKBONE, CANVAS_SIZE, "baseline")
     with pytest.raises(ValueError, match="jit_compile must be True or False"):
-        export_lib.export_model(model, str(tmp_path / "e"), CLASS_NAMES, jit_compile="yes")
+        export_lib.export_model(model, str(tmp_path / "e"), FASHION_CLASS_NAMES, jit_compile="yes")
 
 
 # --------------------------------------------------------------------------
@@ -122,9 +122,9 @@ def test_top_k_ranking_helper_follows_the_logits():
 
 def _saturated_model():
     """A Keras model whose logits are SATURATED (plus 0 x the image) for any input."""
-    images = keras.Input((SIZE, SIZE, 3))
+    images = keras.Input((CANVAS_SIZE, CANVAS_SIZE, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(images)
-    logits = keras.layers.Dense(NUM_CLASSES, kernel_initializer="zeros",
+    logits = keras.layers.Dense(FASHION_CLASSES, kernel_initializer="zeros",
                                 bias_initializer=keras.initializers.Constant(SATURATED))(pooled)
     return keras.Model(images, logits)
 
@@ -132,9 +132,9 @@ def _saturated_model():
 def test_served_top_k_follows_the_logits_when_probabilities_tie(tmp_path, real_images):
     encoded, pixels = real_images
     labels = tmp_path / "labels.txt"
-    labels.write_text("".join(f"{name}\n" for name in CLASS_NAMES))
-    info = contract.ServingInfo(class_names=tuple(CLASS_NAMES), backbone="test",
-                               image_size=SIZE, threshold=0.5, top_k=5, variant="test")
+    labels.write_text("".join(f"{name}\n" for name in FASHION_CLASS_NAMES))
+    info = contract.ServingInfo(class_names=tuple(FASHION_CLASS_NAMES), backbone="test",
+                               image_size=CANVAS_SIZE, threshold=0.5, top_k=5, variant="test")
     module = serving_module.ServingModule(_saturated_model(), info, str(labels))
     tf.saved_model.save(module, str(tmp_path / "m"), signatures=module.signatures())
     loaded = tf.saved_model.load(str(tmp_path / "m"))
@@ -145,7 +145,7 @@ def test_served_top_k_follows_the_logits_when_probabilities_tie(tmp_path, real_i
         ids = out["top_k_class_ids"].numpy()
         np.testing.assert_array_equal(ids, np.tile(expected, (len(ids), 1)))
         names = [[n.decode() for n in row] for row in out["top_k_classes"].numpy()]
-        assert names == [[CLASS_NAMES[i] for i in expected]] * len(ids)
+        assert names == [[FASHION_CLASS_NAMES[i] for i in expected]] * len(ids)
         np.testing.assert_array_equal(out["top_k_scores"].numpy(), 1.0)
         np.testing.assert_allclose(out["logits"].numpy()[0], SATURATED, rtol=1e-6)
 

@@ -16,8 +16,6 @@ import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
-from test_image_header import gif_of_frames
-from test_image_header import png_bomb
 
 from mlcrl_tf.evaluation import visualize_lib
 from mlcrl_tf.modeling.model import build_model
@@ -30,9 +28,11 @@ from mlcrl_tf.serving import predict_lib
 from mlcrl_tf.serving import request_checks
 from pipelines.records import image_header
 from pipelines.records import shard_writer
-from pipelines.utils import output_checks
 
+from conftest import fill_disk
 from conftest import run_module
+from helpers import gif_of_frames
+from helpers import png_bomb
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -155,7 +155,8 @@ def test_pixel_budget_of_large_jpegs_reads_a_bounded_prefix(monkeypatch):
     (it used to copy the whole file into an int64 tensor), with the answers
     of the whole-file rule; a header past the prefix still gets the whole file."""
     large = _noise_jpeg(1200, 900)  # ~1.3 MB, header in its first bytes.
-    late_header = _noise_jpeg(1100, 1000, icc_profile=b"\0" * 3 * request_checks.HEADER_PREFIX_BYTES)
+    late_header = _noise_jpeg(1100, 1000,
+                              icc_profile=b"\0" * 3 * request_checks.HEADER_PREFIX_BYTES)
     small, png, gif = _jpeg(0), png_bomb(2000, 1000), gif_of_frames(200, 100, 60)
     assert len(large) > 10 * request_checks.HEADER_PREFIX_BYTES
     batch = [large, small, large[:request_checks.HEADER_PREFIX_BYTES + 10], late_header, png, gif,
@@ -250,7 +251,7 @@ def test_predict_output_that_would_destroy_a_file_is_refused(tmp_path, case):
     assert before == {p: open(p, "rb").read() for p in before}
 
 
-def test_predict_overwrite_and_unwritable_output(export, tmp_path, monkeypatch):
+def test_predict_overwrite_and_unwritable_output(export, tmp_path):
     photos = _photos(str(tmp_path / "photos"))
     output = str(tmp_path / "out" / "new" / "preds.jsonl")  # Parents created.
     assert predict_lib.run(export["path"], photos, output=output, stderr=io.StringIO()) == 0
@@ -260,10 +261,23 @@ def test_predict_overwrite_and_unwritable_output(export, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="p0.jpg is not a directory"):
         predict_lib.run(export["path"], photos, output=os.path.join(photos[0], "x.jsonl"),
                         stderr=io.StringIO())
-    monkeypatch.setattr(output_checks, "ensure_output_file", lambda *unused: None)
-    with pytest.raises(ValueError, match="cannot write: No space left on device"):
-        predict_lib.run(export["path"], photos, output="/dev/full", overwrite=True,
-                        stderr=io.StringIO())
+
+
+@pytest.mark.parametrize("free", [0, 4096])
+def test_predict_on_a_full_disk_keeps_the_previous_output(export, tmp_path, small_disk,
+                                                          free):
+    """A disk full before the start is refused before any image is read; one
+    that fills up while the lines are written fails in one line too. Failed
+    before: the previous file was truncated, then left half written."""
+    photos = _photos(str(tmp_path / "photos"), count=40)  # > 4 KiB of JSON lines
+    output = small_disk / "preds.jsonl"
+    output.write_text("the previous predictions\n")
+    fill_disk(small_disk, leave=free)
+    with pytest.raises(ValueError, match="No space left on device"):
+        predict_lib.run(export["path"], photos, output=str(output), overwrite=True,
+                        all_probabilities=True, stderr=io.StringIO())
+    assert output.read_text() == "the previous predictions\n"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "preds.jsonl"]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ bombs are refused before decoding, eagerly, in tf.function and in tf.data."""
 import io
 import struct
 import time
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -15,39 +14,15 @@ import tensorflow as tf
 
 from pipelines.records import image_header as ih
 
+from helpers import gif_of_frames
+from helpers import png_bomb
+
 BUDGET = 1_000_000
 
 
 # --------------------------------------------------------------------------
 # Builders (also used by tests/test_faults_serving.py).
 # --------------------------------------------------------------------------
-
-def png_bomb(width, height):
-    """A valid 1-bit grayscale PNG of zeros: 20000 x 20000 is ~48 KB."""
-    def chunk(kind, data):
-        body = kind + data
-        return (struct.pack(">I", len(data)) + body
-                + struct.pack(">I", zlib.crc32(body) & 0xffffffff))
-
-    compressor = zlib.compressobj(9)
-    row = b"\0" * (1 + (width + 7) // 8)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    return (b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
-def gif_of_frames(width, height, frames, seed=0):
-    """A valid GIF whose one image block (random pixels) is repeated."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).convert("P").save(buffer, "GIF")
-    data = buffer.getvalue()
-    packed = data[10]
-    start = 13 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0)
-    assert data[start] == 0x2C and data[-1] == 0x3B
-    return data[:start] + data[start:-1] * frames + b";"
 
 
 def encode(array, fmt, **kwargs):

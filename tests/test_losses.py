@@ -1,7 +1,6 @@
 """Tests for mlcrl_tf.losses against plain NumPy loop references."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,71 +13,14 @@ import tensorflow as tf
 
 from mlcrl_tf.modeling import losses
 
+from helpers import reference_crl
+from helpers import reference_crl_terms
+from helpers import reference_mse_per_example
+from helpers import reference_soft_margin_per_example
 
 # --------------------------------------------------------------------------
 # Obviously-correct references: Python loops, float64, math.sqrt.
 # --------------------------------------------------------------------------
-def _dist(a, b):
-    return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b)))
-
-
-def reference_crl_terms(labels, fe, emb, margin=0.5):
-    """Returns (image_sum, image_count, label_sum, label_count) by loops."""
-    labels = np.asarray(labels)
-    num_images, num_classes = labels.shape
-    image_sum = image_count = label_sum = label_count = 0.0
-    d_lab = [[_dist(emb[p], emb[q]) for q in range(num_classes)]
-             for p in range(num_classes)]
-    for b in range(num_images):
-        positives = [c for c in range(num_classes) if labels[b, c] == 1]
-        negatives = [c for c in range(num_classes) if labels[b, c] == 0]
-        for j in positives:
-            for k in negatives:
-                value = margin + _dist(fe[b], emb[j]) - _dist(fe[b], emb[k])
-                image_sum += max(value, 0.0)
-                image_count += 1
-        for p in positives:
-            for q in positives:
-                if q == p:
-                    continue
-                for k in negatives:
-                    value = margin + d_lab[p][q] - d_lab[p][k]
-                    label_sum += max(value, 0.0)
-                    label_count += 1
-    return image_sum, image_count, label_sum, label_count
-
-
-def reference_crl(labels, fe, emb, margin=0.5, image_weight=0.5,
-                  label_weight=0.5, reduction="mean"):
-    image_sum, image_count, label_sum, label_count = reference_crl_terms(
-        labels, fe, emb, margin)
-    if reduction == "mean":
-        image_term = image_sum / image_count if image_count else 0.0
-        label_term = label_sum / label_count if label_count else 0.0
-    else:
-        image_term, label_term = image_sum, label_sum
-    return image_weight * image_term + label_weight * label_term
-
-
-def reference_soft_margin_per_example(labels, logits):
-    out = []
-    for y_row, x_row in zip(labels, logits):
-        total = 0.0
-        for y, x in zip(y_row, x_row):
-            # -[y log σ(x) + (1 − y) log(1 − σ(x))], written stably.
-            if x >= 0:
-                log_sig = -math.log1p(math.exp(-x))
-            else:
-                log_sig = x - math.log1p(math.exp(x))
-            log_one_minus = -x + log_sig
-            total += -(y * log_sig + (1 - y) * log_one_minus)
-        out.append(total / len(y_row))
-    return np.array(out)
-
-
-def reference_mse_per_example(fe, fl):
-    return np.array([sum((float(a) - float(b)) ** 2 for a, b in zip(r, s)) / len(r)
-                     for r, s in zip(fe, fl)])
 
 
 def _random_inputs(seed, num_images, num_classes, dim, density=0.3):

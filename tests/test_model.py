@@ -8,9 +8,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_losses import reference_crl
-from test_losses import reference_mse_per_example
-from test_losses import reference_soft_margin_per_example
 
 from mlcrl_tf.modeling import backbones
 from mlcrl_tf.modeling import objective as objective_lib
@@ -22,6 +19,10 @@ from mlcrl_tf.modeling.model import VARIANTS
 from mlcrl_tf.modeling.model import MLCRLModel
 from mlcrl_tf.modeling.model import build_model
 from pipelines.demo import fashion_mnist
+
+from helpers import reference_crl
+from helpers import reference_mse_per_example
+from helpers import reference_soft_margin_per_example
 
 NUM_CLASSES = 10  # Fashion-MNIST classes
 

@@ -21,7 +21,7 @@ from pipelines.demo import fashion_mnist
 from pipelines.tfdata.decoder import decode_image
 from pipelines.tfdata.preprocessing import preprocess_eval
 
-from conftest import train_briefly
+from helpers import train_briefly
 
 NUM_CLASSES = 10
 SIZE = 64

@@ -1,11 +1,15 @@
-"""CAM panels as pictures: for `visualize` and for TensorBoard's eval images."""
+"""CAM panels as pictures: image | direct-head CAM | f_conv map, for
+`visualize` and for TensorBoard's eval images.
+"""
 
+import io
 import os
 
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
+import tensorflow as tf
 
 from mlcrl_tf.evaluation import cams as cams_lib
 from pipelines.utils import files
@@ -55,7 +59,8 @@ def render_cam_panel(image_uint8, cams, class_name, score=None, tile_size=None,
     for key, title in (("direct", "CAM"), ("f_conv", "f_conv")):
         cam = cams.get(key)
         if cam is not None:
-            tiles.append(cams_lib.overlay(image, cams_lib.upsample_and_normalise(cam, tile, tile), alpha))
+            heat = cams_lib.upsample_and_normalise(cam, tile, tile)
+            tiles.append(cams_lib.overlay(image, heat, alpha))
             titles.append(title)
     body = np.concatenate(tiles, axis=1)
     text = class_name if score is None else f"{class_name} {score:.2f}"
@@ -64,15 +69,18 @@ def render_cam_panel(image_uint8, cams, class_name, score=None, tile_size=None,
 
 
 def save_png(array, path):
-    """Writes an RGB uint8 array as PNG (creating the directory).
+    """Writes an RGB uint8 array as PNG, whole or not at all (creating the
+    directory).
 
     Raises:
         ValueError: the file cannot be written (naming it; e.g. a full disk).
     """
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(np.asarray(array, np.uint8)).save(path, format="PNG")
-    except OSError as e:
+        tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+        files.write_atomically(path, buffer.getvalue())
+    except files.IO_ERRORS as e:
         raise ValueError(f"cannot write {path}: {files.error_text(e)}") from None
 
 

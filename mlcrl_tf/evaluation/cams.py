@@ -1,4 +1,6 @@
-"""Class activation maps of the direct head and of `f_conv` (paper Fig. 3)."""
+"""Class activation maps of the direct head and of `f_conv` (paper Fig. 3):
+CAM_c = sum_d W[d, c] Fx[..., d], and Fconv[..., c] (docs/serving.md, CAM pictures).
+"""
 
 import weakref
 

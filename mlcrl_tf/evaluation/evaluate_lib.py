@@ -1,11 +1,10 @@
-"""What `mlcrl_tf.evaluate` asks for: a run's checkpoint or an export, and its reports."""
+"""What `mlcrl_tf.evaluate` asks for: a run's checkpoint or an export, its
+reports, and its JSON and .npz outputs (written whole or not at all).
+"""
 
 import io
-import json
-import math
 
 import numpy as np
-import tensorflow as tf
 
 from mlcrl_tf.evaluation import evaluator
 from mlcrl_tf.evaluation import tables
@@ -17,6 +16,7 @@ from pipelines.records import shard_sets
 from pipelines.tfdata import input_pipeline
 from pipelines.tfdata import skip_counts
 from pipelines.tfdata import tfds_source
+from pipelines.utils import files
 
 
 def format_result_line(metrics, epoch=None, improved=False):
@@ -59,13 +59,13 @@ def evaluate_target(model_dir=None, saved_model=None, eval_files=None, checkpoin
         eval_files: glob of evaluation shards (or `tfds:NAME:SPLIT`); default
             the run's.
         checkpoint, best, use_ema: which weights of the run (see
-            `checkpoints.restore_model`).
+            `restore.restore_model`).
         labels_file: class names for an export without model_dir.
         batch_size, max_steps: evaluation batches.
         threshold: probability threshold in (0, 1); default the export's
             own for an export, else the run's.
         keep_scores: keep every image's logits (`EvalResult.scores`).
-        progress: optional `pipelines.progress.Progress`: started with the
+        progress: optional `pipelines.utils.progress.Progress`: started with the
             number of records to evaluate, then told each batch's images.
         data_dir: TensorFlow Datasets' data directory for a `tfds:` source;
             default the run's.
@@ -136,26 +136,18 @@ def _start(progress, eval_files, batch_size, max_steps):
     progress.start(total=min(total, max_steps * batch_size) if max_steps else total)
 
 
-def _json_number(value):
-    """A float, or None for NaN and the infinities (which JSON cannot hold)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def write_json(result, class_names, name, path):
-    """Writes the metrics and per-class AP as strict JSON (NaN as null)."""
+    """Writes the metrics and per-class AP as strict JSON (NaN as null),
+    whole or not at all."""
     payload = {"name": name, "num_examples": result.num_examples,
-               "num_skipped": result.num_skipped,
-               "metrics": {k: _json_number(v) for k, v in result.metrics.items()},
-               "per_class_ap": {c: _json_number(v)
-                                for c, v in zip(class_names, result.per_class_ap)}}
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write(json.dumps(payload, indent=2, allow_nan=False))
+               "num_skipped": result.num_skipped, "metrics": result.metrics,
+               "per_class_ap": dict(zip(class_names, result.per_class_ap))}
+    files.write_atomically(path, files.strict_json(payload, indent=2))
 
 
 def write_scores(result, class_names, path):
-    """Writes every image's filename, logits, labels and difficult mask (.npz)."""
+    """Writes every image's filename, logits, labels and difficult mask (.npz),
+    whole or not at all."""
     buffer = io.BytesIO()
     np.savez(buffer, class_names=np.array(class_names), **result.scores)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buffer.getvalue())
+    files.write_atomically(path, buffer.getvalue())

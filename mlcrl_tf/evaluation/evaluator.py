@@ -1,4 +1,6 @@
-"""Running a model or an export over evaluation data and computing the metrics."""
+"""Running a model (one device, or every replica) or an export over
+evaluation data and computing the metrics; scores are ranked as logits.
+"""
 
 import dataclasses
 import weakref
@@ -104,7 +106,7 @@ def evaluate_model(model, dataset, num_classes, threshold=0.5, max_steps=0,
         skip_counter: the dataset's `SkipCounter`, to report skipped records.
         keep_scores: also return every image's logits (`EvalResult.scores`).
         progress: optional; its `update(n)` is called with the number of
-            images of each batch (e.g. a `pipelines.progress.Progress`).
+            images of each batch (e.g. a `pipelines.utils.progress.Progress`).
 
     Returns:
         An `EvalResult`.
@@ -148,7 +150,7 @@ def evaluate_distributed(model, strategy, dataset_fn, steps, num_classes, thresh
         num_classes, threshold: as `evaluate_model`.
         num_samples: keep this many images (of the first local replica) for
             TensorBoard.
-        progress: optional `pipelines.progress.Progress`.
+        progress: optional `pipelines.utils.progress.Progress`.
 
     Returns:
         An `EvalResult`.
@@ -220,7 +222,7 @@ def evaluate_saved_model(saved_model, file_pattern, num_classes, threshold=None,
     parsed, undecodable images included (see `evaluate_model`).
 
     Args:
-        saved_model: an export directory, or its loaded `serving.ExportClient`.
+        saved_model: an export directory, or its loaded `export_client.ExportClient`.
         file_pattern: glob of shards, or `tfds:NAME:SPLIT`.
         num_classes: C.
         threshold: probability threshold; default the export's own.

@@ -1,26 +1,7 @@
 """What the label projector learned: f_l(I_C) against label co-occurrence.
 
-The constrained ranking loss pulls the embeddings of labels that share an
-image together and pushes the others apart (Eq. 9's label term), so a
-co-projector that learned the training set's co-occurrence structure puts
-classes that often appear together close. Two views of that, written to
-TensorBoard by `mlcrl_tf.summaries`:
-
-* `comparison_image`: the C x C matrix of embedding closeness next to the
-  training labels' pointwise mutual information, same class order (class
-  id), same colormap (bright = "belongs together"):
-  - left, closeness `1 - d(E_i, E_j) / max d` with d the Euclidean distance
-    the loss uses (1 on the diagonal; all 1 if the embeddings collapsed);
-  - right, PMI `log p(i, j) / (p(i) p(j))` scaled by its largest finite
-    |value| to [-1, 1] and drawn as `(1 + x) / 2`: 0.5 (green) = as often
-    as chance, dark blue = never together, 1 on the diagonal.
-  PMI rather than P(j|i): it is symmetric like a distance, and P(j|i) is
-  dominated by the frequent classes (COCO's "person" follows every class),
-  which no symmetric distance can show.
-* `cooccurrence_correlation`: Spearman's rho between -distance and PMI over
-  the C(C-1)/2 class pairs, one number per evaluation (the statistic of the
-  ablation's label-projector analysis); NaN when undefined (collapsed
-  embeddings, or a constant PMI).
+Embedding closeness next to the training labels' PMI, and Spearman's rho over
+class pairs (docs/design.md, Label embeddings in TensorBoard).
 """
 
 import math

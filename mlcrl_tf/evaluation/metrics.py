@@ -1,4 +1,8 @@
-"""Multi-label metrics (paper §5.2, Eq. 11-13) in NumPy, with ML-GCN's conventions."""
+"""Multi-label metrics (paper §5.2, Eq. 11-13) in plain NumPy.
+
+AP, mAP, CP/CR/CF1, OP/OR/OF1 and their top-3 versions with ML-GCN's
+conventions, ranked on logits (docs/design.md, Metrics).
+"""
 
 import math
 
@@ -301,6 +305,13 @@ class MetricAccumulator:
 
     Raises:
         ValueError: if num_classes or initial_capacity is not a positive int.
+
+    Example:
+    >>> accumulator = MetricAccumulator(num_classes=2, from_logits=True)
+    >>> accumulator.update([[2.0, -1.0], [-3.0, 4.0]], [[1, 0], [0, 1]])
+    >>> accumulator.update([[0.5, 0.1]], [[1, 1]])
+    >>> round(float(accumulator.result()["mAP"]), 3), accumulator.num_examples
+    (1.0, 3)
     """
 
     def __init__(self, num_classes, initial_capacity=1024, from_logits=False):

@@ -1,4 +1,6 @@
-"""What `mlcrl_tf.visualize` does: CAM panels of image files, as PNG files."""
+"""What `mlcrl_tf.visualize` does: CAM panels of image files, as PNG files
+named so that no two collide (docs/reliability.md, predict and visualize).
+"""
 
 import os
 import re
@@ -14,6 +16,7 @@ from pipelines.records import image_files
 from pipelines.records import image_header
 from pipelines.tfdata import decoder
 from pipelines.tfdata import preprocessing
+from pipelines.utils import files
 from pipelines.utils import output_checks
 
 
@@ -52,16 +55,6 @@ def output_names(paths, class_names):
         images = [f"{stem}~{i + 1}" for i, stem in enumerate(stems)]
         classes = [f"{name}~{c}" for c, name in enumerate(classes)]
     return images, classes
-
-
-def _unique_paths(paths):
-    seen, unique = set(), []
-    for path in paths:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            unique.append(path)
-    return unique
 
 
 def load_image(path, image_size, max_pixels=image_header.DEFAULT_MAX_PIXELS,
@@ -144,7 +137,7 @@ def visualize_files(model, class_names, paths, output_dir, classes=None,
     """
     class_names = list(class_names)
     choose = _class_ids(class_names, classes, top_k)
-    paths = _unique_paths(paths)
+    paths = files.unique_real_paths(paths)[0]
     image_parts, class_parts = output_names(paths, class_names)
     written, problems = [], []
     for path, image_part in zip(paths, image_parts):
@@ -172,7 +165,7 @@ def run(model_dir, paths, output_dir, restore_options, stdout=None, stderr=None,
         **visualize_options):
     """The `mlcrl_tf.visualize` command: returns the exit code.
 
-    Checks `output_dir` before restoring the model (`io_checks`), writes the
+    Checks `output_dir` before restoring the model (`output_checks`), writes the
     panels (images resized with the run's `antialias`, as in its evaluation),
     prints their paths on stdout and each skipped image as one
     `warning: <path>: <reason>` line on stderr.
@@ -201,7 +194,7 @@ def run(model_dir, paths, output_dir, restore_options, stdout=None, stderr=None,
         stdout.write(path + "\n")
     for path, reason in problems:
         stderr.write(f"warning: {path}: {reason}\n")
-    rendered = len(_unique_paths(paths)) - len(problems)
+    rendered = len(files.unique_real_paths(paths)[0]) - len(problems)
     stderr.write(f"Rendered {rendered} image(s) ({len(written)} panel(s)), "
                  f"{len(problems)} skipped.\n")
     return 0 if rendered else 1

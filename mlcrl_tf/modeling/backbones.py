@@ -1,11 +1,8 @@
 """Backbones `f_cnn` by name, and each backbone's own input normalisation.
 
-Every backbone maps normalised images (B, H, W, 3) to a feature map
-`Fx` (B, H/s, W/s, D). The normalisation belongs to the model: the
-`InputNormalization` layer chosen by the backbone (`input_normalization`)
-sits inside `MLCRLModel` and its inference model, so the data pipeline and
-the serving signatures deliver plain RGB pixels in [0, 255] and training,
-evaluation and serving cannot disagree about it.
+A backbone maps normalised images (B, S, S, 3) to `Fx` (B, S/s, S/s, D); its
+`InputNormalization` sits inside the model, so data and serving deliver RGB
+pixels in [0, 255] (docs/design.md, Model and Input pipeline).
 
 | name               | D    | stride s | normalisation                        | imagenet |
 |--------------------|------|----------|--------------------------------------|----------|
@@ -14,9 +11,6 @@ evaluation and serving cannot disagree about it.
 | vgg16              | 512  | 16       | caffe                                | yes      |
 | small_cnn          | 256  | 8        | [0, 255] -> [-1, 1]                  | no       |
 | keras_hub:<preset> | read from the built network | the preset's converter | the preset's |
-
-`keras_hub:<preset>` backbones come from `mlcrl_tf.keras_hub_backbones`
-(optional dependency); their D and stride are discovered, not tabulated.
 """
 
 import os
@@ -233,16 +227,9 @@ def _build_builtin(name, image_size, weights):
     if name == "small_cnn":
         model = _small_cnn(shape)
     else:
-        app = {
-            "resnet101": keras.applications.ResNet101,
-            "resnet50": keras.applications.ResNet50,
-            "vgg16": keras.applications.VGG16,
-        }[name]
         # keras.applications downloads "imagenet" itself; a local file is
         # loaded below so that one code path serves both.
-        model = app(include_top=False,
-                    weights="imagenet" if weights == "imagenet" else None,
-                    input_shape=shape)
+        model = _application(name, "imagenet" if weights == "imagenet" else None, shape)
     if weights not in (None, "imagenet"):
         model.load_weights(weights)
     features = model.outputs[0]
@@ -253,6 +240,43 @@ def _build_builtin(name, image_size, weights):
     # One name for every backbone: the training loop gives the variables
     # under this layer the backbone learning rate.
     return keras.Model(model.inputs[0], features, name="backbone")
+
+
+_APPLICATIONS = {"resnet101": keras.applications.ResNet101,
+                 "resnet50": keras.applications.ResNet50,
+                 "vgg16": keras.applications.VGG16}
+
+
+def _application(name, weights, shape):
+    """The keras.applications network without top; a failed download of its
+    ImageNet weights is one ValueError saying how to give them offline."""
+    try:
+        return _APPLICATIONS[name](include_top=False, weights=weights, input_shape=shape)
+    except Exception as e:  # keras.utils.get_file raises a plain Exception
+        if weights != "imagenet" or "fetch failure" not in str(e):
+            raise
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(
+            f"--backbone_weights=imagenet: could not download the ImageNet weights of "
+            f"{name} ({reason}). Without internet, download that file elsewhere and pass "
+            "--backbone_weights=<path to the .h5>, or copy it into Keras' cache, "
+            f"{os.path.join(_keras_home(), 'models')}.") from None
+
+
+def _keras_home():
+    """Where Keras caches downloads: $KERAS_HOME, else ~/.keras."""
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def fetch_imagenet_weights(name):
+    """Downloads (into Keras' cache) the ImageNet weights `--backbone=name`
+    starts from, before a run creates anything; a no-op for other backbones.
+
+    Raises:
+        ValueError: the download failed (the message says how to go offline).
+    """
+    if name in _APPLICATIONS:
+        _application(name, "imagenet", (32, 32, 3))
 
 
 def _small_cnn(shape):

@@ -1,4 +1,6 @@
-"""The layers on top of the backbone: `fpool`, `f_im` and `f_l` (paper §3, Tables 3-4)."""
+"""The layers on top of the backbone: `fpool`, `f_im` and `f_l` (paper §3,
+Tables 3-4; shapes fixed in docs/design.md, Model).
+"""
 
 import keras
 from keras import layers
@@ -17,7 +19,7 @@ class FusedPooling(layers.Layer):
     Max pooling finds small objects, average pooling large ones (paper §3.2).
 
     Example:
-    >>> FusedPooling()(keras.ops.ones((2, 7, 7, 16))).shape
+    >>> tuple(FusedPooling()(keras.ops.ones((2, 7, 7, 16))).shape)
     (2, 16)
     """
 
@@ -39,7 +41,7 @@ class ImageProjector(layers.Layer):
         num_classes: C.
 
     Example:
-    >>> ImageProjector(8)(keras.ops.ones((2, 14, 14, 8))).shape
+    >>> tuple(ImageProjector(8)(keras.ops.ones((2, 14, 14, 8))).shape)
     (2, 8)
     """
 
@@ -87,7 +89,7 @@ class LabelProjector(layers.Layer):
         num_classes: C.
 
     Example:
-    >>> LabelProjector(8)(keras.ops.eye(8)).shape
+    >>> tuple(LabelProjector(8)(keras.ops.eye(8)).shape)
     (8, 8)
     """
 

@@ -1,37 +1,8 @@
-"""KerasHub backbones: `--backbone=keras_hub:<preset>`.
+"""KerasHub image backbones as `f_cnn`: `--backbone=keras_hub:<preset>`.
 
-Any KerasHub image backbone preset becomes the feature extractor `f_cnn`:
-a built-in name (`keras_hub:resnet_101_imagenet`), a Hugging Face preset
-(`keras_hub:hf://timm/resnet101.a1h_in1k`), a Kaggle handle or a local preset
-directory (one holding KerasHub's `config.json`).
-
-    backbone = build("keras_hub:resnet_101_imagenet", image_size=448)
-    backbone.model          # keras.Model "backbone": (B, 448, 448, 3) -> (B, 14, 14, 2048)
-    backbone.stride, backbone.feature_dim          # 32, 2048: discovered
-    backbone.normalization  # {"scale": (...), "offset": (...), "reverse_channels": False}
-
-Nothing about the network is hard-coded:
-
-* Features: the backbone's own output when it is a feature map (B, h, w, D)
-  (ResNet, ResNetV2, ...), else the deepest level of its `pyramid_outputs`;
-  no pooling, no classifier.
-* Stride and D: read from the model's output shape on a 512 x 512 probe
-  (symbolic, no computation); `feature_dim` is D of `Fx`, so `f_conv` adds
-  exactly D x C + C weights as with the keras.applications backbones.
-* Normalisation: the preset's own `ImageConverter` (`scale`, `offset`, for
-  RGB pixels in [0, 255]), as the spec the model's normalisation layer takes:
-  `normalized = (x[..., ::-1] if reverse_channels else x) * scale + offset`.
-  KerasHub converters take RGB, so `reverse_channels` is False.
-
-Weights (`--backbone_weights`): `imagenet` (or `preset`) = the preset's
-pretrained weights (downloaded on first use); None/""/`random` = the preset's
-architecture with random initialisation (only its config is read; this is
-also how a checkpoint is restored into it); a path = random initialisation
-then that `.weights.h5` file (saved from the model `build` returns).
-
-KerasHub is an optional dependency: see docs/ecosystem.md for an install
-that does not bring a second TensorFlow (`keras-hub` requires
-`tensorflow-text`, which requires the full `tensorflow` wheel).
+A preset name, an `hf://` or `kaggle://` handle or a local preset directory;
+its D, stride and input converter are read from the built network
+(docs/ecosystem.md, KerasHub backbones). keras-hub is optional.
 """
 
 import dataclasses

@@ -1,4 +1,8 @@
-"""The paper's losses (§4, Eq. 6-9): soft margin, constrained ranking, MSE."""
+"""The paper's losses (§4, Eq. 6-9): soft margin, constrained ranking, MSE.
+
+Each term's reduction, the vectorised O(C^3 + B*C^2) label term and the guarded
+distances are decided in docs/design.md, Losses.
+"""
 
 import keras
 import tensorflow as tf

@@ -1,7 +1,7 @@
 """The paper's model (§3, Eq. 1-5): one functional Keras model per variant.
 
-The graph is built once, in `MLCRLModel.__init__` (keras-hub's idiom);
-`inference_model` is its logits sub-graph, what gets exported
+The graph is built once, in `MLCRLModel.__init__` (keras-hub's idiom); its
+`inference_model` is the logits sub-graph that gets exported
 (docs/design.md, Model).
 """
 

@@ -1,4 +1,8 @@
-"""The training objective (Eq. 10), one definition for `fit()` and the CLI loop."""
+"""The training objective (Eq. 10): one definition for `fit()` and the CLI loop.
+
+Each replica computes its share of every term, scaled by the global batch, so
+the replicas' gradients sum to one device's (docs/design.md, Training).
+"""
 
 import keras
 import tensorflow as tf
@@ -93,7 +97,8 @@ class Objective:
             parts = dict(parts, image_count=image_count, label_count=label_count)
         else:
             (global_batch,) = _replica_sums(batch)
-        cls = tf.reduce_sum(losses.multilabel_soft_margin_per_example(labels, logits)) / global_batch
+        per_image = losses.multilabel_soft_margin_per_example(labels, logits)
+        cls = tf.reduce_sum(per_image) / global_batch
         terms = {"classification": cls}
         aux_value = tf.zeros([], tf.float32)
         if aux == "crl":

@@ -1,28 +1,9 @@
-"""The paper's optimizer: PyTorch SGD with two learning rates and a step decay.
+"""The paper's optimizer: PyTorch's SGD rule with two learning rates and a step decay.
 
-The paper trains with PyTorch's `torch.optim.SGD` (ML-GCN's recipe): for every
-parameter θ with gradient g, in the parameter's group (learning rate lr_group):
+    d = g + weight_decay * theta;  buf = momentum * buf + d;  theta -= lr_group * buf
 
-    d   = g + weight_decay · θ          (coupled weight decay, "L2")
-    buf = momentum · buf + d            (buf = d at the first step)
-    θ   = θ − lr_group · buf
-
-Keras' own `SGD` keeps the learning rate inside its velocity
-(`m = μ·m − lr·g; θ += m`), so after a ×0.1 step decay about 1/(1−μ) = 10
-steps still move at the old rate, and scaling the gradients to emulate a
-second learning rate scales the momentum history too. `PaperSGD` is the
-PyTorch rule exactly: the momentum buffer is in gradient units and the
-(decayed) learning rate multiplies it at every step.
-
-Two learning rates: `set_learning_rate_multiplier(variables, m)` gives those
-variables the rate `m · learning_rate(step)`; the paper's backbone rate 0.001
-against 0.01 for the rest is m = 0.1. The step decay (`StepDecay`) therefore
-decays both rates together, as PyTorch's `MultiStepLR` decays every group.
-
-`make_optimizer(model, ...)` builds the recipe's optimizer for an
-`MLCRLModel` (backbone multiplier set, loss scaling for float16), the one
-both `model.fit()` and the CLI training loop use. `ExponentialMovingAverage`
-keeps the optional EMA weights (`--ema_decay`) used for evaluation and export.
+Why not Keras' SGD, and how the two rates are one optimizer: docs/design.md,
+Training.
 """
 
 import keras
@@ -229,7 +210,19 @@ class ExponentialMovingAverage(tf.Module):
 
     The shadow variables are created in the distribution strategy's scope
     with ONLY_FIRST_REPLICA aggregation, so `update` can run inside
-    `strategy.run` (every replica computes the same value).
+    `strategy.run` (every replica computes the same value). `swap`
+    exchanges weights and shadows (evaluation on the EMA weights).
+
+    Args:
+        variables: the variables to average (the model's trainable ones).
+        decay: d in [0, 1).
+
+    Example:
+    >>> w = tf.Variable([1.0])
+    >>> ema = ExponentialMovingAverage([w], decay=0.5)
+    >>> _ = w.assign([3.0]); ema.update()
+    >>> float(ema.shadow[0].numpy()[0])
+    2.0
     """
 
     def __init__(self, variables, decay):

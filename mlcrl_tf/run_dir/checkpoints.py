@@ -1,5 +1,13 @@
-"""A run's checkpoints on disk: the newest that loads, rotation, repair."""
+"""A run's checkpoints: the newest that loads, rotation and repair.
 
+    model_dir/checkpoint, ckpt-<n>.*   latest checkpoints (model, optimizer, step, EMA)
+    model_dir/best/ckpt-<n>.*          the checkpoint with the best selection mAP
+    model_dir/.corrupt/<time>/         unreadable checkpoints set aside at a resume
+
+Decisions: docs/reliability.md, Training runs and checkpoints.
+"""
+
+import contextlib
 import json
 import os
 import re
@@ -20,10 +28,10 @@ _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})$")
 _TEMP_DIR = re.compile(r"^ckpt-\d+_temp$")
 # What reading a truncated, corrupt or missing checkpoint raises (measured on
 # truncations and flipped bytes of .index and .data files).
-_UNREADABLE = (tf.errors.OpError, IndexError)
+UNREADABLE = (tf.errors.OpError, IndexError)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(run_files.RunDirError):
     """A checkpoint could not be saved or restored, or the run lost its lock."""
 
 
@@ -122,6 +130,9 @@ def resolve_checkpoint(model_dir, checkpoint=None, best=False):
 class CheckpointRun:
     """The checkpoints of one training run in `model_dir` (layout above).
 
+    Restores the newest checkpoint that loads (setting unreadable ones aside),
+    saves every step once and keeps the best one in best/.
+
     Args:
         model_dir: the run's directory.
         objects: what a checkpoint holds, e.g. {"model", "optimizer", "step",
@@ -133,6 +144,15 @@ class CheckpointRun:
         worker: this worker's name; a non-chief worker of
             MultiWorkerMirroredStrategy must take part in every save, into
             `model_dir/.workers/<worker>/`, which is deleted after each save.
+
+    Example:
+    >>> import tempfile
+    >>> step = tf.Variable(3, dtype=tf.int64)
+    >>> run = CheckpointRun(tempfile.mkdtemp(), {"step": step}, keep=2)
+    >>> run.restore_latest() is None  # a new run
+    True
+    >>> os.path.basename(run.save(3))
+    'ckpt-3'
     """
 
     def __init__(self, model_dir, objects, keep, is_chief=True, worker="chief"):
@@ -217,7 +237,7 @@ class CheckpointRun:
         """
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
-        except _UNREADABLE as e:
+        except UNREADABLE as e:
             return f"{type(e).__name__}: {files.error_text(e)}"
         except AssertionError as e:
             raise ValueError(
@@ -295,7 +315,8 @@ class CheckpointRun:
 
     def best_metrics(self):
         """best/metrics.json (see `read_best_metrics`)."""
-        return run_files.read_best_metrics(os.path.join(self.model_dir, run_files.BEST_DIR, run_files.BEST_METRICS_FILE))
+        return run_files.read_best_metrics(os.path.join(
+            self.model_dir, run_files.BEST_DIR, run_files.BEST_METRICS_FILE))
 
     def save_best(self, step, payload):
         """Keeps the state of `step` as best/ with `payload` as its metrics.json.
@@ -308,7 +329,8 @@ class CheckpointRun:
         try:
             self.best_manager.save(checkpoint_number=step)
             if self.is_chief:
-                files.write_json_atomically(os.path.join(best_dir, run_files.BEST_METRICS_FILE), payload)
+                files.write_json_atomically(
+                    os.path.join(best_dir, run_files.BEST_METRICS_FILE), payload)
         except (OSError, tf.errors.OpError) as e:
             raise self._save_failed(best_dir, step, e) from None
         self._clean_worker_dir()
@@ -326,16 +348,17 @@ class CheckpointRun:
         """Records that the end-of-epoch evaluation of `step` finished (chief)."""
         if self.is_chief:
             try:
-                files.write_json_atomically(os.path.join(self.model_dir, run_files.EVALUATED_FILE),
-                                      {"step": int(step)})
+                files.write_json_atomically(
+                    os.path.join(self.model_dir, run_files.EVALUATED_FILE), {"step": int(step)})
             except (OSError, tf.errors.OpError) as e:
                 raise self._save_failed(self.model_dir, step, e) from None
 
     def _save_failed(self, directory, step, error):
         """The error of a failed save; removes the save's temporary directory."""
         temp = os.path.join(directory, f"{CHECKPOINT_NAME}-{step}_temp")
-        if tf.io.gfile.isdir(temp):
-            tf.io.gfile.rmtree(temp)
+        with contextlib.suppress(*files.IO_ERRORS):  # the save's error is the one to report
+            if tf.io.gfile.isdir(temp):
+                tf.io.gfile.rmtree(temp)
         reason = (os.strerror(error.errno) if isinstance(error, OSError) and error.errno
                   else f"{type(error).__name__}: {files.error_text(error)}")
         return CheckpointError(

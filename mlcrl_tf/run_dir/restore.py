@@ -1,5 +1,8 @@
-"""Rebuilding a run's model from run.json and restoring its weights."""
+"""Rebuilding a run's model from run.json and restoring its (EMA) weights,
+for evaluation, export and CAMs.
+"""
 
+from absl import logging
 import tensorflow as tf
 
 from mlcrl_tf.modeling import model as model_lib
@@ -8,6 +11,9 @@ from mlcrl_tf.modeling import precision as precision_lib
 from mlcrl_tf.run_dir import checkpoints
 from mlcrl_tf.run_dir import run_files
 from pipelines.utils import files
+
+# Attempts to read the latest checkpoint while a training run rotates them.
+_ROTATION_RETRIES = 3
 
 
 def build_model_for(config, backbone_weights=None):
@@ -21,6 +27,36 @@ def build_model_for(config, backbone_weights=None):
     return model_lib.build_model(
         config.num_classes, backbone=config.backbone, image_size=config.image_size,
         variant=config.variant, backbone_weights=backbone_weights)
+
+
+def _restore_newest(checkpoint_object, model_dir, checkpoint, best):
+    """Restores the checkpoint `resolve_checkpoint` names; returns (path, status).
+
+    A training run may rotate its checkpoints meanwhile: when the latest
+    checkpoint's files are gone by the time they are read, the newest one
+    is resolved again (an explicit `checkpoint` is not replaced).
+
+    Raises:
+        ValueError: the checkpoint cannot be read (named).
+    """
+    for attempt in range(_ROTATION_RETRIES):
+        path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
+        try:
+            return path, checkpoint_object.restore(path)
+        except checkpoints.UNREADABLE as e:
+            rotated = not tf.io.gfile.glob(path + ".index")
+            if checkpoint is None and rotated and attempt + 1 < _ROTATION_RETRIES:
+                logging.warning("%s was deleted while it was read (the training run "
+                                "rotated its checkpoints); taking the newest one now.", path)
+                continue
+            raise ValueError(
+                f"checkpoint {path!r} cannot be read "
+                f"({type(e).__name__}: {files.error_text(e)}); "
+                + ("its files were deleted while they were read. " if rotated else
+                   "it is truncated, corrupt or incomplete. ")
+                + "Choose another one with --checkpoint=<prefix> (or resume training, "
+                "which sets it aside).") from None
+    return None  # not reached: the last attempt returns or raises
 
 
 def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
@@ -44,7 +80,6 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
             the message names it.
     """
     config, class_names = run_files.read_run(model_dir)
-    path = checkpoints.resolve_checkpoint(model_dir, checkpoint, best)
     with precision_lib.dtype_policy(precision):
         model = build_model_for(config)
     objects = {"model": model}
@@ -52,14 +87,8 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
     if use_ema and config.ema_decay > 0:
         ema = optim.ExponentialMovingAverage(model.trainable_variables, config.ema_decay)
         objects["ema"] = ema
-    try:
-        status = tf.train.Checkpoint(**objects).restore(path)
-    except checkpoints._UNREADABLE as e:
-        raise ValueError(
-            f"checkpoint {path!r} cannot be read "
-            f"({type(e).__name__}: {files.error_text(e)}); "
-            "it is truncated, corrupt or incomplete. Choose another one with "
-            "--checkpoint=<prefix> (or resume training, which sets it aside).") from None
+    path, status = _restore_newest(tf.train.Checkpoint(**objects), model_dir, checkpoint,
+                                   best)
     # Every variable of the rebuilt model must come from the checkpoint (the
     # optimizer state in it is not needed here).
     try:
@@ -67,7 +96,8 @@ def restore_model(model_dir, checkpoint=None, best=False, use_ema=True,
     except AssertionError as e:
         raise ValueError(
             f"checkpoint {path!r} does not hold the model described by {model_dir!r}/"
-            f"{run_files.RUN_FILE} ({config.variant}/{config.backbone}, {config.num_classes} classes"
+            f"{run_files.RUN_FILE} ({config.variant}/{config.backbone}, "
+            f"{config.num_classes} classes"
             f"{', EMA' if ema is not None else ''}): {files.error_text(e)[:300]}. Is it "
             "a checkpoint of another run? (--use_ema=false loads a run without its EMA.)"
         ) from None

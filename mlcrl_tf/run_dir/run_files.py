@@ -1,4 +1,7 @@
-"""The files of a run directory: run.json, best/metrics.json, evaluated.json."""
+"""The files of a run directory besides its checkpoints: run.json,
+best/metrics.json and evaluated.json (docs/reliability.md, Training runs and
+checkpoints).
+"""
 
 import dataclasses
 import json
@@ -7,7 +10,6 @@ import os
 from absl import logging
 import tensorflow as tf
 
-from mlcrl_tf.run_dir import checkpoints
 from mlcrl_tf.run_dir import config as config_lib
 from pipelines.utils import files
 
@@ -18,18 +20,35 @@ RUN_FILE = "run.json"
 RUN_FORMAT = 2
 BEST_DIR = "best"
 BEST_METRICS_FILE = "metrics.json"
-# Fields that define the network: a resumed run must agree on them.
-MODEL_FIELDS = ("backbone", "variant", "image_size", "num_classes")
-# A resumed run must also keep its preprocessing (evaluate/export follow run.json).
-RESUME_FIELDS = MODEL_FIELDS + ("antialias",)
 EVALUATED_FILE = "evaluated.json"
 
 
+class RunDirError(RuntimeError):
+    """A file of a run directory could not be written; the message names the
+    file and the cause (a full disk, a read-only or unwritable directory)."""
+
+
+def write_json(path, payload):
+    """Writes a run file as strict JSON, whole or not at all.
+
+    Raises:
+        RunDirError: naming `path` and why it could not be written.
+    """
+    try:
+        files.write_json_atomically(path, payload)
+    except files.IO_ERRORS as e:
+        raise RunDirError(f"could not write {path} ({files.error_text(e)})") from None
+
+
 def write_run(model_dir, config, class_names):
-    """Writes run.json (atomically) so evaluate/export can rebuild the model."""
+    """Writes run.json (atomically) so evaluate/export can rebuild the model.
+
+    Raises:
+        RunDirError: it could not be written.
+    """
     payload = {"config": dataclasses.asdict(config), "class_names": list(class_names),
                "format": RUN_FORMAT}
-    files.write_json_atomically(os.path.join(model_dir, RUN_FILE), payload)
+    write_json(os.path.join(model_dir, RUN_FILE), payload)
 
 
 def read_best_metrics(path):
@@ -78,34 +97,3 @@ def read_run(model_dir):
     return config_lib.Config(**values), payload["class_names"]
 
 
-def check_resumable(model_dir, config):
-    """Raises ValueError if training cannot resume the run in `model_dir`.
-
-    A run.json of another network, or checkpoints of a run trained with the
-    old (Keras SGD) optimizer state, are refused with a message saying what
-    to do; a model_dir without run.json is a new run.
-    """
-    path = os.path.join(model_dir, RUN_FILE)
-    if not tf.io.gfile.exists(path):
-        return
-    saved, _ = read_run(model_dir)
-    check_resume_compatible(saved, config)
-    with tf.io.gfile.GFile(path) as f:
-        run_format = json.load(f).get("format", 1)
-    if run_format < RUN_FORMAT and checkpoints.checkpoints_on_disk(model_dir):
-        raise ValueError(
-            f"--model_dir={model_dir!r} holds checkpoints of an earlier mlcrl_tf whose "
-            "optimizer was Keras SGD (its momentum slots do not mean what PaperSGD's "
-            "do), so training cannot resume from them exactly. They still evaluate "
-            "and export; to train, use a new --model_dir.")
-
-
-def check_resume_compatible(saved, config):
-    """Raises ValueError if `config` would build a different network (or
-    preprocess differently)."""
-    for name in RESUME_FIELDS:
-        if getattr(saved, name) != getattr(config, name):
-            raise ValueError(
-                f"--{name}={getattr(config, name)!r} differs from the run already in "
-                f"--model_dir={config.model_dir!r} ({getattr(saved, name)!r}); use a "
-                "new --model_dir or the same setting to resume.")

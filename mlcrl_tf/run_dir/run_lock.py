@@ -1,16 +1,9 @@
-"""One training run at a time per model_dir.
+"""One training run at a time per model_dir: `model_dir/.lock`.
 
-`run_lock(model_dir, is_chief, stale_after_secs)` is the lock a training run
-holds for its lifetime: the file `model_dir/.lock`, created with
-O_CREAT|O_EXCL (atomic on local filesystems and on NFS, where fcntl/flock
-locks often are not), holding host, pid, start time and a token. Its
-modification time is the heartbeat. A second run on the same model_dir is
-refused with a message naming the holder; a lock whose process is gone
-(same host) or whose heartbeat is older than `stale_after_secs`
-(`--lock_timeout_secs`) is broken with a warning. `check_lock` (called by
-`checkpoints.CheckpointRun` before every save) re-reads the lock file and
-stops a run whose lock another run broke, so two runs never write the same
-checkpoints.
+Created with O_CREAT|O_EXCL (atomic on local file systems and NFS), its
+modification time is a heartbeat; a stale lock is broken, and a run whose
+lock was taken stops before its next save (docs/design.md, Run lock;
+docs/reliability.md).
 """
 
 import contextlib
@@ -25,6 +18,7 @@ import uuid
 from absl import logging
 
 from mlcrl_tf.run_dir import lock_owner
+from pipelines.utils import files
 
 LOCK_FILE = ".lock"
 # A lock whose heartbeat is older than this is stale (another host); the holder
@@ -52,35 +46,29 @@ def _identity(stat):
 class RunLock:
     """An exclusive lock on a model_dir for the lifetime of one training run.
 
-    The lock is the file `model_dir/.lock`, created with O_CREAT|O_EXCL (atomic
-    on local filesystems and on NFS, where fcntl/flock locks often are not),
-    holding JSON {host, pid, started, token}; its modification time is the
-    heartbeat. The run keeps the file open and a thread refreshes the
-    heartbeat every `stale_after_secs / 10` seconds through that descriptor,
-    so a heartbeat only ever touches this run's own file: once another run
-    has broken the lock and created its own, the heartbeat cannot rewrite it.
-
-    The lock is this run's while `model_dir/.lock` is the file it created
-    (same inode) and holds its token. `verify` checks that by re-reading the
-    file; the heartbeat thread calls it before every beat and `check_lock`
-    before every save, so a lost lock stops training before its next save.
-
-    A lock that exists is stale, and is broken with a warning, when its
-    holder's process is gone (same host) or its heartbeat is older than
-    `stale_after_secs` (any host: clocks must agree to well within it). The
-    breaker moves the file aside (one atomic rename: only one breaker wins)
-    and judges the moved file again, putting it back if its holder beat
-    meanwhile.
-
-    Use as a context manager; the lock is released on normal exit and on
-    exceptions (a SIGKILLed run leaves a stale lock, broken by the next run).
+    The file `model_dir/.lock`, created with O_CREAT|O_EXCL, holds JSON
+    {host, pid, started, token, machine, process_start}; its modification
+    time is the heartbeat, refreshed every `stale_after_secs / 10` seconds
+    through the run's own open descriptor, so a heartbeat never rewrites a
+    lock another run took. `verify` re-reads the file (the heartbeat and
+    `check_lock`, before every save, call it): a lost lock stops training
+    before its next save. A lock is stale, and broken with a warning, when
+    its holder is gone (`lock_owner.gone_reason`: judged on its own machine
+    only) or its heartbeat is older than `stale_after_secs`. The rules and
+    their limits: docs/design.md, Run lock.
 
     Args:
-        model_dir: an existing directory (not an object-store URL).
+        model_dir: an existing local directory.
         stale_after_secs: heartbeat age after which a lock is stale.
 
     Raises (on entering):
         ValueError: the model_dir is in use by a live run (named).
+
+    Example:
+    >>> import tempfile
+    >>> with RunLock(tempfile.mkdtemp()) as lock:
+    ...     lock.verify()
+    True
     """
 
     def __init__(self, model_dir, stale_after_secs=LOCK_STALE_AFTER_SECS):
@@ -114,12 +102,7 @@ class RunLock:
                 self._break(text, reason)
                 continue
             self._fd = fd
-            now = time.time()
-            holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "started": now, "token": self.token, **lock_owner.identity()}
-            os.write(fd, json.dumps(holder).encode())
-            os.utime(fd, (now, now))  # the first heartbeat, on this host's clock
-            os.fsync(fd)
+            self._write_holder(fd)
             _HELD_LOCKS[os.path.realpath(self.model_dir)] = self
             self._thread = threading.Thread(target=self._beat, daemon=True,
                                             name=f"lock-heartbeat {self.path}")
@@ -127,6 +110,24 @@ class RunLock:
             return
         raise ValueError(f"--model_dir={self.model_dir!r}: could not take {self.path} "
                          "(other runs are taking it at the same time).")
+
+    def _write_holder(self, fd):
+        """Writes this run's holder JSON and its first heartbeat; a failure (a
+        full disk) removes the file and is one ValueError naming it."""
+        now = time.time()
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": now,
+                  "token": self.token, **lock_owner.identity()}
+        try:
+            os.write(fd, json.dumps(holder).encode())
+            os.utime(fd, (now, now))  # the first heartbeat, on this host's clock
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            self._fd = None
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            raise ValueError(f"--model_dir={self.model_dir!r}: cannot write the lock file "
+                             f"{self.path} ({e.strerror or e}).") from None
 
     def release(self):
         """Stops the heartbeat and removes the lock file if it is still ours."""
@@ -139,6 +140,9 @@ class RunLock:
         try:
             if self._lost_reason() is None:
                 self._remove_own()
+        except OSError as e:  # e.g. a read-only model_dir: not the error to report
+            logging.warning("Could not remove the lock %s (%s); the next run breaks it "
+                            "once it is stale.", self.path, e.strerror or e)
         finally:
             os.close(self._fd)
             self._fd = None
@@ -269,17 +273,19 @@ def _parse(text):
 def run_lock(model_dir, is_chief, stale_after_secs=LOCK_STALE_AFTER_SECS):
     """The lock a training run holds on `model_dir` (a context manager).
 
-    Only the chief locks (the workers of one run share its model_dir); an
-    object-store model_dir (`gs://...`) cannot hold an O_EXCL lock file and is
-    not locked (logged).
+    Only the chief locks (the workers of one run share its model_dir). A
+    `file://` model_dir is a local one and is locked; an object-store one
+    (`gs://...`) cannot hold an O_EXCL lock file and is not locked (logged;
+    what users of a shared bucket must do: docs/reliability.md).
     """
     if not is_chief:
         return contextlib.nullcontext()
-    if "://" in model_dir:
-        logging.warning("--model_dir=%r is not a filesystem path: it is not locked "
-                        "against a second run.", model_dir)
+    local = files.local_path(model_dir)
+    if local is None:
+        logging.warning("--model_dir=%r is not on a local or NFS file system: it is not "
+                        "locked against a second run (docs/reliability.md).", model_dir)
         return contextlib.nullcontext()
-    return RunLock(model_dir, stale_after_secs)
+    return RunLock(local, stale_after_secs)
 
 
 def check_lock(model_dir):
@@ -290,7 +296,8 @@ def check_lock(model_dir):
     this process holds no lock on it (e.g. a non-chief worker, or a library
     user running a Trainer without `RunLock`).
     """
-    lock = _HELD_LOCKS.get(os.path.realpath(model_dir))
+    local = files.local_path(model_dir)
+    lock = _HELD_LOCKS.get(os.path.realpath(local)) if local is not None else None
     if lock is not None and not lock.verify():
         raise LockLostError(
             f"--model_dir={model_dir!r} is no longer this run's: {lock.lost} (its "

@@ -1,4 +1,6 @@
-"""The SavedModel contract: signature, input and output names, limits, metadata."""
+"""The SavedModel contract: signature, input and output names, limits and
+metadata (docs/serving.md, Signatures).
+"""
 
 import dataclasses
 
@@ -20,7 +22,22 @@ DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_PIXELS
 
 @dataclasses.dataclass(frozen=True)
 class ServingInfo:
-    """What an export says about itself (the `metadata` signature)."""
+    """What an export says about itself: the values of its `metadata` signature.
+
+    Attributes:
+        class_names: the C class names, in class-id order.
+        backbone, image_size, variant: the network served.
+        threshold: probability threshold of the `predicted` output.
+        top_k: k of the `top_k_*` outputs.
+        max_batch_size, max_image_pixels: the request limits.
+        antialias: the resize the model was trained with.
+        precision: "float32" or "mixed_bfloat16" (outputs stay float32).
+        jit_compile: whether the forward pass is XLA-compiled.
+
+    Example:
+    >>> ServingInfo(("cat", "dog"), "small_cnn", 64, 0.5, 2, "crl").max_batch_size
+    64
+    """
 
     class_names: tuple
     backbone: str

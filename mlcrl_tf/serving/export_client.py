@@ -1,4 +1,6 @@
-"""An export as a Python object: metadata, and scoring with bad images reported."""
+"""An export as a Python object: its metadata, and scoring encoded images
+with bad ones reported rather than fatal (used by `evaluate` and `predict`).
+"""
 
 import dataclasses
 import os
@@ -39,11 +41,21 @@ class ImageProblem:
 class ExportClient:
     """An export's `serving_default` plus its metadata, as a Python object.
 
+    `score` sends encoded images in requests of at most the export's
+    `max_batch_size`, refuses those above its pixel budget from their header,
+    and retries a failing request image by image, so each bad image gets an
+    `ImageProblem` instead of failing the rest.
+
     Args:
         saved_model_dir: a version directory (or its base directory).
 
     Raises:
         ValueError: not a SavedModel of `mlcrl_tf.export`.
+
+    Example:
+        client = ExportClient("saved_models/demo/1")
+        kept, logits, problems = client.score([open("photo.jpg", "rb").read()])
+        names = client.class_names
     """
 
     def __init__(self, saved_model_dir):

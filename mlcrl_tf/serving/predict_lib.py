@@ -1,60 +1,20 @@
-"""Labels image files with an export (the `mlcrl_tf.predict` command line).
+"""Labelling image files with an export: what `mlcrl_tf.predict` does.
 
-`iter_predictions(saved_model, paths)` gives one dict per image; `run`
-writes them as JSON lines. Each line is
-`{"filename": ..., "labels": [...], "scores": [...]}` (labels sorted by
-decreasing score; with --all_probabilities also `probabilities`, a name ->
-probability map; strict JSON, a NaN probability is null), or
-`{"filename": ..., "error": ...}` for a file that could not be read or
-decoded.
-
-Decisions:
-
-- The images go through the export's `serving_default` signature as raw
-  file bytes, batched: predictions are exactly what a TF Serving client
-  gets. Class names and the default threshold come from the export's
-  `metadata` signature. `--saved_model` may also name the base directory:
-  its highest integer version is used, as TF Serving would.
-- Labels: probability >= threshold (default the export's), or the `top_k`
-  most probable classes; not both. Both are decided on the export's logits
-  (float32 probabilities saturate at 1.0); the scores shown are their
-  float64 sigmoid.
-- Directories are walked recursively (sorted, symlinks followed) for
-  `.jpg .jpeg .png .gif .bmp .webp` files, case-insensitive; a file named on
-  the command line is tried whatever its extension. Each real directory is
-  walked once (symlink loops such as `ln -s . l` end there), and each real
-  file is labelled once: a second path to it (a symlink, `./a.jpg`, a path
-  given twice) is skipped and counted in the summary.
-- Only regular files are read, opened without blocking and checked on the
-  open descriptor (`tfrecord_lib.read_image_file`): a FIFO, a device, a
-  socket, a file larger than `max_image_bytes` (default 256 MiB) gets an
-  error line with the reason, never a hang.
-- Images above the export's pixel budget (`max_image_pixels` in its
-  metadata) get an error line from their header, without being sent;
-  requests hold at most the export's `max_batch_size` images.
-- `--output` is checked before any image is read: it must not have an image
-  extension, be one of the inputs (compared by real path) or exist (unless
-  `overwrite`); its directory is created if missing and must be writable.
-  The file itself is created only once the export has loaded and the
-  options are checked, so a bad `--saved_model` leaves none behind. A write
-  that fails (a full disk) is one error naming the file.
-- A bad file never aborts the run: unreadable files are reported before
-  batching; since the signature fails a whole batch when one element cannot
-  be decoded, a failing batch is retried image by image
-  (`serving.ExportClient.score`) and only the bad images get an error line
-  (also written to stderr). The exit code is non-zero only if no image could
-  be labelled.
+`iter_predictions` gives one dict per image, `run` writes them as JSON lines;
+a bad file gets an error line, never stops the run (docs/serving.md,
+Labelling files; docs/reliability.md, predict and visualize).
 """
 
-import json
+import contextlib
 import math
 import os
-import stat
 import sys
 
 import numpy as np
 
 from mlcrl_tf.serving import export_client
+from mlcrl_tf.serving import onnx_client
+from mlcrl_tf.serving import onnx_export
 from mlcrl_tf.serving import request_checks
 from pipelines.records import image_files
 from pipelines.utils import files
@@ -65,62 +25,45 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 _PICTURE_EXTENSIONS = IMAGE_EXTENSIONS + (".tif", ".tiff", ".heic", ".heif", ".avif",
                                           ".jxl", ".ico")
 DEFAULT_MAX_IMAGE_BYTES = image_files.DEFAULT_MAX_IMAGE_BYTES
-_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-class _Search:
-    """Image paths found so far, each real file and real directory once."""
+def _file_problem(path):
+    """Why `path` cannot be read as an image file (from stat; it is never
+    opened here), or None."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        kind = "broken symbolic link" if os.path.islink(path) else "no such file"
+        return f"{kind} or directory"
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    kind = files.special_file_kind(info.st_mode)
+    return f"not a regular file ({kind}), not read" if kind else None
 
-    def __init__(self):
-        self.found, self.duplicates = [], []
-        self._files, self._dirs = set(), set()
 
-    def add_file(self, path):
-        """Adds a file (checked with stat, never opened) or its problem."""
+def _walk(top, found, seen_dirs):
+    """Appends (image path, None) or (directory, error) of a tree to `found`:
+    depth-first, sorted, symlinks followed, each real directory once."""
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        real = os.path.realpath(directory)
+        if real in seen_dirs:
+            continue
+        seen_dirs.add(real)
         try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            kind = "broken symbolic link" if os.path.islink(path) else "no such file"
-            self.found.append((path, f"{kind} or directory"))
-            return
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
         except OSError as e:
-            self.found.append((path, f"cannot read: {e.strerror or e}"))
-            return
-        if not stat.S_ISREG(info.st_mode):
-            kind = next((k for test, k in _FILE_KINDS if test(info.st_mode)), "special")
-            self.found.append((path, f"not a regular file ({kind}), not read"))
-            return
-        real = os.path.realpath(path)
-        if real in self._files:
-            self.duplicates.append(path)
-        else:
-            self._files.add(real)
-            self.found.append((path, None))
-
-    def walk(self, top):
-        """Depth-first, sorted, symlinks followed, each real directory once."""
-        stack = [top]
-        while stack:
-            directory = stack.pop()
-            real = os.path.realpath(directory)
-            if real in self._dirs:
-                continue
-            self._dirs.add(real)
-            try:
-                with os.scandir(directory) as listing:
-                    entries = sorted(listing, key=lambda entry: entry.name)
-            except OSError as e:
-                self.found.append((directory,
-                                   f"cannot list the directory: {e.strerror or e}"))
-                continue
-            subdirectories = []
-            for entry in entries:
-                if _is_directory(entry):
-                    subdirectories.append(entry.path)
-                elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    self.add_file(entry.path)
-            stack.extend(reversed(subdirectories))
+            found.append((directory, f"cannot list the directory: {e.strerror or e}"))
+            continue
+        subdirectories = []
+        for entry in entries:
+            if _is_directory(entry):
+                subdirectories.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((entry.path, None))
+        stack.extend(reversed(subdirectories))
 
 
 def _is_directory(entry):
@@ -146,13 +89,15 @@ def search_images(paths):
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
-    search = _Search()
+    found, seen_dirs = [], set()
     for path in map(os.fspath, paths):
         if os.path.isdir(path):
-            search.walk(path)
+            _walk(path, found, seen_dirs)
         else:
-            search.add_file(path)
-    return search.found, search.duplicates
+            found.append((path, None))
+    found, duplicates = files.unique_real_paths(found, key=lambda entry: entry[0])
+    found = [(path, error or _file_problem(path)) for path, error in found]
+    return found, [path for path, _ in duplicates]
 
 
 def find_images(paths):
@@ -180,7 +125,7 @@ def check_output(output, found, overwrite=False):
     for path, _ in found:
         if os.path.realpath(path) == real:
             raise ValueError(f"--output={output!r} is one of the input files ({path}).")
-    if os.path.lexists(output) and not overwrite:
+    if files.exists(output) and not overwrite:
         raise ValueError(f"--output={output!r} already exists; pass --overwrite to "
                          "replace it.")
     output_checks.ensure_output_file(output, "output")
@@ -215,12 +160,13 @@ def _record(path, logits, class_names, threshold, top_k, all_probabilities):
 
 
 def _score(probability):
-    """Rounded for the JSON line; NaN (a model that outputs NaN) as None."""
-    return round(float(probability), 6) if math.isfinite(probability) else None
+    """Rounded for the JSON line (a NaN, of a model that outputs NaN, is null there)."""
+    return round(float(probability), 6)
 
 
 def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16,
-                     all_probabilities=False, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
+                     all_probabilities=False, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES,
+                     model_format="saved_model"):
     """One dict per image path, in order (see the module docstring).
 
     The arguments are checked and the export loaded by this call, before
@@ -237,6 +183,8 @@ def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_s
             most the export's `max_batch_size`).
         all_probabilities: add every class's probability to each record.
         max_image_bytes: larger files get an error line, unread.
+        model_format: "saved_model", or "onnx" to score with the export's
+            `onnx/model.onnx` in onnxruntime (the same decoding and labels).
 
     Returns:
         An iterator of {"filename", "labels", "scores"[, "probabilities"]}
@@ -248,20 +196,24 @@ def iter_predictions(saved_model_dir, paths, threshold=None, top_k=None, batch_s
     for name, value in (("batch_size", batch_size), ("max_image_bytes", max_image_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    client = export_client.ExportClient(saved_model_dir)
+    if model_format not in onnx_export.FORMATS:
+        raise ValueError(f"format={model_format!r} is unknown; choose one of "
+                         f"{', '.join(onnx_export.FORMATS)}.")
+    client = (onnx_client.OnnxClient(saved_model_dir) if model_format == "onnx"
+              else export_client.ExportClient(saved_model_dir))
     _check_choice(threshold, top_k, len(client.class_names))
     if threshold is None and top_k is None:
         threshold = client.threshold
-    files = list(paths) if _is_found(paths) else find_images(paths)
+    found = list(paths) if _is_found(paths) else find_images(paths)
     labelling = (threshold, top_k, all_probabilities)
-    return _predictions(client, files, labelling, batch_size, max_image_bytes)
+    return _predictions(client, found, labelling, batch_size, max_image_bytes)
 
 
-def _predictions(client, files, labelling, batch_size, max_image_bytes):
-    """`iter_predictions`'s records; `labelling` is (threshold, top_k,
-    all_probabilities)."""
-    for start in range(0, len(files), batch_size):
-        records, readable = _read_chunk(files[start:start + batch_size], max_image_bytes)
+def _predictions(client, found, labelling, batch_size, max_image_bytes):
+    """`iter_predictions`'s records of the `found` (path, error) pairs;
+    `labelling` is (threshold, top_k, all_probabilities)."""
+    for start in range(0, len(found), batch_size):
+        records, readable = _read_chunk(found[start:start + batch_size], max_image_bytes)
         kept, logits, problems = client.score([data for _, _, data in readable])
         for problem in problems:
             i, path, _ = readable[problem.index]
@@ -298,21 +250,22 @@ def _read_chunk(chunk, max_image_bytes):
 
 
 def predict_files(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16,
-                  all_probabilities=False, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
+                  all_probabilities=False, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES,
+                  model_format="saved_model"):
     """`iter_predictions` as a list."""
     return list(iter_predictions(saved_model_dir, paths, threshold, top_k, batch_size,
-                                 all_probabilities, max_image_bytes))
+                                 all_probabilities, max_image_bytes, model_format))
 
 
 def run(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16, output=None,
         all_probabilities=False, stdout=None, stderr=None, overwrite=False,
-        max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, progress=None):
+        max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, progress=None, model_format="saved_model"):
     """Writes JSON lines for `paths`; returns the process exit code.
 
     `output` is checked (`check_output`) before any image is read, and
     created only once the export has loaded and the options are checked (a
     bad `saved_model_dir` leaves no file behind); an optional
-    `pipelines.progress.Progress` counts the images.
+    `pipelines.utils.progress.Progress` counts the images.
 
     Returns:
         0 when at least one image was labelled, 1 otherwise.
@@ -328,17 +281,14 @@ def run(saved_model_dir, paths, threshold=None, top_k=None, batch_size=16, outpu
         check_output(output, found, overwrite)
     # The export and the options are checked before `output` is created.
     records = iter_predictions(saved_model_dir, found, threshold, top_k, batch_size,
-                               all_probabilities, max_image_bytes)
+                               all_probabilities, max_image_bytes, model_format)
     if progress is not None:
         progress.start(total=len(found))
     try:
-        out = open(output, "w", encoding="utf-8") if output else stdout
-        try:
+        with (files.atomic_output(output) if output
+              else contextlib.nullcontext(stdout)) as out:
             labelled, failed = _write_records(records, out, stderr, progress)
-        finally:
-            if output:
-                out.close()
-    except OSError as e:
+    except files.IO_ERRORS as e:
         where = f"--output={output!r}" if output else "the standard output"
         raise ValueError(f"{where}: cannot write: {files.error_text(e)}") from None
     stderr.write(f"Labelled {labelled} image(s), {failed} error(s)"
@@ -351,7 +301,7 @@ def _write_records(records, out, stderr, progress=None):
     """Writes JSON lines; returns (labelled, failed) counts."""
     labelled = failed = 0
     for record in records:
-        out.write(json.dumps(record, allow_nan=False) + "\n")
+        out.write(files.strict_json(record) + "\n")
         out.flush()
         if progress is not None:
             progress.update(1)

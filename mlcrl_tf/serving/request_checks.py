@@ -1,4 +1,7 @@
-"""Bad requests fail whole with one INVALID_ARGUMENT, before the costly step."""
+"""Request checks in the graph: a bad request fails whole with one
+INVALID_ARGUMENT naming the input, the limit or the bad indices, before the
+costly step (docs/serving.md, Bad input; docs/reliability.md).
+"""
 
 import tensorflow as tf
 
@@ -139,6 +142,23 @@ def top_k_by_logits(logits, probabilities, k):
     return tf.gather(probabilities, ids, batch_dims=1), ids
 
 
+def check_image_shape(images, image_size):
+    """An assertion that `images` is (B, S, S, 3), naming the shape it got and
+    the one expected (the signature takes any shape, so that a wrong one is
+    this INVALID_ARGUMENT rather than an error deep in the network)."""
+    shape = tf.shape(images)
+    # Four numbers whatever the rank, so the comparison itself cannot fail.
+    four = tf.concat([shape, [-1, -1, -1, -1]], axis=0)[:4]
+    ok = tf.equal(tf.rank(images), 4) & tf.reduce_all(
+        tf.equal(four[1:], [image_size, image_size, 3]))
+    return tf.debugging.Assert(
+        ok,
+        [f"{contract.IMAGES_KEY}: the batch has shape", shape,
+         (f"; expected (B, {image_size}, {image_size}, 3): float32 RGB pixels in "
+          "[0, 255] at the model size (nothing was scored)")],
+        name="check_images_shape")
+
+
 def check_pixels(images):
     """An assertion naming every image with a NaN, an infinity or a value
     outside [0, 255] (serve_tensor takes RGB pixels in [0, 255])."""
@@ -164,7 +184,7 @@ def decode_image_batch(image_bytes, image_size, max_pixels=contract.DEFAULT_MAX_
         image_bytes: string tensor (B,) of encoded images (any sizes).
         image_size: side S of the model input.
         max_pixels: the pixel budget of one image (width x height, x frames
-            for a GIF; `pipelines.image_header`).
+            for a GIF; `pipelines.records.image_header`).
         antialias: the run's resize (`input_pipeline.preprocess_eval`).
 
     Returns:

@@ -19,16 +19,20 @@ class ServingModule(tf.Module):
     Only the variables captured by the serving functions are tracked
     (`model_variables`), never the Keras training model, so no projector
     weight can reach the SavedModel. Tracking the captured tf.Variables
-    themselves (not Keras's wrappers) is also what makes the export load
-    in TF1-style sessions, the way TF Serving loads it.
+    themselves (not Keras's wrappers) is also what makes the export load in
+    TF1-style sessions, the way TF Serving loads it.
 
     Args:
         inference_model: `MLCRLModel.inference_model` (RGB images -> logits;
             it normalises its input itself).
-        info: a `ServingInfo` (`info.jit_compile`: the model's forward pass
-            runs in a `tf.function(jit_compile=True)`).
+        info: a `contract.ServingInfo` (`info.jit_compile`: the model's
+            forward pass runs in a `tf.function(jit_compile=True)`).
         labels_path: a local file with the class names, one per line,
             copied into the SavedModel's assets/.
+
+    Example:
+        module = ServingModule(model.inference_model, info, "labels.txt")
+        tf.saved_model.save(module, "export/1", signatures=module.signatures())
     """
 
     def __init__(self, inference_model, info, labels_path):
@@ -40,14 +44,13 @@ class ServingModule(tf.Module):
         self._forward = (tf.function(self._model_forward, jit_compile=True)
                          if info.jit_compile else self._model_forward)
         self.labels_file = tf.saved_model.Asset(labels_path)
-        size = info.image_size
         self.serve_image_bytes = tf.function(
             self._serve_image_bytes,
             input_signature=[tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES_KEY)])
         self.serve_tensor = tf.function(
             self._serve_tensor,
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
-                                           name=contract.IMAGES_KEY)])
+            # Any shape: a wrong one is one INVALID_ARGUMENT saying the right one.
+            input_signature=[tf.TensorSpec(None, tf.float32, name=contract.IMAGES_KEY)])
         self.metadata = tf.function(self._metadata, input_signature=[])
         self.model_variables = _captured_variables(
             [self.serve_image_bytes, self.serve_tensor])
@@ -79,13 +82,18 @@ class ServingModule(tf.Module):
     def _serve_image_bytes(self, image_bytes):
         info = self._info
         with tf.control_dependencies(
-                request_checks.check_batch(image_bytes, contract.IMAGE_BYTES_KEY, info.max_batch_size)):
+                request_checks.check_batch(image_bytes, contract.IMAGE_BYTES_KEY,
+                                           info.max_batch_size)):
             images = request_checks.decode_image_batch(tf.identity(image_bytes), info.image_size,
                                         info.max_image_pixels, info.antialias)
         return self._outputs(images)
 
     def _serve_tensor(self, images):
-        checks = request_checks.check_batch(images, contract.IMAGES_KEY, self._info.max_batch_size)
+        size = self._info.image_size
+        with tf.control_dependencies([request_checks.check_image_shape(images, size)]):
+            images = tf.ensure_shape(tf.identity(images), [None, size, size, 3])
+        checks = request_checks.check_batch(images, contract.IMAGES_KEY,
+                                            self._info.max_batch_size)
         with tf.control_dependencies(checks):
             with tf.control_dependencies([request_checks.check_pixels(images)]):
                 images = tf.identity(images)

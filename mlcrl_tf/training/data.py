@@ -1,14 +1,5 @@
-"""The data a training run reads: shards (or a TFDS split), classes, sizes.
-
-`resolve_data(config)` checks `--train_files`, `--eval_files` and
-`--selection_files` before any training work, fills `num_classes` from the
-label map, checks that every `labels.txt` beside the matched shards names
-the same classes in the same order (a shifted label map would score class
-i as class j without any error), and counts the training records of the
-matched shards only (for steps per epoch). A source
-is a glob of TFRecord shards of our schema or a prepared TensorFlow Datasets
-split `tfds:NAME:SPLIT` (`pipelines.tfds_source`, with `--data_dir` and,
-only when asked, `--tfds_download`).
+"""The data a training run reads: sources, label maps and sizes, checked
+before any training work (docs/design.md, Data).
 """
 
 import os
@@ -43,7 +34,8 @@ def resolve_data(config):
     if config.labels_file:
         # It names the classes; the training data must agree with it.
         file_names = _read_labels_file(config.labels_file)
-        label_maps.check_same_classes(class_names, file_names, f"--train_files={config.train_files!r}",
+        label_maps.check_same_classes(class_names, file_names,
+                                      f"--train_files={config.train_files!r}",
                            config.labels_file)
         class_names, labels_file = file_names, config.labels_file
     for flag in ("eval_files", "selection_files"):
@@ -54,6 +46,8 @@ def resolve_data(config):
     num_classes = _num_classes(config.num_classes, class_names, labels_file)
     if class_names is None:
         class_names = [f"class_{i}" for i in range(num_classes)]
+    # The rule of labels.txt, the run files and the export (a TFDS split's names too).
+    class_names = label_maps.check_class_names(class_names, f"the classes of {labels_file}")
     if num_records is None:
         num_records = shard_sets.count_records(train_files)
     return config.replace(num_classes=num_classes), class_names, num_records

@@ -1,12 +1,7 @@
 """The `tf.distribute` strategies of `--strategy`, and who is the chief.
 
-- `default`: one device (`tf.distribute.get_strategy()`).
-- `mirrored`: every local GPU (`MirroredStrategy`); without GPUs, the CPU's
-  logical devices (`--num_cpu_devices`), reduced on the host because NCCL
-  needs GPUs.
-- `multi_worker`: `MultiWorkerMirroredStrategy` from `TF_CONFIG`. Keras
-  `fit()` does not work under it (tensorflow/tensorflow#72388); the CLI
-  training loop does.
+`fit()` fails under MultiWorkerMirroredStrategy (tensorflow/tensorflow#72388);
+the CLI loop runs under every strategy (docs/design.md, Training).
 """
 
 import os
@@ -75,3 +70,21 @@ def num_workers(strategy):
         return 1
     spec = resolver.cluster_spec()
     return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
+
+
+def describe(strategy):
+    """One line: how many replicas (and workers) the strategy trains on, and
+    where; e.g. "Training on 2 replicas: MirroredStrategy over CPU:0, CPU:1."."""
+    replicas = strategy.num_replicas_in_sync
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy: one device, TensorFlow's choice
+        devices = ()
+    names = ", ".join(d.split("device:")[-1] for d in devices)
+    workers = num_workers(strategy)
+    where = f" on {workers} workers" if workers > 1 else ""
+    name = type(strategy).__name__
+    if name.startswith("_Default"):
+        name = "one device, no tf.distribute strategy"
+    return (f"Training on {replicas} replica{'s' if replicas != 1 else ''}{where}: "
+            f"{name}" + (f" over {names}" if names else "") + ".")

@@ -1,7 +1,5 @@
-"""The evaluation after each training epoch: metrics, best/, TensorBoard.
-
-Every replica scores its share (docs/design.md, Training); best/ is chosen on
-`--selection_files` when given, else on `--eval_files`.
+"""The evaluation after each training epoch: metrics on every replica,
+best/, TensorBoard (docs/design.md, Training: which checkpoint is "best").
 """
 
 from mlcrl_tf.evaluation import evaluate_lib

@@ -1,33 +1,8 @@
-"""Flagfiles by name: `--flagfile=coco.flags` works from any directory.
+"""Flagfiles by name: `--flagfile=coco.flags` from any directory.
 
-The project's flagfiles ship inside the package (`mlcrl_tf/configs/*.flags`,
-`shipped_names()`); the repository keeps a `configs` symlink to that folder
-so that `--flagfile=configs/coco.flags` still works from its root.
-
-`expand(argv)` replaces every `--flagfile=NAME` (also `-flagfile=NAME`,
-`--flagfile NAME`) by the flags of that file, recursively and in place, so
-that later flags still override earlier ones exactly as with absl's own
-flagfile handling. A name is looked up in this order:
-
-1. on the command line: NAME relative to the working directory (or NAME
-   itself when absolute); inside a flagfile: NAME relative to the directory
-   of the including file, then relative to the working directory;
-2. the shipped configs: `mlcrl_tf/configs/NAME`, where a leading `configs/`
-   is dropped (the old spelling `configs/coco.flags` works from anywhere).
-
-So a file in the working directory wins over a shipped one of the same name,
-and a user's own flagfile can include ours with `--flagfile=coco.flags`.
-Values inside the files are not touched: relative data paths
-(`--train_files=data/coco/...`) stay relative to the working directory.
-
-File syntax is absl's: one flag per line, blank lines and lines starting
-with `#` or `//` are ignored. Unlike absl, a missing file or an include
-cycle is an error (`FlagfileError`, one line naming the file and what was
-tried), never a silently skipped file.
-
-A CLI uses it as its flags parser:
-
-    app.run(main, flags_parser=flagfiles.parse_flags_with_usage)
+An include is resolved relative to the including file, then to the working
+directory, then as a flagfile shipped in `mlcrl_tf/configs/`
+(docs/ecosystem.md, Flagfiles by name).
 """
 
 import os

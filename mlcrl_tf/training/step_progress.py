@@ -1,4 +1,4 @@
-"""Training's progress line: step, loss, speed and ETA."""
+"""Training's progress line: step, loss, speed and ETA (docs/design.md, Console)."""
 
 import sys
 import time
@@ -17,9 +17,12 @@ class StepProgress(progress.Progress):
         clock: a function returning seconds (monotonic); for tests.
 
     Example:
-    >>> p = Progress(total_steps=100, global_batch_size=32, is_tty=False)
-    >>> p.start(step=0)
-    >>> speed = p.update(step=10, loss=0.5)
+    >>> import io
+    >>> progress = StepProgress(total_steps=100, global_batch_size=32, is_tty=False,
+    ...                         stream=io.StringIO())
+    >>> progress.start(step=0)
+    >>> sorted(progress.update(step=10, loss=0.5))
+    ['images_per_sec', 'steps_per_sec']
     """
 
     def __init__(self, total_steps, global_batch_size, stream=None, is_tty=None,

@@ -1,30 +1,6 @@
-"""All TensorBoard writing of a training run.
-
-    summaries = TrainingSummaries(model_dir, is_chief)
-    summaries.write_train(step, terms, learning_rates, speed)
-    summaries.write_eval(step, result, model, class_names, max_images=4)
-    summaries.write_label_embeddings(step, model, class_names, train_files)
-
-Under `model_dir/train`: every loss term (`loss/...`), both learning rates,
-images/s and steps/s, the float16 loss scale. Under `model_dir/eval`: the 13
-metrics (`metrics/...`), per-class AP, the same metrics on
-`--selection_files` (`selection_metrics/...`) and a few eval images with
-their top predictions and CAM maps (`eval/cams`, panels from
-`mlcrl_tf.cams`). Workers other than the chief write nothing.
-
-Label embeddings (variants with a co-projector, `mse` and `crl`), at every
-evaluation, also under `model_dir/eval`:
-- for TensorBoard's Projector tab: `label_embeddings-<step>` (a checkpoint
-  of one (C, C) variable, f_l(I_C); the latest only), `label_embeddings.tsv`
-  (class name, id and training images per class) and
-  `projector_config.pbtxt`;
-- `label_embeddings/closeness_vs_cooccurrence`: an image of the embedding
-  closeness next to the training labels' PMI, and
-  `label_embeddings/spearman_vs_pmi` (see `mlcrl_tf.label_space`).
-The co-occurrence is counted once per process from the training source's
-label ids (`pipelines.label_stats`, no image decoded). The embeddings are
-the live weights, not the EMA (f_l is never exported). None of it is part
-of the export.
+"""All TensorBoard writing of a training run: losses, learning rates and
+speed under `model_dir/train`; metrics, CAM panels and the label embeddings
+(Projector) under `model_dir/eval` (README, TensorBoard).
 """
 
 import os
@@ -37,6 +13,7 @@ import tensorflow as tf
 from mlcrl_tf.evaluation import cam_panels
 from mlcrl_tf.evaluation import label_space
 from pipelines.tfdata import label_stats
+from pipelines.utils import files
 
 TAG = "eval/cams"
 TILE_SIZE = 128
@@ -71,10 +48,18 @@ def _tsv_field(text):
 
 
 class ProjectorFiles:
-    """The label embeddings as TensorBoard Projector files in one directory.
+    """The label embeddings as TensorBoard Projector files in one directory:
+    a checkpoint of one (C, D) variable (the latest only), a metadata TSV and
+    `projector_config.pbtxt`.
 
     Args:
         directory: a TensorBoard run directory (e.g. `model_dir/eval`).
+
+    Example:
+    >>> import tempfile
+    >>> files = ProjectorFiles(tempfile.mkdtemp())
+    >>> os.path.basename(files.write(5, np.eye(3), ["cat", "dog", "bird"]))
+    'label_embeddings-5'
     """
 
     def __init__(self, directory):
@@ -108,8 +93,8 @@ class ProjectorFiles:
         for i, name in enumerate(class_names):
             count = "" if class_counts is None else str(int(class_counts[i]))
             rows.append(f"{_tsv_field(name)}\t{i}\t{count}")
-        with tf.io.gfile.GFile(os.path.join(self.directory, METADATA_FILE), "w") as f:
-            f.write("\n".join(rows) + "\n")
+        files.write_atomically(os.path.join(self.directory, METADATA_FILE),
+                               "\n".join(rows) + "\n")
         config = projector.ProjectorConfig()
         embedding = config.embeddings.add()
         embedding.tensor_name = TENSOR_NAME
@@ -152,6 +137,12 @@ class TrainingSummaries:
     Args:
         model_dir: the run's directory.
         is_chief: only the chief writes; other workers get no-op writers.
+
+    Example:
+        summaries = TrainingSummaries("runs/demo")
+        summaries.write_train(step, terms, (0.01, 0.001), speed)
+        summaries.write_eval(step, result, model, class_names)
+        summaries.close()
     """
 
     def __init__(self, model_dir, is_chief=True):
@@ -251,7 +242,16 @@ class TrainingSummaries:
             writer.flush()
 
     def close(self):
-        """Flushes and closes the writers (a no-op when none is open)."""
+        """Flushes and closes the writers (a no-op when none is open).
+
+        Never raises: it runs while training ends, maybe on an error (a full
+        disk) that must stay the one reported; what could not be written is
+        logged.
+        """
         writers, self._writers = self._writers, {}
-        for writer in writers.values():
-            writer.close()
+        for name, writer in writers.items():
+            try:
+                writer.close()
+            except files.IO_ERRORS as e:
+                logging.warning("Could not write the %s summaries of %s: %s", name,
+                                self.model_dir, files.error_text(e))

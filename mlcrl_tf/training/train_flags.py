@@ -8,6 +8,26 @@ from mlcrl_tf.modeling import backbones
 from mlcrl_tf.run_dir import config as config_lib
 
 
+class _ListOf(flags.ListParser):
+    """A comma-separated list of ints or floats: a bad element is absl's
+    one-line flag error, as for every other flag."""
+
+    def __init__(self, element):
+        super().__init__()
+        self.element = element
+
+    def parse(self, argument):
+        values = super().parse(argument)
+        try:
+            return [self.element(value) for value in values]
+        except ValueError:
+            raise ValueError(f"expected a comma-separated list of "
+                             f"{self.element.__name__}s, got {argument!r}") from None
+
+    def flag_type(self):
+        return f"comma separated list of {self.element.__name__}s"
+
+
 def define_flags(flag_values=flags.FLAGS):
     """Defines one flag per `Config` field (called once by `mlcrl_tf.train`)."""
     for field in dataclasses.fields(config_lib.Config):
@@ -16,7 +36,8 @@ def define_flags(flag_values=flags.FLAGS):
         if meta["choices"]:
             flags.DEFINE_enum(name, default, list(meta["choices"]), meta["help"], **kwargs)
         elif meta["element"]:
-            flags.DEFINE_list(name, [str(v) for v in default], meta["help"], **kwargs)
+            flags.DEFINE(_ListOf(meta["element"]), name, list(default), meta["help"],
+                         serializer=flags.CsvListSerializer(","), **kwargs)
         elif isinstance(default, bool):
             flags.DEFINE_bool(name, default, meta["help"], **kwargs)
         elif isinstance(default, int):
@@ -34,7 +55,7 @@ def config_from_flags(flag_values=flags.FLAGS):
     for field in dataclasses.fields(config_lib.Config):
         value = flag_values[field.name].value
         if field.metadata["element"]:
-            value = tuple(field.metadata["element"](v) for v in value)
+            value = tuple(value)
         values[field.name] = value
     if values["backbone_weights"] in backbones.RANDOM_WEIGHTS:
         values["backbone_weights"] = None

@@ -1,4 +1,4 @@
-"""`train_and_evaluate`: a whole training run, from flags to export."""
+"""`train_and_evaluate`: a whole training run, from a Config to the export."""
 
 from absl import logging
 import keras
@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from mlcrl_tf.modeling import backbones
 from mlcrl_tf.run_dir import config as config_lib
-from mlcrl_tf.run_dir import run_files
+from mlcrl_tf.run_dir import resume_checks
 from mlcrl_tf.run_dir import run_lock
 from mlcrl_tf.serving import export_lib
 from mlcrl_tf.training import data as data_lib
@@ -40,13 +40,15 @@ def train_and_evaluate(config):
         tf.config.experimental.enable_op_determinism()
     config, class_names, num_records = data_lib.resolve_data(config)
     chief = distribute.is_chief(strategy)
+    if config.backbone_weights == "imagenet" and not trainer_lib.resuming(config):
+        backbones.fetch_imagenet_weights(config.backbone)  # before anything is created
     output_checks.ensure_output_dir(config.model_dir, "model_dir")
     if config.export_dir and chief:  # checked before the first step, not after the last
         output_checks.ensure_output_dir(config.export_dir, "export_dir")
     with run_lock.run_lock(config.model_dir, chief, config.lock_timeout_secs):
         # A resumed run must be the same network (run.json is rewritten by
         # Trainer.train once its checkpoint has loaded).
-        run_files.check_resumable(config.model_dir, config)
+        resume_checks.check_resumable(config.model_dir, config, class_names)
         return _train_and_export(config, class_names, strategy, num_records)
 
 

@@ -1,6 +1,11 @@
-"""`Trainer`: the one training loop, for every `tf.distribute` strategy."""
+"""`Trainer`: the one training loop, for every `tf.distribute` strategy.
+
+Its step is the model's own `train_step` in `strategy.run`; a resume continues
+mid-epoch with the same data order (docs/design.md, Training).
+"""
 
 import math
+import signal
 
 import keras
 import numpy as np
@@ -16,6 +21,7 @@ from mlcrl_tf.run_dir import run_files
 from mlcrl_tf.training import distribute
 from mlcrl_tf.training import epoch_evaluation
 from mlcrl_tf.training import step_progress
+from mlcrl_tf.training import stop_signals
 from mlcrl_tf.training import summaries as summaries_lib
 from pipelines.tfdata import input_pipeline
 from pipelines.tfdata import preprocessing
@@ -26,8 +32,14 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped."""
 
 
+def resuming(config):
+    """Whether `config.model_dir` holds checkpoints to resume from (the
+    backbone's starting weights are then not needed: the checkpoint has them)."""
+    return bool(checkpoints.checkpoints_on_disk(config.model_dir))
+
+
 def objective_from(config):
-    """The `losses.Objective` of a Config's loss flags."""
+    """The `objective.Objective` of a Config's loss flags."""
     return objective_lib.Objective(
         cls_weight=config.cls_weight, aux_weight=config.aux_weight,
         margin=config.crl_margin, image_weight=config.crl_image_weight,
@@ -37,11 +49,20 @@ def objective_from(config):
 class Trainer:
     """The model, optimizer, checkpoints and summaries of one run, and its loop.
 
+    Built in the strategy's scope and under the run's precision policy;
+    `train()` restores the newest loadable checkpoint, trains to the last
+    step, evaluates after each epoch (`epoch_evaluation`) and saves.
+
     Args:
         config: a validated `Config` with num_classes set.
         class_names: list of C names.
         strategy: a `tf.distribute.Strategy`.
         num_train_records: size of the training set.
+
+    Example:
+        config, names, count = data.resolve_data(config)
+        trainer = Trainer(config, names, distribute.make_strategy("default"), count)
+        last_eval = trainer.train()
     """
 
     def __init__(self, config, class_names, strategy, num_train_records):
@@ -66,11 +87,16 @@ class Trainer:
         self._replica_fn = (tf.function(self._replica_step, jit_compile=True)
                             if config.jit_compile else self._replica_step)
         self.train_step = tf.function(self._distributed_step)
+        self.signals = stop_signals.StopSignals()  # installed by `train`
+        # Workers agree after each step whether one of them was asked to stop.
+        self._agree_on_stop = (tf.function(self._any_worker_stops)
+                               if distribute.num_workers(strategy) > 1 else None)
 
     def _build_state(self):
         """Model, optimizer, step counter and EMA (in the strategy's scope)."""
         c = self.config
-        self.model = restore.build_model_for(c, c.backbone_weights)
+        # A resume restores every weight: no ImageNet download (or file) is needed.
+        self.model = restore.build_model_for(c, None if resuming(c) else c.backbone_weights)
         self.optimizer = optim.make_optimizer(
             self.model, c.learning_rate, c.backbone_learning_rate, momentum=c.momentum,
             weight_decay=c.weight_decay, decay_boundaries=self.decay_boundaries(),
@@ -102,6 +128,12 @@ class Trainer:
             self.ema.update()
         self.step.assign_add(1)
         return terms
+
+    def _any_worker_stops(self, signal_number):
+        # ReduceOp has SUM and MEAN only: count the replicas asked to stop.
+        asked = tf.cast(signal_number > 0, tf.float32)
+        per_replica = self.strategy.run(lambda n: n, args=(asked,))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0
 
     def _distributed_step(self, batch):
         # Only what the step needs: XLA cannot take the string filenames.
@@ -148,8 +180,6 @@ class Trainer:
             f"checkpoint is {self.checkpoints.latest or '(none yet)'}. Lower "
             "--learning_rate or check the data.")
 
-    # --- evaluation -------------------------------------------------------------
-
     # --- the loop -------------------------------------------------------------
 
     def restore_or_initialize(self):
@@ -161,34 +191,69 @@ class Trainer:
         """Runs (or resumes) training to the last step; returns the last eval.
 
         The TensorBoard writers are flushed and closed when it returns or
-        raises.
+        raises. A SIGTERM or SIGINT finishes the step in flight, saves it and
+        raises `stop_signals.StopRequested` (during an evaluation, whose
+        epoch is already saved, at once).
         """
-        try:
-            return self._train_epochs()
-        finally:
-            self.summaries.close()
+        with self.signals:
+            try:
+                return self._train_epochs()
+            finally:
+                self.summaries.close()
 
     def _train_epochs(self):
         """The body of `train`."""
         c = self.config
         start = self.restore_or_initialize()
         if self.is_chief:  # only once the checkpoint loaded: a refused resume changes nothing
-            run_files.write_run(c.model_dir, c, self.class_names)
+            self._write_run_file()
         progress = step_progress.StepProgress(self.total_steps, c.batch_size)
         progress.start(start)
+        progress.message(distribute.describe(self.strategy))
         if start:
             progress.message(f"Resuming at step {start}/{self.total_steps} "
                              f"(epoch {start // self.steps_per_epoch + 1}).")
-        last_eval = self.evaluation.missed(start, progress)
+        with self.signals.immediate(self._stopped_in_evaluation(self.checkpoints.latest)):
+            last_eval = self.evaluation.missed(start, progress)
         progress.resume()
         for epoch in range(start // self.steps_per_epoch, c.epochs):
             self._train_epoch(epoch, progress)
             path = self.save()
             progress.message(f"Epoch {epoch + 1}/{c.epochs} done at step "
                              f"{int(self.step.numpy())}; checkpoint {path}")
-            last_eval = self.evaluation.after_epoch(epoch, progress) or last_eval
+            with self.signals.immediate(self._stopped_in_evaluation(path)):
+                last_eval = self.evaluation.after_epoch(epoch, progress) or last_eval
             progress.resume()  # the next speed is of training steps only
         return last_eval
+
+    def _write_run_file(self):
+        try:
+            run_files.write_run(self.config.model_dir, self.config, self.class_names)
+        except run_files.RunDirError as e:
+            raise checkpoints.CheckpointError(
+                f"{e}; training stopped before its first step. The last good checkpoint "
+                f"is {self.checkpoints.latest or '(none yet)'}: free space (or fix the "
+                "directory) and rerun the same command to resume from it.") from None
+
+    def _stopped_in_evaluation(self, checkpoint):
+        return (f"stopped by {{signal}} during the evaluation of the checkpoint "
+                f"{checkpoint}, which is saved: rerun the same command to resume (the "
+                "evaluation runs again first).")
+
+    def _stop_if_asked(self, step):
+        """Saves and raises StopRequested once a stop signal arrived (on any
+        worker: the workers agree, so that all of them save the same step)."""
+        number = self.signals.received
+        if self._agree_on_stop is not None:
+            if not self._agree_on_stop(tf.constant(int(number or 0))):
+                return
+            number = number or signal.SIGTERM
+        elif number is None:
+            return
+        path = self.save()
+        raise stop_signals.StopRequested(
+            number, f"stopped by {signal.Signals(number).name} at step {step}/"
+            f"{self.total_steps}: saved {path}; rerun the same command to resume from it.")
 
     def _train_epoch(self, epoch, progress):
         """The steps of one epoch (from the current step, when resuming)."""
@@ -210,6 +275,7 @@ class Trainer:
                                            speed, self._loss_scale())
             if step % c.checkpoint_every_steps == 0:
                 self.save()
+            self._stop_if_asked(step)
 
     def _loss_scale(self):
         if self.policy != "mixed_float16":

@@ -1,33 +1,12 @@
-"""Converts MS-COCO 2014 (`instances_{train,val}2014.json` + an image folder)
-into the mlcrl_tf TFRecord schema (see `pipelines/tfrecord_lib.py`).
+r"""Converts MS-COCO 2014 (`instances_*2014.json` and an image folder) to TFRecords.
 
-* Classes: the file's categories sorted by category id (COCO 2014: 80 classes,
-  ids 1..90 with gaps); class id = position in that order, names from the
-  JSON. They are written to `labels.txt`.
-* Labels: an image is positive for every category of its annotations.
-  Objects with `iscrowd=1` count too (they are instances of the class, just
-  drawn as one region), as in ML-GCN and ASL.
-* Images without any annotation are dropped (as ML-GCN and ASL do) and
-  counted as `dropped_unannotated` in `<split>_report.json`.
-* `--split` defaults to the file name's part after `instances_`
-  (`instances_val2014.json` -> `val2014`), else "train".
-* Unreadable images are skipped and listed in the report; EXIF-rotated
-  photos are stored upright (see tfrecord_lib).
-* The file is checked, and every fault is one error naming the file and the
-  entry (`images[3] (id 7)`): ids (image, category, an annotation's
-  image_id/category_id) must be JSON integers (not 1.7, "3", true, 1e400,
-  Infinity or NaN) and unique; category names non-empty strings without
-  line breaks, unique; file_names non-empty and unique; `iscrowd` 0 or 1
-  (absent = 0); JSON nested too deeply for Python's parser is refused.
-* Image paths: `file_name` is relative to `--image_dir` and must stay inside
-  it once resolved (symlinks followed); two file_names may not name one file.
-  `--allow_paths_outside_image_dir` accepts absolute and outside paths.
-* Progress (count, rate, ETA) goes to stderr; the summary line to stdout.
-  Limits and guarantees: docs/reliability.md.
+`convert` is the entry point: the file's categories in id order are the
+classes, an image is positive for the category of each of its annotations
+(crowd ones too), and images without annotations are dropped and counted.
+Decisions: docs/data.md, Converters; malformed files: docs/reliability.md.
 
-The command line is `pipelines.coco_to_tfrecord`:
-
-    python -m pipelines.coco_to_tfrecord --annotations=coco/annotations/instances_train2014.json --image_dir=coco/train2014 --output_dir=data/coco
+    python -m pipelines.coco_to_tfrecord --annotations=coco/annotations/instances_train2014.json \
+        --image_dir=coco/train2014 --output_dir=data/coco
 """
 
 import json
@@ -65,8 +44,8 @@ def _load_json(annotations_file):
 
 
 def _integer(value, what):
-    """Returns `value` if it is a JSON integer (not a bool, float, string,
-    1e400, Infinity or NaN); else raises ValueError naming `what`."""
+    """Returns `value` if it is a JSON integer, else raises ValueError naming
+    `what` (a bool, a float, a string, 1e400, Infinity and NaN are not)."""
     if type(value) is not int:  # pylint: disable=unidiomatic-typecheck
         raise ValueError(f"{what} must be an integer, got {value!r}")
     return value
@@ -204,10 +183,10 @@ def convert(annotations_file, image_dir, output_dir, split=None, num_shards=8,
         num_shards: number of shard files.
         num_workers: processes reading images (default: see `write_split`).
         overwrite: replace an existing split in output_dir.
-        limits: `tfrecord_lib.ImageLimits` (default: the defaults).
+        limits: `image_files.ImageLimits` (default: the defaults).
         allow_paths_outside_image_dir: accept absolute file_names and names
             resolving outside image_dir.
-        progress: a `pipelines.progress.Progress`, or None (silent).
+        progress: a `pipelines.utils.progress.Progress`, or None (silent).
 
     Returns:
         The report dict (also `<output_dir>/<split>_report.json`).

@@ -1,48 +1,17 @@
-"""Converts your own labelled images, listed in a CSV file, into the mlcrl_tf
-TFRecord schema (see `pipelines/tfrecord_lib.py`).
+r"""Converts your own labelled images, listed in a CSV file, to TFRecords.
 
-CSV format (UTF-8, parsed with Python's `csv` module, so a filename holding
-a comma can be quoted):
+`convert` is the entry point. A row is `filename,label1|label2`; the classes
+come from `--classes` (names or a labels.txt) or are the sorted set of the
+CSV's labels. The format in full and the decisions: docs/data.md, Converters.
 
-    filename,labels
-    beach/001.jpg,person|dog
-    beach/002.jpg,  sea | person
-    empty_room.jpg,
-
-* Exactly two columns per row. The first row is a header, and skipped, iff
-  it reads `filename,labels` (case and surrounding spaces ignored).
-* `filename` is relative to `--image_dir` (sub-folders allowed). Resolved
-  (`..` folded, symlinks followed), it must stay inside `--image_dir`;
-  absolute or outside paths are an error naming the line unless
-  `--allow_paths_outside_image_dir`. Each file at most once: two rows naming
-  the same real file (`a.jpg` and `./a.jpg`, or a symlink to it) are an
-  error naming both lines, whatever their labels.
-* `labels` are separated by `|`; spaces around names are stripped, empty
-  names (`a||b`) ignored, repeats merged. An empty field means an image with
-  no labels: it is kept and counted as `zero_label` in the report.
-* Blank lines are skipped. There are no difficult labels.
-* A field over 128 KB (Python's csv limit) or non-UTF-8 text is an error
-  naming the line; so is a label with a line break inside, or a filename
-  with a NUL byte.
-
-Classes (`--classes`): a comma-separated list (`--classes=cat,dog,person`)
-or the path of a labels.txt-style file (line i = name of class id i). A
-label not among them is an error naming the class, the CSV and the line.
-Without `--classes`, the classes are the sorted set of names in the CSV
-(Python string order, so case-sensitive): pass `--classes` to keep class ids
-stable across CSVs (e.g. train and val), or convert the split with the most
-classes first and pass its `labels.txt` to the others.
-
-Progress (count, rate, ETA) goes to stderr; the summary line to stdout.
-Limits and guarantees: docs/reliability.md.
-
-The command line is `pipelines.csv_to_tfrecord`:
-
-    python -m pipelines.csv_to_tfrecord --csv=my_data/train.csv --image_dir=my_data/images --output_dir=data/my_data --split=train
+    python -m pipelines.csv_to_tfrecord --csv=my_data/train.csv --image_dir=my_data/images \
+        --output_dir=data/my_data --split=train
 """
 
 import csv
 import os
+
+from absl import logging
 
 from pipelines.records import image_paths
 from pipelines.records import label_maps
@@ -51,11 +20,11 @@ from pipelines.utils import files
 
 
 def parse_classes(classes):
-    """Returns a list of class names from `--classes` (see module doc).
+    """Returns the class names `--classes` gives, or None.
 
     Args:
-        classes: None, a list of names, a path of a labels file, or a
-            comma-separated string.
+        classes: None, a list of names, the path of a labels.txt-style file
+            (line i = name of class id i), or a comma-separated string.
 
     Raises:
         ValueError: empty or repeated names, or an unreadable labels file.
@@ -111,7 +80,7 @@ def _csv_rows(csv_path):
 
 
 def read_csv(csv_path):
-    """Reads the CSV (format in the module doc).
+    """Reads the CSV (format: docs/data.md, Converters).
 
     Args:
         csv_path: the CSV file.
@@ -147,6 +116,31 @@ def read_csv(csv_path):
     return rows
 
 
+def _is_header(row, other_rows, image_dir, class_names):
+    """Whether the first row is a header spelt otherwise than `filename,labels`
+    (e.g. `file_name,classes`): it names no file of the image folder, its
+    first field has no file extension (an image name has one), and its label
+    names are no class (of `class_names`, or of the other rows)."""
+    _, filename, names = row
+    if (not names or os.path.splitext(filename)[1]
+            or os.path.exists(os.path.join(image_dir, filename))):
+        return False
+    known = (set(class_names) if class_names is not None
+             else {name for _, _, others in other_rows for name in others})
+    return not set(names) & known
+
+
+def _without_header(rows, csv_path, image_dir, class_names):
+    """`rows` without a first row that is a header by its content (logged)."""
+    if rows and rows[0][0] == 1 and _is_header(rows[0], rows[1:], image_dir, class_names):
+        line, filename, names = rows[0]
+        logging.warning("%s, line 1 (%s,%s) is read as a header: no file %s in %s, and "
+                        "%s no class of the data.", csv_path, filename, "|".join(names),
+                        filename, image_dir, "is" if len(names) == 1 else "are")
+        return rows[1:]
+    return rows
+
+
 def _records(rows, csv_path, image_dir, class_names,
              allow_paths_outside_image_dir):
     """The `ImageRecord`s of the CSV rows (paths resolved and checked)."""
@@ -172,7 +166,7 @@ def convert(csv_path, image_dir, output_dir, classes=None, split="train",
     """Converts the images listed in a CSV to sharded TFRecords.
 
     Args:
-        csv_path: the CSV file (format in the module doc).
+        csv_path: the CSV file (format: docs/data.md, Converters).
         image_dir: folder the CSV's filenames are relative to.
         output_dir: where shards, labels.txt and the report go.
         classes: class names (list, comma-separated string or labels-file
@@ -181,10 +175,10 @@ def convert(csv_path, image_dir, output_dir, classes=None, split="train",
         num_shards: number of shard files.
         num_workers: processes reading images (default: see `write_split`).
         overwrite: replace an existing split in output_dir.
-        limits: `tfrecord_lib.ImageLimits` (default: the defaults).
+        limits: `image_files.ImageLimits` (default: the defaults).
         allow_paths_outside_image_dir: accept absolute filenames and names
             resolving outside image_dir.
-        progress: a `pipelines.progress.Progress`, or None (silent).
+        progress: a `pipelines.utils.progress.Progress`, or None (silent).
 
     Returns:
         The report dict (also `<output_dir>/<split>_report.json`).
@@ -199,6 +193,7 @@ def convert(csv_path, image_dir, output_dir, classes=None, split="train",
     rows = read_csv(csv_path)
     if not os.path.isdir(image_dir):
         raise ValueError(f"image_dir {image_dir} is not a directory")
+    rows = _without_header(rows, csv_path, image_dir, class_names)
     if class_names is None:
         class_names = sorted({name for _, _, names in rows for name in names})
         if not class_names:

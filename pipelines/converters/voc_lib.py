@@ -1,27 +1,12 @@
-"""Converts PASCAL VOC 2007 into the mlcrl_tf TFRecord schema (see
-`pipelines/tfrecord_lib.py`).
+r"""Converts PASCAL VOC 2007 (a `VOCdevkit/VOC2007` folder) to TFRecords.
 
-* Images: the ids in `ImageSets/Main/<split>.txt` (split = trainval, test,
-  train or val), read from `JPEGImages/<id>.jpg`; labels from
-  `Annotations/<id>.xml`. The stored filename is `<id>.jpg`.
-* Classes: the 20 VOC classes in the standard alphabetical order
-  (`VOC_CLASSES`), written to `labels.txt`.
-* Difficult (docs/design.md, Data): a class is difficult for an image iff *every* object
-  of that class in the image is marked `<difficult>1</difficult>`. Difficult
-  classes are listed in `image/class/label` and in `image/class/difficult`
-  (evaluation ignores them, training treats them as positive).
-* A missing or malformed annotation XML, or an object of an unknown class,
-  is an error (the dataset is broken); a missing or unreadable image is
-  skipped and listed in `<split>_report.json`.
-* Ids in the split file must be plain file stems (no path separator, not
-  `.`/`..`) and appear once; `JPEGImages/<id>.jpg` must resolve (symlinks
-  followed) inside `JPEGImages` unless `--allow_paths_outside_image_dir`.
-* Progress (count, rate, ETA) goes to stderr; the summary line to stdout.
-  Limits and guarantees: docs/reliability.md.
+`convert` is the entry point: the ids of `ImageSets/Main/<split>.txt`, labels
+from `Annotations/<id>.xml`, the 20 classes in alphabetical order; a class is
+difficult for an image iff every object of it there is marked difficult.
+Decisions: docs/data.md, Converters; malformed files: docs/reliability.md.
 
-The command line is `pipelines.voc_to_tfrecord`:
-
-    python -m pipelines.voc_to_tfrecord --voc_dir=VOCdevkit/VOC2007 --split=trainval --output_dir=data/voc2007
+    python -m pipelines.voc_to_tfrecord --voc_dir=VOCdevkit/VOC2007 --split=trainval \
+        --output_dir=data/voc2007
 """
 
 import os
@@ -62,7 +47,7 @@ def read_annotation(xml_path):
     except OSError as e:
         raise ValueError(f"cannot read annotation {xml_path}: "
                          f"{e.strerror or e}") from None
-    # Per class: does a non-difficult object exist?
+    # Per class: does a non-difficult object exist? (False: the class is difficult.)
     has_easy = {}
     num_difficult = 0
     objects = root.findall("object")
@@ -150,10 +135,10 @@ def convert(voc_dir, split, output_dir, num_shards=4, num_workers=None,
         num_shards: number of shard files.
         num_workers: processes reading images (default: see `write_split`).
         overwrite: replace an existing split in output_dir.
-        limits: `tfrecord_lib.ImageLimits` (default: the defaults).
+        limits: `image_files.ImageLimits` (default: the defaults).
         allow_paths_outside_image_dir: accept images whose real path is
             outside JPEGImages (symlinks).
-        progress: a `pipelines.progress.Progress`, or None (silent).
+        progress: a `pipelines.utils.progress.Progress`, or None (silent).
 
     Returns:
         The report dict (also `<output_dir>/<split>_report.json`).

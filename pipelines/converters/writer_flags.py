@@ -1,4 +1,7 @@
-"""The flags every converter shares, and the `convert` options they give."""
+"""The flags every converter shares, and the `convert` options they give.
+
+Their defaults and meaning: docs/data.md, Converters.
+"""
 
 from absl import flags
 
@@ -6,9 +9,13 @@ from pipelines.records import image_files
 
 
 def define_writer_flags(num_shards):
-    """The flags every converter shares (defined only when a converter runs
+    """Defines the flags every converter shares (only when a converter runs
     as a script): output, shards, workers, overwrite, the image limits and
-    --allow_paths_outside_image_dir."""
+    --allow_paths_outside_image_dir.
+
+    Args:
+        num_shards: the converter's default `--num_shards`.
+    """
     flags.DEFINE_string("output_dir", None, "Output folder.", required=True)
     flags.DEFINE_integer("num_shards", num_shards, "Number of shard files.")
     flags.DEFINE_integer("num_workers", None, "Processes reading images.")

@@ -1,1 +1,1 @@
-"""The embedded real demo set "outfits", made of Fashion-MNIST photos."""
+"""The "outfits" demo set, made of real Fashion-MNIST photos (docs/data.md)."""

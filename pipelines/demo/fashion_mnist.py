@@ -1,28 +1,10 @@
-"""Finds and reads the real Fashion-MNIST files (the demo set's source).
+"""Finds and reads the real Fashion-MNIST files, the demo set's source.
 
     images, labels = load_fashion_mnist("train")   # (60000, 28, 28) uint8, (60000,) int64
 
-Fashion-MNIST (Zalando, MIT licence): 70,000 real 28x28 grayscale product
-photos in 10 classes, 60,000 train / 10,000 test, as four gzipped IDX files.
-They are looked for, in this order:
-
-1. `data_dir` (flag `--fashion_mnist_dir` of `pipelines.demo_dataset`), if
-   given;
-2. `/usr/share/datasets/fashion-mnist` (Debian/Ubuntu:
-   `apt-get install dataset-fashion-mnist`);
-3. Keras's cache `~/.keras/datasets/fashion-mnist`;
-4. a download of the same four files from the address Keras uses
-   (`DOWNLOAD_URL`, needs a network) into Keras's cache directory. The data
-   layer does not import Keras for that.
-
-A place that lacks the files is skipped (a given `data_dir` with a warning);
-if none works, one ValueError names all of them, why the download failed and
-the apt command. Every file is checked against the SHA-256 of its
-decompressed content (`_SHA256`: the IDX data itself, the same whatever
-gzip container a mirror uses); a truncated, corrupt or different file is
-one ValueError naming it. A download goes to a hidden temporary file in the
-cache directory, is checked, then renamed: a failed or bad download leaves
-nothing behind.
+`load_fashion_mnist` looks in `data_dir`, Debian's package folder and Keras's
+cache, else downloads; every file is checked against the SHA-256 of its
+content. The places and the checks: docs/data.md, Fashion-MNIST files.
 """
 
 import gzip
@@ -30,12 +12,13 @@ import hashlib
 import http.client
 import os
 import shutil
-import tempfile
 import urllib.request
 import zlib
 
 from absl import logging
 import numpy as np
+
+from pipelines.utils import files
 
 # The official class names, in label order.
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -105,28 +88,22 @@ def _read_dir(directory, split):
 
 
 def _fetch(name, directory):
-    """Downloads file `name` into `directory`: checked, then renamed into place.
-
-    The temporary file is removed whatever happens.
+    """Downloads file `name` into `directory`: checked, then renamed into place
+    (`files.atomic_output`: nothing is left behind on a failure).
 
     Raises:
         ValueError: the transfer failed or the file is bad (naming its URL).
         OSError: the directory is not writable.
     """
     url = DOWNLOAD_URL + name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
-    try:
+    with files.atomic_output(os.path.join(directory, name), binary=True) as out:
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-                    url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
                 shutil.copyfileobj(response, out)
         except (OSError, http.client.HTTPException) as e:
             raise ValueError(f"download of {url} failed: {type(e).__name__}: {e}") from None
-        _verified_content(tmp, name, shown=f"download of {url}")
-        os.replace(tmp, os.path.join(directory, name))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        out.flush()
+        _verified_content(out.name, name, shown=f"download of {url}")
 
 
 def _download(split):

@@ -1,73 +1,15 @@
-"""The embedded real demo dataset "outfits" (SPEC §8): multi-label canvases of
-real Fashion-MNIST product photos, written as COCO-format JPEGs + annotations
-and converted to TFRecords by the real COCO converter.
+"""The "outfits" demo set: multi-label canvases of real Fashion-MNIST photos.
 
-What a canvas is
-----------------
-A `canvas_size` x `canvas_size` RGB image (default 96) on a dark, noisy
-background of random colour, holding 2-4 real 28x28 Fashion-MNIST items,
-each rescaled (0.9-1.5x at 96 px; proportional for other canvas sizes),
-tinted with a random colour and pasted at a random place. An item's shape
-(its alpha mask) is the product silhouette: pixels brighter than a small
-threshold, holes filled. The labels of a canvas are the set of classes of
-its items (so 1-4 labels: an item may repeat a class).
-
-Label co-occurrence carries information but does not decide anything: every
-canvas belongs to one of four latent scenes (uniformly drawn), and each item
-is drawn from its scene's classes with probability 0.8, otherwise from all
-ten classes; with probability 0.1 an item repeats a class already present.
-
-    summer: T-shirt/top, Dress, Sandal, Bag
-    winter: Pullover, Coat, Ankle boot, Trouser
-    sport:  T-shirt/top, Trouser, Sneaker, Bag
-    office: Shirt, Trouser, Bag, Ankle boot
-
-Train canvases use only items of the official Fashion-MNIST train split, test
-canvases only the official test split; every annotation records its source
-(`source_split`, `source_index`).
-
-Visibility rule
----------------
-The visible fraction of an item = its silhouette pixels that are inside the
-canvas and not covered by an item pasted later (alpha >= 0.5), divided by all
-its silhouette pixels. An item is only pasted where every item of the canvas
-keeps at least the minimum visible fraction (40 tries, else the item is left
-out), so every labelled class has an item at least that visible and nothing
-unlabelled shows:
-
-* default (`occlusion=False`): items lie wholly inside the canvas and keep
-  >= 90 % visible (limited overlap);
-* `occlusion=True` (the harder setting for the context ablation): items are
-  larger (1.1-1.8x), placed near an existing item, may leave the canvas, and
-  need only `OCCLUDED_MIN_VISIBLE = 0.25` (25 %) visible. A class counts as
-  present iff one of its items is >= 25 % visible. The low minimum leaves
-  many classes whose every item is mostly hidden (25-50 % visible): the
-  ablation's hidden-label AP (paper Fig. 1b) ranks exactly those images.
-
-Output
-------
-    <output_dir>/images/{train,test}/{train,test}_000000.jpg   JPEG quality 95
-    <output_dir>/annotations/instances_{train,test}.json       COCO format
-    <output_dir>/tfrecords/{train,test}-0000i-of-0000N.tfrecord, labels.txt,
-        {train,test}_report.json                                (the converter)
-
-COCO categories have ids 1..10 in Fashion-MNIST order (names `CLASS_NAMES`),
-so class id i of the TFRecords is Fashion-MNIST label i. Each annotation has
-the COCO fields (bbox of the visible part, area = visible pixels,
-iscrowd=0) plus `source_split`, `source_index`, `item_box` (the whole pasted
-square [x, y, side, side], possibly off-canvas), `visible_fraction`; annotation
-order is paste order (later = on top). Images carry their `scene`.
-
-Generation is deterministic: canvas i of a split depends only on (seed,
-split, i), so the same seed gives byte-identical images, annotations and
-TFRecords, and the first canvases do not change with `num_train`.
-
-The command line is `pipelines.demo_dataset`:
+`generate` writes the canvases as JPEGs with COCO-format annotations and
+converts them with the real COCO converter; `write_preview` draws a grid of
+them. What a canvas is, the scenes, the visibility rule and the output layout:
+docs/data.md, The outfits demo set.
 
     python -m pipelines.demo_dataset --output_dir=data/demo --preview=docs/demo_preview.png
 """
 
 import colorsys
+import io
 import json
 import os
 import shutil
@@ -80,6 +22,7 @@ from PIL import ImageFont
 
 from pipelines.converters import coco_lib
 from pipelines.demo import fashion_mnist
+from pipelines.utils import files
 
 CLASS_NAMES = fashion_mnist.CLASS_NAMES
 SCENES = {
@@ -197,6 +140,7 @@ def _draw_classes(rng, num_items):
 
 
 def _random_box(rng, canvas_size, side, occlusion, boxes):
+    """A random paste box [x, y, side, side] for the next item."""
     if not occlusion or not boxes:
         if occlusion:  # may leave the canvas by up to half its side
             low, high = -side // 2, canvas_size - side // 2
@@ -218,7 +162,7 @@ def make_canvas(rng, items, canvas_size, occlusion):
         rng: `np.random.Generator` of this canvas.
         items: list of (class_id, source_index, 28x28 uint8 image).
         canvas_size: side in pixels.
-        occlusion: the harder setting (see the module docstring).
+        occlusion: the harder setting (docs/data.md, Visibility rule).
 
     Returns:
         (image uint8 (S, S, 3), pasted): `pasted` lists, in paste order,
@@ -362,17 +306,17 @@ def generate(output_dir, num_train=4000, num_test=1000, canvas_size=96,
     """Generates the demo set: JPEGs, COCO annotations, then TFRecords.
 
     Args:
-        output_dir: root directory (see the module docstring for the layout).
+        output_dir: root directory (the layout: docs/data.md, Output).
         num_train, num_test: canvases per split.
         canvas_size: canvas side in pixels.
         seed: generation seed; the same seed gives identical files.
         occlusion: the harder, occluded setting.
         fashion_mnist_dir: optional Fashion-MNIST directory (see
-            `pipelines.fashion_mnist`).
+            `fashion_mnist.load_fashion_mnist`).
         overwrite: replace an existing demo set in `output_dir`.
         num_workers: converter processes (None: the converter's default).
-        progress: optional `pipelines.progress.Progress`, restarted for the
-            canvases and the conversion of each split.
+        progress: optional `pipelines.utils.progress.Progress`, restarted
+            for the canvases and the conversion of each split.
 
     Returns:
         A dict: per split, `split_stats` plus the converter's report under
@@ -386,6 +330,8 @@ def generate(output_dir, num_train=4000, num_test=1000, canvas_size=96,
                          "at least one canvas per split.")
     if canvas_size < 32:
         raise ValueError(f"canvas_size={canvas_size}: use at least 32 px.")
+    output_dir = files.require_local(output_dir, "--output_dir",
+                                     "the demo set (JPEG files, then the converter)")
     summary = {}
     for split, count in (("train", num_train), ("test", num_test)):
         start = time.perf_counter()
@@ -406,8 +352,7 @@ def generate(output_dir, num_train=4000, num_test=1000, canvas_size=96,
             progress.start(total=count, description=f"{split} canvases")
         coco = _generate_split(split, count, images, labels, canvas_size,
                                seed, occlusion, image_dir, progress)
-        with open(annotations_file, "w", encoding="utf-8") as f:
-            json.dump(coco, f, separators=(",", ":"))
+        files.write_atomically(annotations_file, json.dumps(coco, separators=(",", ":")))
         report = coco_lib.convert(
             annotations_file, image_dir, os.path.join(output_dir, "tfrecords"),
             split=split, num_shards=NUM_SHARDS[split], num_workers=num_workers,
@@ -429,6 +374,7 @@ def write_preview(output_dir, path, split="train", num=16, columns=4,
         columns: grid columns.
         zoom: integer upscaling of each canvas.
     """
+    path = files.require_local(path, "--preview", "the preview picture")
     with open(os.path.join(output_dir, "annotations",
                            f"instances_{split}.json"), encoding="utf-8") as f:
         coco = json.load(f)
@@ -454,4 +400,7 @@ def write_preview(output_dir, path, split="train", num=16, columns=4,
         draw.multiline_text((x, y + side + 2), "\n".join(lines), fill="black",
                             font=font, spacing=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sheet.save(path)
+    buffer = io.BytesIO()
+    extension = os.path.splitext(path)[1].lower()
+    sheet.save(buffer, format=Image.registered_extensions().get(extension, "PNG"))
+    files.write_atomically(path, buffer.getvalue())

@@ -1,1 +1,1 @@
-"""TFRecord files: the schema, checking images, writing and finding shards."""
+"""TFRecord files: the schema, checking images, writing and finding shards (docs/data.md)."""

@@ -1,8 +1,10 @@
 """Switching a split from its old shards to the new ones in one atomic step.
 
-The journal `.<split>.switch.json` lists the renames and removals; while it
-exists readers refuse the split, and the next conversion finishes it
-(docs/reliability.md, "Converted datasets").
+`write_journal` commits a new generation, `apply_switch` carries it out,
+`finish_interrupted_switch` completes one that a kill interrupted, and
+`check_no_switch` is how readers refuse a split while its journal exists.
+Decisions: docs/data.md, Generation switch; guarantees: docs/reliability.md,
+Converters.
 """
 
 import json
@@ -19,9 +21,13 @@ _SWITCH_RE = re.compile(r"^\.(?P<split>.+)" + re.escape(schema.SWITCH_SUFFIX) + 
 
 
 def check_no_switch(directory, split=None, listing=None):
-    """Raises ValueError if a generation switch (of `split`, or of any split
-    when None) was interrupted in `directory` (`listing`: its file names,
-    if already listed)."""
+    """Raises ValueError if a generation switch was interrupted in `directory`.
+
+    Args:
+        directory: the shards' directory ("" for the working directory).
+        split: the split to check, or None for any split.
+        listing: the directory's file names, if already listed.
+    """
     if listing is None:
         listing = tf.io.gfile.listdir(directory or ".")
     for name in listing:
@@ -35,6 +41,7 @@ def check_no_switch(directory, split=None, listing=None):
 
 
 def _read_journal(path):
+    """The journal at `path`; ConversionError unless it names plain files only."""
     try:
         with open(path, encoding="utf-8") as f:
             journal = json.load(f)
@@ -103,9 +110,19 @@ def finish_interrupted_switch(output_dir, split):
 
 
 def write_journal(output_dir, split, renames, removals):
-    """Writes the switch journal atomically: THE step that commits a new
+    """Writes the switch journal atomically: the step that commits a new
     generation (before it the old files stand, after it a rerun rolls
-    forward; see `apply_switch`)."""
+    forward with `apply_switch`).
+
+    Args:
+        output_dir: the shards' directory.
+        split: the split name.
+        renames: `(temporary path, final path)` pairs.
+        removals: the old files no new file replaces.
+
+    Raises:
+        ConversionError: the journal cannot be written.
+    """
     journal = {
         "split": split,
         "rename": [[os.path.basename(a), os.path.basename(b)]

@@ -1,8 +1,9 @@
-"""Reading and checking one image file before it is stored (`prepare_image`).
+"""Reading and checking one image file before it is stored: `prepare_image`.
 
 Only a regular file within `ImageLimits` is read; it must decode with PIL and
-TensorFlow to the same size; EXIF-rotated, animated and non-JPEG/PNG/GIF/BMP
-images are re-encoded (docs/design.md, Data; docs/reliability.md).
+TensorFlow to the same size; EXIF-rotated, animated and other than
+JPEG/PNG/GIF/BMP images are re-encoded. The rules: docs/data.md, Checking one
+image; the limits: docs/reliability.md, Converters.
 """
 
 import contextlib
@@ -31,13 +32,25 @@ _EXIF_ORIENTATION = 0x0112
 
 @dataclasses.dataclass(frozen=True)
 class ImageLimits:
-    """Resource limits of one image (see the module doc).
+    """The resource limits of one image, checked before it is decoded.
 
-    Attributes:
-        max_pixels: width x height above which an image is skipped before
-            decoding (`--max_image_pixels`).
-        max_bytes: file size above which an image is skipped before reading
-            (`--max_image_bytes`).
+    Args:
+        max_pixels: int, width x height above which an image is skipped
+            before decoding (`--max_image_pixels`). Defaults to 100,000,000.
+        max_bytes: int, file size above which an image is skipped before
+            it is read (`--max_image_bytes`). Defaults to 256 MiB.
+
+    Raises:
+        ValueError: a limit that is not a positive int.
+
+    Example:
+
+    >>> ImageLimits()
+    ImageLimits(max_pixels=100000000, max_bytes=268435456)
+    >>> ImageLimits(max_pixels=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: ImageLimits.max_pixels must be a positive int, got 0
     """
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
@@ -52,7 +65,19 @@ class ImageLimits:
 
 
 class ImageError(ValueError):
-    """An image file that cannot be stored; `reason` says why."""
+    """An image file that cannot be stored: a counted skip of a conversion.
+
+    Args:
+        path: the image file.
+        reason: why it cannot be stored, as the report's `skipped` list
+            gives it.
+
+    Example:
+
+    >>> error = ImageError("photos/a.jpg", "empty file")
+    >>> str(error), error.reason
+    ('photos/a.jpg: empty file', 'empty file')
+    """
 
     def __init__(self, path, reason):
         super().__init__(f"{path}: {reason}")
@@ -65,6 +90,13 @@ def read_image_file(path, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
 
     Opened without blocking (a FIFO does not hang) and checked with fstat
     on the open file, so a file swapped for a special one is caught too.
+
+    Args:
+        path: the file.
+        max_bytes: the size cap (`--max_image_bytes`).
+
+    Returns:
+        The file's bytes.
 
     Raises:
         ImageError: missing, not a regular file, larger than `max_bytes`,
@@ -189,6 +221,7 @@ def _reencode(image, lossless=False):
 
 
 def _prepare_bytes(data, path, max_pixels):
+    """`(bytes to store, None or why they were re-encoded)` of an image's data."""
     image, animated, orientation = _open_image(data, path, max_pixels)
     if orientation in range(2, 9):
         image = ImageOps.exif_transpose(image)

@@ -1,37 +1,10 @@
-"""Image dimensions read from the encoded header, before any decoding.
+"""Image size read from the encoded header, before any decoding: pixel budgets.
 
-A decompression bomb is a small file that decodes to a huge image (a 48 KB
-PNG of 20000 x 20000 pixels costs 6.8 GB to decode; a 1000-frame GIF is
-decoded frame by frame even when only the first frame is kept). This module
-reads the size from the header bytes so that such images are refused before
-a decoder allocates anything (issue 13, item 13).
-
-Two twins with one rule, tested to agree on every input:
-
-- in-graph (pure TensorFlow ops, usable in `tf.data` and in a SavedModel
-  served by TF Serving): `header_info`, `budget_problem`,
-  `check_pixel_budget`, `within_pixel_budget`;
-- pure Python: `read_header`, `pixel_budget_problem`.
-
-The pixels counted are what TensorFlow's decoder allocates for:
-
-- JPEG: width x height of the first SOF segment (markers walked like
-  libjpeg: fill bytes and stray bytes between segments are skipped);
-- PNG: the IHDR width x height (an APNG's extra frames are not decoded);
-- BMP: |width| x |height| of the info header (the offsets TensorFlow reads);
-- WebP: the VP8 / VP8L frame size or the VP8X canvas (TensorFlow refuses
-  animated WebP with 3 channels, so frames are not counted);
-- GIF: frames x max(logical screen area, largest frame area): TensorFlow
-  decodes every frame even when it keeps only the first. Frames are
-  counted by walking the block structure (sub-block chains of full
-  255-byte blocks are skipped 64 at a time).
-- JPEG XL: `tf.io.decode_image` decodes it, but its size header is not
-  read here: it is refused ("cannot be checked").
-
-Walks (JPEG segments, GIF blocks) stop after `MAX_HEADER_STEPS` steps: an
-image needing more is refused ("cannot be checked"), so the check itself
-costs at most ~1 s of CPU on a hostile file. An unknown format, or a header
-too short to hold the size, gives 0 pixels: the decoder rejects it anyway.
+Two twins with one rule, tested to agree on every input: pure Python
+(`read_header`, `pixel_budget_problem`) and TensorFlow ops usable in `tf.data`
+and in a SavedModel served by TF Serving (`header_info`, `budget_problem`,
+`check_pixel_budget`, `within_pixel_budget`). Decisions: docs/data.md,
+Checking one image; what each format counts: docs/reliability.md, Serving and export.
 """
 
 import dataclasses
@@ -41,9 +14,10 @@ import tensorflow as tf
 
 # 100 megapixels: a 108 MP phone photo is refused, anything a camera below
 # that makes passes; decoding one costs ~300 MB in PIL plus ~300 MB in TF.
-# The converters' default too (`tfrecord_lib.DEFAULT_MAX_IMAGE_PIXELS`).
+# The converters' default too (`image_files.DEFAULT_MAX_IMAGE_PIXELS`).
 DEFAULT_MAX_PIXELS = 100_000_000
-# JPEG segments or GIF blocks walked before giving up (refusing the image).
+# JPEG segments or GIF blocks walked before giving up (refusing the image):
+# the check costs at most ~1 s of CPU on a hostile file.
 MAX_HEADER_STEPS = 65_536
 # Full GIF sub-blocks (255 bytes + length byte) skipped in one step.
 _GIF_SKIP = 64
@@ -70,10 +44,26 @@ _FORMATS = (JPEG, PNG, GIF, BMP, WEBP, JXL)
 
 @dataclasses.dataclass(frozen=True)
 class Header:
-    """What the header says: format ("" if unknown), size, frames, pixels.
+    r"""What an image's header says: its format, size, frames and pixels.
 
-    `problem` is non-empty when the size cannot be known (the image must be
-    refused); `pixels` is what the decoder allocates for (GIF: all frames).
+    Args:
+        format: "JPEG", "PNG", "GIF", "BMP", "WebP", "JPEG XL", or "" if
+            unknown.
+        width: pixels (0 when unknown).
+        height: pixels (0 when unknown).
+        frames: the frames the decoder decodes (GIF; 1 otherwise).
+        pixels: what the decoder allocates for: width x height, for a GIF
+            frames x max(screen area, largest frame area).
+        problem: non-empty when the size cannot be checked (the image must
+            then be refused).
+
+    Example:
+
+    >>> png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (20000).to_bytes(4, "big") * 2
+    >>> read_header(png)
+    Header(format='PNG', width=20000, height=20000, frames=1, pixels=400000000, problem='')
+    >>> pixel_budget_problem(png, DEFAULT_MAX_PIXELS)
+    '20000x20000 = 400000000 pixels, above the pixel budget of 100000000'
     """
     format: str
     width: int = 0
@@ -92,6 +82,7 @@ def image_format(data):
 
 
 def _u16be(data, i):
+    """The big-endian uint16 at `data[i]`."""
     return (data[i] << 8) | data[i + 1]
 
 
@@ -119,7 +110,7 @@ def _gif_frames(data):
     """(frames, largest frame area, steps) walking the GIF blocks."""
     data = bytes(data) + b"\0" * _PAD
     n = len(data) - _PAD
-    at = lambda q: data[min(q, n)]  # pylint: disable=unnecessary-lambda-assignment
+    at = lambda q: data[min(q, n)]  # noqa: E731 - the twin of `_reader`'s `at`
     packed = at(10)
     p = 13 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0)
     in_blocks, frames, largest, steps = False, 0, 0, 0
@@ -151,6 +142,7 @@ def _gif_frames(data):
 
 
 def _webp_size(data):
+    """(width, height) of a WebP's VP8 or VP8L frame or VP8X canvas; (0, 0) else."""
     data = bytes(data) + b"\0" * _PAD
     kind = data[12:16]
     if kind == b"VP8 ":
@@ -166,6 +158,7 @@ def _webp_size(data):
 
 
 def _cannot_check(name, why):
+    """The `Header` of an image whose size cannot be checked (to be refused)."""
     return Header(name, problem=f"{name} whose size cannot be checked against the "
                                 f"pixel budget ({why})")
 
@@ -467,12 +460,10 @@ def within_pixel_budget_fast(image_bytes, max_pixels):
     """`within_pixel_budget` for pipelines that skip failing images anyway.
 
     A JPEG's size comes from libjpeg's own header reader
-    (`tf.io.extract_jpeg_shape`, a native op) instead of the segment walk
-    in the graph, which copies the whole file into a tensor: the input
-    pipeline runs at its decode limit this way (docs/performance.md). A JPEG
-    whose header libjpeg cannot read raises its error, which `ignore_errors`
-    turns into a counted skip, as for any undecodable image. Other formats
-    are checked by `check_pixel_budget`.
+    (`tf.io.extract_jpeg_shape`) instead of the segment walk in the graph,
+    which copies the whole file into a tensor; a JPEG whose header libjpeg
+    cannot read raises its error (docs/data.md, Checking one image). Other
+    formats are checked by `check_pixel_budget`.
     """
     is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 3), b"\xff\xd8\xff")
 

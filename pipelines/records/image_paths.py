@@ -1,15 +1,32 @@
-"""Image names of an annotation list, resolved to real paths inside the image folder."""
+"""Image names of an annotation list, resolved to real paths inside the image folder.
+
+`ImagePaths.resolve` is the check every converter applies to an image name
+(docs/data.md, Image names).
+"""
 
 import os
 
 
 class ImagePaths:
-    """Resolves the image names of one annotation list (see module doc).
+    """The image names of one annotation list, resolved and checked.
+
+    A name must resolve (symlinks followed) inside `image_dir`, and no two
+    names may resolve to one file.
 
     Args:
         image_dir: the folder the names are relative to.
         allow_outside: accept absolute names and names resolving outside
             `image_dir` (`--allow_paths_outside_image_dir`).
+
+    Example:
+
+    >>> paths = ImagePaths("/no/such/images")
+    >>> paths.resolve("cats/1.jpg", "train.csv, line 2")
+    '/no/such/images/cats/1.jpg'
+    >>> paths.resolve("../1.jpg", "train.csv, line 3")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: train.csv, line 3: ../1.jpg resolves to /no/such/1.jpg, outside image_dir ...
     """
 
     def __init__(self, image_dir, allow_outside=False):

@@ -1,7 +1,9 @@
 """Label maps: the class-name rule, `labels.txt`, and checks that two agree.
 
 Line i of `labels.txt` is the name of class id i; a class name holds no
-character `str.splitlines` breaks on (docs/design.md, Data).
+character `str.splitlines` breaks on. `read_class_names` reads a labels.txt,
+`class_names_for_shards` the one of selected shards, `check_same_classes`
+compares two label maps (docs/data.md, Schema and split files).
 """
 
 import os
@@ -52,6 +54,11 @@ def check_class_names(class_names, what="class_names"):
     return names
 
 
+def labels_file_text(class_names):
+    """The text of a labels.txt: line i is the name of class id i."""
+    return "".join(f"{name}\n" for name in check_class_names(class_names))
+
+
 def read_class_names(path):
     """Reads a labels file (line i = name of class id i).
 
@@ -90,6 +97,7 @@ def read_class_names(path):
 
 
 def _first_difference(a, b):
+    """Where two lists of class names differ, for a message."""
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return f"class id {i} is {x!r} in one and {y!r} in the other"
@@ -99,9 +107,8 @@ def _first_difference(a, b):
 def class_names_for_shards(files):
     """The class names of shard files, from the labels.txt beside them.
 
-    Every directory holding one of `files` must agree: all have a
-    labels.txt with the same names (returned), or none has one (None is
-    returned: the caller must know the names another way).
+    Every directory holding one of `files` must agree: all have a labels.txt
+    with the same names, or none has one.
 
     Args:
         files: shard paths (e.g. from `find_shards`).
@@ -138,7 +145,10 @@ def class_names_for_shards(files):
     return first
 
 
-def check_same_classes(names, expected, what, expected_from):
+def check_same_classes(names, expected, what, expected_from,
+                       consequence="every class id would be scored as another class",
+                       advice="Convert the data with the same class list "
+                              "(--classes=<labels.txt>)."):
     """Raises ValueError unless two label maps agree (None = unknown: passes).
 
     Args:
@@ -146,6 +156,8 @@ def check_same_classes(names, expected, what, expected_from):
         expected: the class names of the run or export (or None).
         what: how to name the data in the message.
         expected_from: where `expected` came from, for the message.
+        consequence: what a mismatch would do, for the message.
+        advice: what to do, for the message.
     """
     if names is None or expected is None or list(names) == list(expected):
         return
@@ -154,6 +166,5 @@ def check_same_classes(names, expected, what, expected_from):
     detail = (f"class id {where} is {names[where]!r} there but {expected[where]!r} in "
               f"{expected_from}" if where < min(len(names), len(expected))
               else f"{len(names)} classes there, {len(expected)} in {expected_from}")
-    raise ValueError(f"{what}: the label map differs from the run's ({detail}); every "
-                     "class id would be scored as another class. Convert the data with "
-                     "the same class list (--classes=<labels.txt>).")
+    raise ValueError(f"{what}: the label map differs from the run's ({detail}); "
+                     f"{consequence}. {advice}")

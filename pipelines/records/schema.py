@@ -1,12 +1,9 @@
 """The one TFRecord schema of mlcrl_tf and the file names of a converted split.
 
-    image/encoded          bytes       original image file bytes
-    image/filename         bytes       path relative to the image directory
-    image/class/label      int64 list  positive class ids (difficult included)
-    image/class/difficult  int64 list  class ids difficult for this image
-
-Beside the shards `<split>-00000-of-000NN.tfrecord`: `labels.txt` and
-`<split>_report.json` (docs/design.md, Data).
+`make_example` builds a record and `FEATURE_SPEC` parses one; `shard_filename`,
+`split_file_pattern`, `report_path` and `switch_journal_path` name the files of
+a split. The keys, the files and the report: docs/data.md, Schema and split
+files.
 """
 
 import os
@@ -19,7 +16,7 @@ FILENAME_KEY = "image/filename"
 LABEL_KEY = "image/class/label"
 DIFFICULT_KEY = "image/class/difficult"
 LABELS_FILENAME = "labels.txt"
-# tf.io.parse_single_example / parse_example spec for the schema above.
+# The parse spec of the schema (tf.io.parse_single_example, parse_example).
 FEATURE_SPEC = {
     ENCODED_KEY: tf.io.FixedLenFeature([], tf.string),
     FILENAME_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
@@ -60,7 +57,19 @@ def make_example(encoded, filename, labels, difficult=()):
 
 class ConversionError(ValueError):
     """A conversion that cannot finish: the output cannot be written, or a
-    worker process died. The message names the path or the cause."""
+    worker process died.
+
+    Its message names the path or the cause. It is a `ValueError`, so the
+    command lines print it as their one `error:` line.
+
+    Args:
+        message: str, the path or the cause and what to do.
+
+    Example:
+
+    >>> issubclass(ConversionError, ValueError)
+    True
+    """
 
 
 def shard_filename(split, index, num_shards):

@@ -1,7 +1,9 @@
 """The reading side: complete shard sets, and how many records they hold.
 
-`find_shards` refuses an incomplete `-of-N` set or a split half-way through a
-generation switch; counts come from the converters' reports.
+`find_shards` returns the files of a pattern, refusing an incomplete `-of-N`
+set or a split half-way through a generation switch; `expected_records` and
+`count_records` take the counts from the converters' reports. Decisions:
+docs/data.md, Reading shards.
 """
 
 import json
@@ -44,12 +46,10 @@ def find_shards(file_pattern):
     """Returns the sorted files matching a pattern, checking shard sets.
 
     Hidden files (temporaries of a running or crashed conversion) are
-    ignored. For every matched file named `<prefix>-NNNNN-of-MMMMM.tfrecord`,
-    all M shards of that set must exist in its directory (the pattern itself
-    may select only some of them), no second shard set with another M may
-    share the prefix, and no interrupted generation switch of the prefix
-    (`.<prefix>.switch.json`) may be pending. Other file names are returned
-    as they are.
+    ignored; every matched `<prefix>-NNNNN-of-MMMMM.tfrecord` must belong to
+    one complete set of M shards (the pattern may select only some of them),
+    with no pending switch (docs/data.md, Reading shards). Other file names
+    are returned as they are.
 
     Args:
         file_pattern: a glob pattern (`tf.io.gfile.glob` syntax).
@@ -64,7 +64,13 @@ def find_shards(file_pattern):
     files = sorted(path for path in tf.io.gfile.glob(file_pattern)
                    if not os.path.basename(path).startswith("."))
     if not files:
-        raise ValueError(f"file pattern {file_pattern!r} matches no file")
+        where = os.path.dirname(file_pattern) or "."
+        local = "://" not in file_pattern
+        raise ValueError(
+            f"file pattern {file_pattern!r} matches no file (looked in "
+            f"{os.path.abspath(where) if local else where}"
+            + ("; a relative path is relative to the working directory" if local and
+               not os.path.isabs(file_pattern) else "") + ")")
     listings = {}
     checked = set()
     for path in files:
@@ -129,6 +135,7 @@ def expected_records(files):
 
 
 def _count_file_records(path):
+    """The records in one file, read and counted; ValueError if it is corrupt."""
     try:
         return int(tf.data.TFRecordDataset(path).reduce(
             np.int64(0), lambda n, _: n + 1).numpy())

@@ -2,7 +2,8 @@
 
 Records are shuffled (seed 0) and dealt round-robin into shards; worker
 processes read and check the images; every file is written under a hidden
-temporary name and the generation switch commits them (docs/design.md, Data).
+temporary name, and the generation switch commits them. Decisions:
+docs/data.md, Shard writer; guarantees: docs/reliability.md, Converters.
 """
 
 import collections
@@ -16,7 +17,9 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import tempfile
+import threading
 
 from absl import logging
 import tensorflow as tf
@@ -24,6 +27,7 @@ import tensorflow as tf
 from pipelines.records import generations
 from pipelines.records import image_files
 from pipelines.records import label_maps
+from pipelines.records import output_lock
 from pipelines.records import schema
 from pipelines.records import split_report
 from pipelines.utils import files
@@ -35,14 +39,22 @@ _SPLIT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-    """One image to convert.
+    """One image to convert: where to read it, its name and its labels.
 
-    Attributes:
+    Args:
         path: where to read the image file.
         filename: the name stored in `image/filename` (relative to the
-            dataset's image directory).
-        labels: positive class ids, difficult ones included.
-        difficult: class ids difficult for this image (subset of `labels`).
+            dataset's image folder); unique within a split.
+        labels: tuple of positive class ids, difficult ones included.
+        difficult: tuple of the class ids difficult for this image (a subset
+            of `labels`).
+
+    Example:
+
+    >>> record = ImageRecord("/data/VOC2007/JPEGImages/000005.jpg", "000005.jpg",
+    ...                      labels=(8, 14), difficult=(8,))
+    >>> record.filename, record.labels, record.difficult
+    ('000005.jpg', (8, 14), (8,))
     """
     path: str
     filename: str
@@ -78,6 +90,7 @@ def _check_arguments(records, split, class_names, num_shards, num_workers,
 
 
 def _check_records(records, num_classes):
+    """Raises ValueError unless `records` are distinct, valid `ImageRecord`s."""
     if not records:
         raise ValueError("records is empty: nothing to convert")
     seen = set()
@@ -131,13 +144,14 @@ def _final_shards(output_dir, split):
 
 
 def _remove_stale_temporaries(output_dir, split):
-    pattern = re.compile(
-        r"^\.(" + re.escape(split) + r"-\d{5}-of-\d{5}\.tfrecord|"
-        + re.escape(split + schema.REPORT_SUFFIX) + "|"
-        + re.escape(split + schema.SWITCH_SUFFIX) + "|"
-        + re.escape(schema.LABELS_FILENAME) + r")\.tmp-\d+$")
+    """Removes the hidden temporaries an interrupted run of `split` left (run
+    under the directory's conversion lock: another converter has none then)."""
+    shared = (schema.LABELS_FILENAME, split + schema.REPORT_SUFFIX,
+              f".{split}{schema.SWITCH_SUFFIX}")
     for name in os.listdir(output_dir):
-        if pattern.match(name):
+        owner = files.temporary_owner(name)
+        shard = owner and schema.SHARD_RE.match(owner)
+        if owner in shared or (shard and shard.group("prefix") == split):
             logging.info("Removing %s left by an interrupted run.", name)
             os.remove(os.path.join(output_dir, name))
 
@@ -163,34 +177,64 @@ def _check_labels_file(output_dir, class_names, split, overwrite):
 
 
 def _prepare_output_dir(output_dir, split, class_names, overwrite):
-    """Makes the directory ready for a new generation of `split`.
+    """Makes the directory ready for a new generation of `split` (under its
+    conversion lock); refuses an existing split without `overwrite` and a
+    labels.txt of other class names before any image is read.
 
     Returns:
-        `(old_shards, write_labels)`: the split's existing shard files and
-        whether labels.txt is part of the new generation.
+        The split's existing shard files (the commit replaces them).
     """
     _make_output_dir(output_dir)
-    generations.finish_interrupted_switch(output_dir, split)
-    old_shards = _final_shards(output_dir, split)
-    existing = old_shards + [p for p in [schema.report_path(output_dir, split)]
-                             if os.path.exists(p)]
-    if existing and not overwrite:
-        raise ValueError(f"split {split!r} already exists in {output_dir} "
-                         f"({existing[0]}); pass --overwrite (overwrite=True) "
-                         "to replace it")
-    write_labels = _check_labels_file(output_dir, class_names, split, overwrite)
-    _remove_stale_temporaries(output_dir, split)
-    return old_shards, write_labels
+    with output_lock.locked(output_dir):
+        generations.finish_interrupted_switch(output_dir, split)
+        old_shards = _final_shards(output_dir, split)
+        existing = old_shards + [p for p in [schema.report_path(output_dir, split)]
+                                 if os.path.exists(p)]
+        if existing and not overwrite:
+            raise ValueError(f"split {split!r} already exists in {output_dir} "
+                             f"({existing[0]}); pass --overwrite (overwrite=True) "
+                             "to replace it")
+        _check_labels_file(output_dir, class_names, split, overwrite)  # refuses early
+        _remove_stale_temporaries(output_dir, split)
+    return old_shards
+
+
+def _commit(output_dir, split, renames, report, class_names, old_shards, overwrite):
+    """Writes the report (and labels.txt) and the journal under the directory's
+    lock: the commit of the new generation (a rerun rolls forward from it).
+
+    What another converter committed meanwhile decides again, by the rules of
+    the start (`_check_labels_file`): a labels.txt another split now uses with
+    other class names, or another generation of this split, refuses the
+    commit (nothing of this run is left).
+    """
+    with output_lock.locked(output_dir):
+        write_labels = _check_labels_file(output_dir, class_names, split, overwrite)
+        if _final_shards(output_dir, split) != old_shards:
+            raise schema.ConversionError(
+                f"split {split!r} in {output_dir} was converted by another process "
+                "meanwhile; nothing of this run was written (rerun it with --overwrite "
+                "to replace that one).")
+        _stage_texts(renames, output_dir, report, class_names if write_labels else None)
+        finals = [final for _, final in renames]
+        generations.write_journal(output_dir, split, renames,
+                                  [p for p in old_shards if p not in finals])
+        generations.apply_switch(output_dir, schema.switch_journal_path(output_dir, split))
 
 
 def _prepare_record(record, limits):
     """Returns `(status, reason, serialized example or None)`."""
     try:
+        record.filename.encode("utf-8")
+    except UnicodeEncodeError:  # a name on disk that is not UTF-8 (JSON "\udcff")
+        return ("skipped", "its file name is not valid UTF-8 (image/filename holds "
+                "UTF-8): rename the file", None)
+    try:
         encoded, reason = image_files.prepare_image(record.path, limits)
     except image_files.ImageError as e:
         return "skipped", e.reason, None
     example = schema.make_example(encoded, record.filename, record.labels,
-                           record.difficult)
+                                  record.difficult)
     # deterministic=True: sorted feature keys, so the bytes do not depend on
     # the process (protobuf map order otherwise may).
     return ("reencoded" if reason else "written", reason,
@@ -201,6 +245,36 @@ def _prepare_chunk(task):
     """Runs in a worker process (or here): `(records, limits)` -> results."""
     records, limits = task
     return [_prepare_record(record, limits) for record in records]
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """Worker processes started in the block have SIGINT blocked from their
+    first instruction (a process inherits its parent's signal mask across
+    fork and exec): a Ctrl-C, sent to the whole process group, is the
+    converter's to handle, and a worker just finishes its chunk and is shut
+    down, without a traceback of its own. The converter's own Ctrl-C is
+    deferred to the end of the block, never lost: SIGINT is blocked in this
+    thread, and a Python handler records one that another thread received
+    (Python runs handlers in the main thread whatever its mask: raised while
+    `submit` wrote a new worker's start-up data, it left that worker with
+    half of it, and a traceback of its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        signal.signal(signal.SIGINT, previous_handler)
+    if received:
+        if callable(previous_handler):
+            previous_handler(*received[0])
+        elif previous_handler == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _prepared_chunks(tasks, num_workers):
@@ -216,12 +290,12 @@ def _prepared_chunks(tasks, num_workers):
         return
     # 'spawn': TensorFlow is not fork-safe once initialised.
     context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(num_workers,
-                                                  mp_context=context)
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
     pending = collections.deque()
     try:
         for task in tasks:
-            pending.append(pool.submit(_prepare_chunk, task))
+            with _workers_ignore_ctrl_c():  # submit starts the workers
+                pending.append(pool.submit(_prepare_chunk, task))
             if len(pending) >= 2 * num_workers:
                 yield pending.popleft().result()
         while pending:
@@ -320,6 +394,7 @@ def _deal(num_records, num_shards, shuffle_seed):
 
 
 def _check_some_stored(records, outcome, split):
+    """Raises ValueError if no image of the split could be stored."""
     if all(status == "skipped" for status, _ in outcome):
         reasons = "; ".join(f"{r.filename}: {why}" for r, (_, why)
                             in list(zip(records, outcome))[:3])
@@ -340,13 +415,13 @@ def write_split(records, output_dir, split, class_names, num_shards,
         num_shards: number of shard files (extra shards are empty files).
         num_workers: processes reading images; 1 = in this process. Default:
             min(CPUs, one per 1000 images), at least 1.
-        overwrite: replace an existing split (see the module doc).
+        overwrite: replace an existing split (docs/data.md, Shard writer).
         extra_report: dict merged into the report (converter-specific keys).
         shuffle_seed: seed of the record order before the round-robin
             dealing; None keeps the given order.
         limits: `ImageLimits` (default: the defaults).
-        progress: a `pipelines.progress.Progress` (started with the number
-            of records and the split name), or None (silent).
+        progress: a `pipelines.utils.progress.Progress` (started with the
+            number of records and the split name), or None (silent).
 
     Returns:
         The report dict, also written to `<output_dir>/<split>_report.json`.
@@ -357,11 +432,12 @@ def write_split(records, output_dir, split, class_names, num_shards,
         ConversionError: (a ValueError) the output cannot be written or a
             worker process died.
     """
+    output_dir = files.require_local(output_dir, "--output_dir",
+                                     "the shard writer (atomic renames, fsync, a lock)")
     records, class_names, num_workers = _check_arguments(
         records, split, class_names, num_shards, num_workers, extra_report)
     limits = limits or image_files.ImageLimits()
-    old_shards, write_labels = _prepare_output_dir(output_dir, split,
-                                                   class_names, overwrite)
+    old_shards = _prepare_output_dir(output_dir, split, class_names, overwrite)
     members = _deal(len(records), num_shards, shuffle_seed)
     final = [os.path.join(output_dir, schema.shard_filename(split, i, num_shards))
              for i in range(num_shards)]
@@ -378,15 +454,14 @@ def write_split(records, output_dir, split, class_names, num_shards,
         report = split_report.make_report(records, outcome, split, class_names, members,
                               final, limits)
         report.update(extra_report or {})
-        _stage_texts(renames, output_dir, report,
-                     class_names if write_labels else None)
-        generations.write_journal(output_dir, split, renames,
-                       [p for p in old_shards if p not in final])
-        committed = True  # From the journal on, a rerun rolls forward.
+        _commit(output_dir, split, renames, report, class_names, old_shards, overwrite)
+        committed = True
     finally:
-        if not committed:
+        if not committed and not os.path.exists(
+                schema.switch_journal_path(output_dir, split)):
+            # Before the journal: remove every temporary (an error, Ctrl-C).
+            # From it on, a rerun rolls forward.
             _remove_existing(tmp for tmp, _ in renames)
-    generations.apply_switch(output_dir, schema.switch_journal_path(output_dir, split))
     return report
 
 
@@ -397,7 +472,7 @@ def _stage_texts(renames, output_dir, report, class_names):
               json.dumps(report, indent=2) + "\n")]
     if class_names is not None:
         texts.append((os.path.join(output_dir, schema.LABELS_FILENAME),
-                      "\n".join(class_names) + "\n"))
+                      label_maps.labels_file_text(class_names)))
     for path, text in texts:
         renames.append((files.temporary_path(path), path))
         try:
@@ -408,12 +483,14 @@ def _stage_texts(renames, output_dir, report, class_names):
 
 
 def _remove_existing(paths):
+    """Removes those of `paths` that exist."""
     for path in paths:
         if os.path.exists(path):
             os.remove(path)
 
 
 def _write_text(path, text):
+    """Writes `text` to `path` and fsyncs it."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

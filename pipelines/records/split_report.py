@@ -1,4 +1,8 @@
-"""`<split>_report.json`: what a conversion stored, skipped and re-encoded."""
+"""`<split>_report.json`: what a conversion stored, skipped and re-encoded.
+
+`make_report` builds it, `format_summary` gives a converter's summary line
+(the keys: docs/data.md, Schema and split files).
+"""
 
 import os
 
@@ -6,6 +10,7 @@ import numpy as np
 
 from pipelines.records import schema
 
+# The keys `make_report` sets: a converter's `extra_report` may not use them.
 RESERVED_REPORT_KEYS = (
     "split", "num_shards", "shards", "num_input_records", "num_records",
     "num_skipped", "skipped", "num_reencoded", "reencoded", "num_zero_label",
@@ -25,6 +30,21 @@ def format_summary(report, output_dir):
 
 def make_report(records, outcome, split, class_names, shard_members, final,
                  limits):
+    """The report of one split, without the converter's own keys.
+
+    Args:
+        records: the split's `ImageRecord`s, in the order given.
+        outcome: one `(status, reason)` per record; status "written",
+            "reencoded" or "skipped".
+        split: the split name.
+        class_names: class id i = class_names[i].
+        shard_members: per shard, the indices in `records` of its records.
+        final: the shards' final paths, in shard order.
+        limits: the conversion's `ImageLimits`.
+
+    Returns:
+        The report dict.
+    """
     stored = [r for r, (status, _) in zip(records, outcome)
               if status != "skipped"]
     positives = np.zeros(len(class_names), np.int64)

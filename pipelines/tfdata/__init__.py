@@ -1,1 +1,1 @@
-"""The tf.data input: reading shards with integrity checks, decoding, preprocessing."""
+"""The tf.data input: shards read with integrity checks, decoded, preprocessed (docs/data.md)."""

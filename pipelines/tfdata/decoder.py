@@ -1,8 +1,9 @@
 """Decoding (tf-models' Decoder): one tf.Example of the schema -> tensors.
 
-A class id outside [0, num_classes) is an error naming the file, not a silent
-drop; image bytes are decoded by content (JPEG/PNG/GIF/BMP), EXIF rotation and
-CMYK having been normalised by the converters (docs/design.md, Data).
+`decode_example` gives the labels as multi-hot vectors (a class id outside
+[0, num_classes) is an error naming the file, not a silent drop);
+`decode_image` gives RGB pixels, decoded by content after a pixel-budget check
+of the header. Decisions: docs/data.md, Input pipeline (Decoding).
 """
 
 import tensorflow as tf
@@ -70,14 +71,13 @@ def decode_image(image_bytes, max_pixels=None):
     """Decodes JPEG/PNG/GIF/BMP bytes (by content, not name) to RGB.
 
     Grayscale and RGBA become 3-channel RGB; an animated GIF gives its first
-    frame. EXIF rotation and CMYK are normalised by the converters at write
-    time, not here.
+    frame. EXIF orientation is the converters' job (docs/data.md, Decoding).
 
     Args:
         image_bytes: scalar string tensor.
-        max_pixels: optional pixel budget read from the header BEFORE
-            decoding (`pipelines.image_header`): a decompression bomb is
-            refused without being decoded.
+        max_pixels: optional pixel budget, checked from the header before
+            decoding (`pipelines.records.image_header`): a decompression bomb
+            is refused without being decoded.
 
     Returns:
         uint8 tensor (H, W, 3).

@@ -3,54 +3,10 @@
     ds = make_dataset("data/demo/tfrecords/train-*.tfrecord", batch_size=64,
                       image_size=96, num_classes=10, training=True)
 
-The pipeline delivers RGB pixels; the model normalises them itself (its
-backbone's `InputNormalization` layer), so this data layer knows nothing
-about networks and imports neither `mlcrl_tf` nor Keras.
-
-Decoding is separate from preprocessing (tf-models' Decoder/Parser split):
-
-* `decode_example(serialized, num_classes)` parses one tf.Example of the
-  schema in `pipelines.tfrecord_lib` into `image_bytes`, `filename`,
-  `labels` (float32 (C,) multi-hot) and `difficult` (bool (C,)).
-  A class id outside [0, num_classes) is an error, not a silent drop: a
-  `tf.errors.InvalidArgumentError` naming `num_classes` and the file is
-  raised (it usually means the wrong `--num_classes` or label map).
-* `decode_image(image_bytes)` -> uint8 (H, W, 3) RGB. `tf.io.decode_image`
-  sniffs the content, so JPEG/PNG/GIF (first frame)/BMP, grayscale and a PNG
-  stored under a `.jpg` name all work. EXIF orientation and CMYK JPEGs are
-  *not* handled here: the converters normalise them when they write the
-  records (`pipelines.coco_to_tfrecord`).
-* `preprocess_eval(image, image_size, antialias=False)`: bilinear resize to
-  (S, S) without keeping the aspect ratio (the paper resizes to 448x448);
-  float32 RGB in [0, 255]. No antialiasing by default (it costs about 3x
-  the pipeline's throughput, docs/performance.md); `antialias=True`
-  (`--antialias`) gives the PIL-like resize of the PyTorch reference code.
-* `preprocess_train(image, image_size, augmentation, seed, antialias=False)`:
-  the same by default (the paper uses no augmentation); optional
-  ML-GCN-style multi-scale crop and horizontal flip (`Augmentation`), driven
-  by a stateless seed so that eager and tf.data runs agree.
-
-`make_dataset(..., antialias=...)` uses the one setting for training and
-evaluation alike (a run stores it, so its evaluation and export match).
-
-Sources: a glob of TFRecord shards of our schema, or a prepared TensorFlow
-Datasets split spelled `tfds:NAME:SPLIT` (`pipelines.tfds_source`), which
-yields the same parsed records.
-
-Undecodable records (garbage or truncated image bytes, a corrupt tf.Example)
-are skipped, never fatal, and counted: `make_dataset` wraps the decode step in
-`tf.data.Dataset.ignore_errors` (which logs each error through TF's C++
-logging) and, when given a `SkipCounter`, counts records read, images
-delivered and records skipped in its tf.Variables: read `counter.skipped` or
-call `counter.log()` during or after iteration. Label ids are checked AFTER
-`ignore_errors`, so a bad class id stops the run instead of being skipped.
-
-Distributed input: `batch_size` is always the GLOBAL batch. Given a
-`tf.distribute.InputContext`, each input pipeline reads every n-th shard FILE
-and batches `input_context.get_per_replica_batch_size(batch_size)`. When
-there are fewer files than input pipelines, every pipeline reads all files and
-keeps every n-th RECORD instead (correct but n times the I/O; a warning says
-so). Either way each record goes to exactly one pipeline.
+`make_dataset` gives batches of RGB pixels (the model normalises them) for
+training or evaluation; `eval_batches_per_pipeline` and `padded_eval_dataset`
+serve distributed evaluation, `make_record_dataset` an export's. The stages,
+order, resume and distributed input: docs/data.md, Input pipeline.
 """
 
 import random
@@ -75,7 +31,7 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
 
     Args:
         source: glob of the shards, e.g. `.../train-*.tfrecord` (a complete
-            `-of-N` set, see `tfrecord_lib.find_shards`), or `tfds:NAME:SPLIT`.
+            `-of-N` set, see `shard_sets.find_shards`), or `tfds:NAME:SPLIT`.
         batch_size: GLOBAL batch size; with `input_context` each pipeline
             batches `input_context.get_per_replica_batch_size(batch_size)`.
         image_size: side S of the square model input.
@@ -91,11 +47,9 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
         seed: int, makes shuffling and augmentation reproducible.
         skip_counter: optional `SkipCounter` to read the counts from.
         skip_batches: training only: global batches (steps) of this dataset
-            already consumed, to resume mid-epoch. Each pipeline skips its
-            share (`skip_batches * batch_size / num_input_pipelines`) of
-            encoded records before decoding, so nothing is decoded twice and
-            the augmentation of the later records is unchanged. Exact unless
-            an undecodable record lies in the skipped part.
+            already consumed, to resume mid-epoch; their records are skipped
+            before decoding, and the later ones keep their augmentation
+            (docs/data.md, Resume).
         data_dir: TensorFlow Datasets' data directory for a `tfds:` source.
         antialias: antialiased resize (see `preprocess_eval`).
         deterministic: training decodes in order too (bit-reproducible runs).
@@ -131,7 +85,6 @@ def make_dataset(source, batch_size, image_size, num_classes, training, *,
     per_pipeline_batch = (input_context.get_per_replica_batch_size(batch_size)
                           if input_context else batch_size)
     ds = ds.batch(per_pipeline_batch, drop_remainder=training)
-    # Overlap input with the training step.
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -141,7 +94,7 @@ def eval_batches_per_pipeline(source, batch_size, num_replicas, num_pipelines=1)
     Distributed evaluation needs every replica (every worker) to run the same
     number of steps; `padded_eval_dataset` pads a pipeline that runs out
     with empty batches. Counted from the converters' per-shard record counts
-    of the files each pipeline reads (`tfrecord_lib.expected_records`).
+    of the files each pipeline reads (`shard_sets.expected_records`).
 
     Args:
         source: glob of shards (not a TFDS split: its per-pipeline sizes are
@@ -167,6 +120,7 @@ def eval_batches_per_pipeline(source, batch_size, num_replicas, num_pipelines=1)
 
 
 def _ceil_div(a, b):
+    """The integer ceiling of a / b."""
     return -(-a // b)
 
 
@@ -182,13 +136,10 @@ def padded_eval_dataset(source, batch_size, image_size, num_classes, input_conte
 
 
 def make_record_dataset(source, batch_size, num_classes, data_dir=None, skip_counter=None):
-    """Evaluation records NOT decoded here (an export decodes them itself).
+    """Evaluation records with their images not decoded (an export decodes them).
 
-    The same reader and checks as `make_dataset` (a truncated or corrupt
-    shard is an error naming it), every record once, in order. A record that
-    is not a tf.Example of the schema is skipped and counted, as
-    `make_dataset` does (its image bytes are not looked at here: the export
-    reports undecodable images itself).
+    The same reader and checks as `make_dataset`, every record once, in order
+    (docs/data.md, Records for an export).
 
     Args:
         source: glob of shards, or `tfds:NAME:SPLIT`.
@@ -217,7 +168,8 @@ def make_record_dataset(source, batch_size, num_classes, data_dir=None, skip_cou
 
 def _parse_records(ds, parse):
     """Parses every record in order; drops what does not parse (end markers
-    are not parsed: they always reach `check_stream`, which counts it)."""
+    are not parsed: they always reach `check_stream`, which counts the
+    dropped records)."""
     blank = {"image_bytes": tf.constant(""), "filename": tf.constant(""),
              "label_ids": tf.zeros([0], tf.int64), "difficult_ids": tf.zeros([0], tf.int64)}
 
@@ -305,4 +257,5 @@ def _decode(ds, parse, image_size, training, augmentation, seed, image_options, 
 
 
 def _features(element):
+    """A decoded element's features, without the stream's bookkeeping."""
     return {k: element[k] for k in ("images", "filename", "label_ids", "difficult_ids")}

@@ -1,19 +1,11 @@
 """Label statistics of a training source, read without decoding an image.
 
     counts = count_labels("data/coco/train2014-*.tfrecord", num_classes=80)
-    counts.pairs         # (C, C) int64: images holding both class i and j
-    counts.classes       # (C,): images holding class i (the diagonal)
     pmi(counts)          # (C, C) pointwise mutual information
 
-A source is a glob of TFRecord shards of our schema (only
-`image/class/label` is parsed: the image bytes are read from disk but never
-decoded) or a TFDS split `tfds:NAME:SPLIT` (`pipelines.tfds_source`, whose
-records carry the same label ids). Difficult labels count as positives, as
-in training. A class repeated within one image counts once.
-
-Used by `mlcrl_tf.summaries` to compare the label embeddings f_l(I_C) with
-the training set's co-occurrence. Pure NumPy after reading; no mlcrl_tf,
-no Keras.
+`count_labels` parses only the label ids of TFRecord shards or of a TFDS split;
+`mlcrl_tf`'s TensorBoard summaries compare the label embeddings f_l(I_C) with
+the PMI. Decisions: docs/data.md, Label statistics.
 """
 
 import dataclasses
@@ -36,10 +28,22 @@ _TF_WRAPPING = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", re.DOTA
 class LabelCounts:
     """Co-occurrence counts of the classes of a set of images.
 
-    Attributes:
-        pairs: int64 (C, C), symmetric; `pairs[i, j]` images hold both
+    `count_labels` makes them; `classes` is the diagonal.
+
+    Args:
+        pairs: int64 (C, C), symmetric: `pairs[i, j]` images hold both
             classes i and j, `pairs[i, i]` images hold class i.
-        num_records: images counted (with or without labels).
+        num_records: int, the images counted (with or without labels).
+
+    Example:
+
+    >>> pairs = np.zeros((3, 3), np.int64)
+    >>> add_label_ids(pairs, rows=[0, 0, 1], ids=[0, 2, 2], num_rows=2)
+    >>> counts = LabelCounts(pairs=pairs, num_records=2)
+    >>> counts.classes
+    array([1, 0, 2])
+    >>> float(pmi(counts)[0, 2])  # log p(0, 2) - log(p(0) p(2)) = log 0.5 - log 0.5
+    0.0
     """
 
     pairs: np.ndarray
@@ -80,7 +84,7 @@ def _tfrecord_label_batches(source):
     """(rows, ids, num_rows) batches of the shards' label ids."""
     files = shard_sets.find_shards(source)
     # Several files at once with large read buffers: reading is the cost
-    # (about 1 GB/s of 160 KB records from the page cache, docs/design.md).
+    # (about 1 GB/s of 160 KB records from the page cache, docs/data.md).
     ds = tf.data.TFRecordDataset(files, buffer_size=8 << 20,
                                  num_parallel_reads=min(len(files), 8))
     ds = ds.batch(BATCH_SIZE).map(

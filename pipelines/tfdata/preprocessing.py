@@ -1,7 +1,9 @@
 """Preprocessing, the train/eval pair: resize to S x S, optional augmentation.
 
-RGB pixels in [0, 255] come out; the model normalises them itself. No
-antialiasing by default (docs/design.md, Input pipeline).
+`preprocess_eval` resizes; `preprocess_train` does the same by default, or
+applies an `Augmentation` driven by a stateless seed. RGB pixels in [0, 255]
+come out: the model normalises them itself. No antialiasing by default
+(docs/data.md, Input pipeline: Preprocessing and augmentation).
 """
 
 import dataclasses
@@ -17,12 +19,24 @@ INT32_MAX = 2**31 - 1
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """Training augmentation (the paper uses none).
+    """Training augmentation; the default, none, is the paper's.
 
-    Attributes:
-        random_flip: flip left-right with probability 1/2.
-        crop_scales: None (no crop) or scales for the multi-scale random crop
-            taken before the resize, e.g. `ML_GCN_CROP_SCALES`.
+    False when it does nothing (`bool(Augmentation())` is False).
+
+    Args:
+        random_flip: bool, flip left-right with probability 1/2 (after the
+            resize).
+        crop_scales: None (no crop), or the scales of ML-GCN's multi-scale
+            random crop taken before the resize, e.g. `ML_GCN_CROP_SCALES`.
+
+    Example:
+
+    >>> augmentation = Augmentation(random_flip=True, crop_scales=ML_GCN_CROP_SCALES)
+    >>> bool(augmentation), bool(Augmentation())
+    (True, False)
+    >>> image = tf.zeros([120, 160, 3], tf.uint8)
+    >>> preprocess_train(image, 96, augmentation, seed=tf.constant([0, 7])).shape
+    TensorShape([96, 96, 3])
     """
 
     random_flip: bool = False
@@ -58,12 +72,9 @@ def preprocess_eval(image, image_size, antialias=False):
 
 
 def _multi_scale_crop(image, crop_scales, seed):
-    """ML-GCN's MultiScaleCrop with a random (not fixed-grid) offset.
-
-    The crop height and width are each `min(H, W) * scale` for scales picked
-    from `crop_scales` whose indices differ by at most 2 (max_distort=2), so
-    the aspect ratio changes a little too.
-    """
+    """ML-GCN's MultiScaleCrop with a random (not fixed-grid) offset: height
+    and width are each `min(H, W) * scale`, the two scales' indices at most
+    `_MAX_DISTORT` apart (docs/data.md, Preprocessing and augmentation)."""
     seeds = tf.random.experimental.stateless_split(seed, 3)
     shape = tf.shape(image)
     height, width = shape[0], shape[1]

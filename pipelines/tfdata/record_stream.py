@@ -1,46 +1,10 @@
 """The record stream of `make_dataset`, and what it checks about the data.
 
-Reading (`record_stream`): the shard files (or a TFDS split) are read pass
-after pass; every element is a dict
-
-    record    the serialized tf.Example (a parsed dict for a TFDS source)
-    end       True for the one END MARKER closing each file in each pass
-    file      the file's index in the sorted shard list
-    count     records read from that file so far in this pass (at the end
-              marker: all of them)
-    kept      of those, the records this input pipeline keeps: all of them,
-              except when pipelines share files (below)
-    expected  the converter's record count of the file (-1: unknown)
-    pass      0, 1, 2, ...: which pass over the data the element belongs to
-
-Distributed input (`input_context`): with at least as many files as input
-pipelines, each pipeline reads its own files. With fewer, every pipeline reads
-every file in the same order and keeps every n-th record (counted without the
-end markers), but every end marker: each pipeline checks every file's count,
-and its `kept` says how many of the file's records it got, so that skips are
-counted against its own share.
-
-A TFRecord reader that meets a corrupt or truncated record raises
-`DataLossError` and drops the rest of the file; a later `ignore_errors`
-would swallow that silently. Here each file's reader ignores it instead,
-and the file's end marker then carries a count below the expected one.
-
-Checking (`check_stream`, placed after the decode step's `ignore_errors`,
-which end markers always pass because they are not decoded):
-
-* A file whose count differs from its converter report's is an error naming
-  the file and both counts ("truncated or corrupt"), in training and in
-  evaluation: an incomplete set is never scored or trained on as if whole.
-* When two whole passes over the data have delivered no image at all (and
-  at least `_WATCHDOG_RECORDS` records were read), the run stops with an
-  error naming the files, instead of spinning forever.
-* Undecodable records are counted per pass (images tagged with their pass,
-  so the count is exact once the pass is through the pipeline) and reported
-  with ONE line per pass (per file in ordered evaluation) instead of one
-  TensorFlow warning per record.
-
-The errors are `tf.errors.InvalidArgumentError`s whose message contains
-`ERROR_TAG`; `input_error_message` extracts the readable part.
+`record_stream` (shards) and `tfds_stream` read pass after pass and close each
+file with an end marker carrying its record count; `check_stream`, after
+decoding, compares that count with the converter's report and counts the
+skipped records; `readable_errors` turns its errors into one-line ValueErrors.
+The element dicts and the checks: docs/data.md, Record stream and end markers.
 """
 
 import contextlib
@@ -166,12 +130,13 @@ def record_stream(files, training, seed, input_context=None, shuffle_buffer=0):
         seed: int, makes the file and record order of every pass
             reproducible.
         input_context: optional `tf.distribute.InputContext` (shards files,
-            or records when there are fewer files than input pipelines: see
-            the module docstring).
+            or records when there are fewer files than input pipelines:
+            docs/data.md, Distributed input).
         shuffle_buffer: records in the shuffle buffer (training).
 
     Returns:
-        A dataset of the element dicts described in the module docstring.
+        A dataset of the element dicts of docs/data.md, Record stream and
+        end markers.
     """
     # Evaluation reads each file once anyway: count unreported files first so
     # that a truncated one is caught too. (Training counts them at start-up.)
@@ -291,6 +256,8 @@ def _pass_skips(s, element):
 
 
 def _nothing_decodes(s, element):
+    """True once two whole passes have delivered no image, and at least
+    `_WATCHDOG_RECORDS` records were read (the watchdog)."""
     return tf.logical_and(
         tf.logical_and(element["pass"] >= 2, s["delivered"] == 0),
         s["read"] >= _WATCHDOG_RECORDS)

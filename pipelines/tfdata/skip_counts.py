@@ -1,4 +1,8 @@
-"""Counting the records an input pipeline skipped as undecodable."""
+"""Counting the records an input pipeline skipped as undecodable: `SkipCounter`.
+
+When the counts are exact (evaluation: per file and at the end of the pass;
+training: per pass): docs/data.md, Input pipeline (Skip counts).
+"""
 
 from absl import logging
 import tensorflow as tf
@@ -8,23 +12,28 @@ class SkipCounter:
     """Where `make_dataset` reports its counts: records read, images
     delivered, records skipped as undecodable.
 
-    int64 host tf.Variables written by the pipeline as it runs (see
-    `pipelines.record_stream`): in evaluation (ordered, one pass) the counts
-    are exact at the end of the pass and per file as each file completes;
-    in training, skips are counted per pass, once the pass is through the
-    pipeline. Each iteration over the dataset counts from 0 again; the
-    counter shows the latest one.
+    Host int64 variables the pipeline writes as it runs. Use one counter per
+    `make_dataset` call, created outside any `tf.distribute` strategy scope
+    (docs/data.md, Skip counts). Takes no arguments.
 
-    Use one counter per `make_dataset` call, created outside any
-    `tf.distribute` strategy scope (the variables must stay plain host
-    variables). A dataset that captures variables cannot be serialised, so
-    this pipeline is not for the tf.data service or iterator checkpoints.
+    Raises:
+        ValueError: created inside a `tf.distribute` strategy scope.
 
     Example:
+
+    >>> counter = SkipCounter()
+    >>> counter.read, counter.delivered, counter.skipped
+    (0, 0, 0)
+
+    With shards on disk:
+
         counter = SkipCounter()
-        ds = make_dataset(..., training=False, skip_counter=counter)
-        for batch in ds: ...
-        counter.log("eval")   # or counter.skipped
+        ds = make_dataset("data/demo/tfrecords/test-*.tfrecord", batch_size=64,
+                          image_size=96, num_classes=10, training=False,
+                          skip_counter=counter)
+        for batch in ds:
+            ...
+        counter.log("eval")  # a warning if any record was skipped
     """
 
     def __init__(self):

@@ -1,51 +1,11 @@
 """TensorFlow Datasets as a data source: `tfds:voc/2007:trainval`.
 
-A prepared TFDS dataset feeds the same training and evaluation pipeline as
-our TFRecord shards: `TfdsSplit.records()` yields the very dicts that
-`pipelines.input_pipeline` parses out of a tf.Example of our schema, so the
-same decoding, preprocessing and multi-hot code runs on both.
-
     split = open_split("tfds:voc/2007:trainval", data_dir=None)
-    split.class_names      # from the dataset's ClassLabel feature
-    split.count()          # {"num_records": 5011, "num_dropped": 0}
     ds = split.records()   # image_bytes, filename, label_ids, difficult_ids
 
-Spelling (for `--train_files` / `--eval_files`): `tfds:NAME:SPLIT`, where
-NAME is TFDS's `name[/config][:version]` (`voc/2007`, `coco/2014`,
-`coco/2014:1.1.0`) and SPLIT any TFDS split expression (`train`,
-`train[:10%]`, `train+validation`). The colon after NAME is the separator;
-a version is recognised by its `x.y.z` form. VOC's TFDS splits are `train`,
-`validation` and `test`: `trainval` is accepted as `train+validation` for
-every dataset that has those two splits and no `trainval` of its own.
-
-What a record holds (keys and dtypes of `input_pipeline`'s tf.Example parse):
-
-* `image_bytes` string (): the encoded image as stored, never decoded here
-  (`tfds.decode.SkipDecoding`).
-* `filename` string (): `image/filename` when the dataset has it, else the
-  record's `tfds_id`.
-* `label_ids` int64 (n,), sorted: from the dataset's labels, in this order
-  of preference: `labels` (a sequence of class labels, e.g. VOC), the set of
-  `objects/label` (detection datasets, e.g. COCO), `label` (one class).
-* `difficult_ids` int64 (n,): VOC's rule (docs/design.md, Data): a class is difficult
-  for an image iff all its objects there are difficult, i.e. it is in
-  `labels` but not in `labels_no_difficult`. Empty for other datasets.
-
-Images without any label are dropped when the labels come from `objects`
-(our rule for COCO: as our COCO converter and ML-GCN do); `count()`
-says how many. Class ids are TFDS's: VOC's 20 classes in the alphabetical
-order of our VOC converter; COCO's 80 in the order of the annotation file's
-`categories`, which in the official `instances_*2014.json` is the category-id
-order our COCO converter uses (checked by the tests on a file built in that
-order).
-
-Nothing is downloaded unless asked (`download=True`): a dataset that is not
-prepared in `data_dir` (default: TFDS's, `~/tensorflow_datasets` or
-`$TFDS_DATA_DIR`) is an error naming the command that prepares it
-(`prepare_command`).
-
-This module does not import `mlcrl_tf` or Keras; TensorFlow Datasets is an
-optional dependency (`pip install 'mlcrl_tf[tfds]'`).
+The records are the dicts the TFRecord parser gives, so the same decoding and
+preprocessing run on both; nothing is downloaded unless asked. The spelling,
+labels, difficult rule and downloads: docs/data.md, TensorFlow Datasets.
 """
 
 import re
@@ -88,7 +48,7 @@ def open_split(source, data_dir=None, download=False):
     """Opens a prepared TFDS split (`tfds:NAME:SPLIT`) as an mlcrl_tf source.
 
     Args:
-        source: `tfds:NAME:SPLIT`, see the module docstring.
+        source: `tfds:NAME:SPLIT` (docs/data.md, TensorFlow Datasets).
         data_dir: TFDS data directory; None = TFDS's default.
         download: download and prepare the dataset if it is not prepared yet
             (can be tens of GB); False = error instead.
@@ -151,10 +111,26 @@ def _resolve_split(source, info, split):
 class TfdsSplit:
     """One split of a prepared TFDS dataset, read as mlcrl_tf records.
 
-    Build it with `open_split`. Attributes: `source` (the `tfds:` string),
-    `name`, `split` (after the `trainval` alias), `class_names`, `layout`
-    (`labels`, `objects` or `label`: where the labels come from) and
-    `drops_unlabelled` (True for `objects`).
+    Build it with `open_split`, which checks the spelling and that the
+    dataset is prepared. Its attributes: `source`, `name` (TFDS's full name),
+    `split`, `class_names`, `layout` ("labels", "objects" or "label": where
+    the labels come from) and `drops_unlabelled` (True for "objects").
+
+    Args:
+        source: the `tfds:NAME:SPLIT` string (for messages).
+        builder: the dataset's `tfds.core.DatasetBuilder`, prepared.
+        split: the TFDS split (after the `trainval` alias).
+
+    Raises:
+        ValueError: the dataset has no `image` feature or no class-label
+            feature.
+
+    Example (VOC 2007 prepared in TFDS's data directory):
+
+        split = open_split("tfds:voc/2007:trainval")
+        split.class_names[:3]  # ['aeroplane', 'bicycle', 'bird']
+        split.count()          # {'num_records': 5011, 'num_dropped': 0}
+        ds = split.records(shuffle_files=True, seed=0)
     """
 
     def __init__(self, source, builder, split):
@@ -250,12 +226,9 @@ class TfdsSplit:
         return ds
 
     def count(self):
-        """Counts the split's records; reads every label once if needed.
-
-        Without dropping, TFDS's own split size is exact and nothing is read.
-        With `drops_unlabelled` (COCO) one pass over the labels (not the
-        images' pixels) counts the images that are dropped, and a log line
-        reports them.
+        """Counts the split's records: TFDS's own split size, or, with
+        `drops_unlabelled` (COCO), one pass over the labels (not the pixels)
+        that also counts and logs the dropped images.
 
         Returns:
             {"num_records": records delivered, "num_dropped": images dropped}.

@@ -1,1 +1,1 @@
-"""Helpers both packages share: files, output checks, console, progress."""
+"""Helpers both packages share: files, output checks, console, progress (docs/data.md)."""

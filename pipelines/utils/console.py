@@ -1,39 +1,11 @@
 """A quiet console for the command lines: TensorFlow's and absl's INFO
 chatter only when asked for.
 
-Two sources write between a command line's progress lines and results:
-
-* **TensorFlow's C++ logs** (the oneDNN banner, `cpu_feature_guard`,
-  `tf_record_dataset_op` notices). TensorFlow reads `TF_CPP_MIN_LOG_LEVEL`
-  when it loads, and `python -m mlcrl_tf.train` imports the package
-  `mlcrl_tf/__init__.py` (which loads TensorFlow) before the command line's
-  flags are parsed. So the packages' `__init__` call `quiet_tensorflow_logs()`
-  first: in a command-line run (`python -m`, i.e. `sys.argv[0] == "-m"` while
-  the package is imported) without a user-set `TF_CPP_MIN_LOG_LEVEL` and
-  without `--verbosity`/`-v` >= 0 on the command line, it sets
-  `TF_CPP_MIN_LOG_LEVEL=1` (C++ INFO off, warnings and errors kept). Two lines
-  ignore that level in TensorFlow 2.21: the oneDNN banner (`port.cc`,
-  printed twice at import, once per library) and abseil's
-  "WARNING: All log messages before absl::InitializeLog() is called are
-  written to STDERR" before it. `hidden_info_lines()` therefore runs the
-  import with stderr captured and writes back everything except C++ INFO
-  lines and that notice. Worker processes inherit the environment, so they
-  are quiet too.
-* **absl's Python logs** (ours, and TensorFlow's Python INFO: "Sharding
-  callback duration", signature-renaming notices, "Assets written to").
-  `app.run` raises absl's verbosity to INFO when `--verbosity` is not given;
-  `parse_flags` (every CLI's `flags_parser`) keeps WARNING instead.
-
-`--verbosity=0` (INFO) or `--verbosity=1` (DEBUG) on the command line, or a
-`TF_CPP_MIN_LOG_LEVEL` of the user's, brings everything back (a user's
-`TF_CPP_MIN_LOG_LEVEL=0` keeps every line; 1 to 3 still drop the two lines
-above, which TensorFlow should have dropped). Limits: `--verbosity` given
-only inside a flagfile sets absl's level but not the C++ one (decided at
-import); a C++ warning of a library that first logs after the import is
-still preceded by abseil's notice, which nothing can switch off.
-
-Pure Python besides the file descriptors; the data layer and mlcrl_tf both
-use it. Library imports (`import mlcrl_tf` in a notebook) set nothing.
+`quiet_tensorflow_logs` (called by both packages' `__init__` before TensorFlow
+loads) sets `TF_CPP_MIN_LOG_LEVEL=1` for a `python -m` run without
+`--verbosity`; `hidden_info_lines` filters the lines TensorFlow prints anyway;
+`parse_flags`, every command line's `flags_parser`, keeps absl at WARNING.
+Why, and the limits: docs/data.md, Console and progress.
 """
 
 import contextlib
@@ -46,7 +18,10 @@ from absl import app
 from absl import flags
 
 ENV = "TF_CPP_MIN_LOG_LEVEL"
-QUIET_LEVEL = "1"  # C++ INFO off; warnings and errors still shown.
+# C++ INFO and WARNING off (TensorFlow's performance hints, tf.data's
+# "GeneratorDatasetOp ... will not be optimized" under MirroredStrategy);
+# errors still shown. --verbosity=0 shows everything.
+QUIET_LEVEL = "2"
 WARNING = -1  # absl verbosity of a command line without --verbosity.
 ABSEIL_NOTICE = ("WARNING: All log messages before absl::InitializeLog() is "
                  "called are written to STDERR")
@@ -155,11 +130,25 @@ def hidden_info_lines():
                 sys.stderr.flush()
 
 
+INTERRUPTED = ("interrupted (Ctrl-C): stopped. Files are written whole or not at all: "
+               "no partial output was left in place.")
+
+
+def _interrupt_is_one_line(kind, value, tb):
+    """`sys.excepthook` of a command line: a Ctrl-C (KeyboardInterrupt) ends
+    in one line instead of a traceback (the exit status stays 130)."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write(INTERRUPTED + "\n")
+        return
+    sys.__excepthook__(kind, value, tb)
+
+
 def parse_flags(argv, parser=app.parse_flags_with_usage):
     """A CLI's `flags_parser`: absl's, with WARNING as the default verbosity.
 
     `app.run` raises an unset `--verbosity` to INFO right after parsing; an
-    explicit value here keeps WARNING unless the user gave one.
+    explicit value here keeps WARNING unless the user gave one. It also makes
+    a Ctrl-C of the command one line (`_interrupt_is_one_line`).
 
     Args:
         argv: the command line.
@@ -168,6 +157,7 @@ def parse_flags(argv, parser=app.parse_flags_with_usage):
     Returns:
         What `parser` returns.
     """
+    sys.excepthook = _interrupt_is_one_line
     args = parser(argv)
     if flags.FLAGS["verbosity"].using_default_value:
         flags.FLAGS.verbosity = WARNING

@@ -1,9 +1,9 @@
 """Files written whole or not at all, strict JSON, and what kind a path is.
 
-Every file a command writes goes through `atomic_output` (docs/reliability.md,
-"Files"): a local path through the OS with fsync, any other path
-(`gs://`, `s3://`, `ram://`, ...) through `tf.io.gfile`, never as a local
-folder named like the URL.
+Every file a command writes goes through `atomic_output`: a local path through
+the OS with fsync, any other path (`gs://`, `s3://`, `ram://`, ...) through
+`tf.io.gfile`, never as a local folder named like the URL. Decisions:
+docs/data.md, Files and output locations.
 """
 
 import contextlib
@@ -51,20 +51,45 @@ def local_path(path):
     return None if is_url(path) else path
 
 
+def exists(path):
+    """Whether `path` names a file or directory (a dangling symlink counts),
+    on any file system."""
+    local = local_path(path)
+    return os.path.lexists(local) if local is not None else tf.io.gfile.exists(path)
+
+
+def require_local(path, what, why):
+    """The OS path of `path` (`file://` stripped) for a feature that needs a
+    local file system, else one ValueError: never a local folder named like
+    the URL.
+
+    Args:
+        path: the path the user gave.
+        what: how to name it, e.g. "--output_dir".
+        why: what needs the local file system, for the message.
+    """
+    local = local_path(path)
+    if local is None:
+        raise ValueError(f"{what}={os.fspath(path)!r} is not on the local file system, "
+                         f"which {why} needs. Write to a local path, then copy the files "
+                         "where they belong (e.g. gsutil -m cp -r, or tf.io.gfile).")
+    return local
+
+
 def temporary_path(path):
     """A hidden sibling of `path` no other writer uses: `.<name>.tmp-<pid>-<hex>`."""
     directory, name = os.path.split(os.fspath(path))
     return os.path.join(directory, f".{name}{_TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def is_temporary_of(name, path_name):
-    """Whether file `name` is a temporary of a file named `path_name`
-    (also one of an earlier release: `.<name>.tmp-<pid>`)."""
-    prefix = f".{path_name}{_TEMP_MARK}"
-    if not name.startswith(prefix):
-        return False
-    rest = name[len(prefix):].split("-")
-    return rest[0].isdigit() and len(rest) <= 2
+def temporary_owner(name):
+    """The name of the file whose temporary `name` is (`temporary_path`'s, or
+    an earlier release's `.<name>.tmp-<pid>`), or None."""
+    if not name.startswith(".") or _TEMP_MARK not in name:
+        return None
+    owner, _, rest = name[1:].rpartition(_TEMP_MARK)
+    parts = rest.split("-")
+    return owner if parts[0].isdigit() and len(parts) <= 2 else None
 
 
 def fsync_path(path):
@@ -79,6 +104,7 @@ def fsync_path(path):
 
 
 def _remove_quietly(path):
+    """Removes `path` if it exists; never raises an I/O error."""
     with contextlib.suppress(*IO_ERRORS):
         local = local_path(path)
         if local is not None:
@@ -95,9 +121,7 @@ def atomic_output(path, binary=False):
     The data goes to a hidden temporary beside `path` (`temporary_path`),
     which replaces `path` in one rename once the block is done: a crash, a
     full disk or an exception leaves the previous file as it was and removes
-    the temporary. Locally the temporary is fsynced before the rename and the
-    directory after it; other file systems go through `tf.io.gfile` (their
-    rename is a copy on object stores, whose objects appear whole).
+    the temporary (docs/data.md, Files and output locations).
 
     Args:
         path: the file to (re)place; its directory must exist.
@@ -176,17 +200,18 @@ def check_input_file(path, what):
         raise ValueError(f"{what} {path} is not a regular file")
 
 
-def unique_real_paths(paths):
-    """(the paths naming distinct real files, in order; the later duplicates).
+def unique_real_paths(items, key=None):
+    """(the items naming distinct real files, in order; the later duplicates).
 
-    Two paths of one file (a symlink, `./a.jpg`, the same path twice) count once.
+    Two paths of one file (a symlink, `./a.jpg`, the same path twice) count
+    once. `key(item)` gives an item's path (default: the item is the path).
     """
     seen, unique, duplicates = set(), [], []
-    for path in paths:
-        real = os.path.realpath(path)
+    for item in items:
+        real = os.path.realpath(key(item) if key else item)
         if real in seen:
-            duplicates.append(path)
+            duplicates.append(item)
         else:
             seen.add(real)
-            unique.append(path)
+            unique.append(item)
     return unique, duplicates

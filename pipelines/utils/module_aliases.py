@@ -4,7 +4,7 @@
 `import mlcrl_tf.model` give the module that now lives at the new path, when it
 is first imported (nothing is imported up front). Keras reads these paths in
 `.keras` files saved by 0.1 (`"module": "mlcrl_tf.model"`), and 0.1's users
-wrote them in their scripts (docs/design.md, Package layout).
+wrote them in their scripts (docs/data.md, Layout).
 """
 
 import importlib

@@ -1,10 +1,11 @@
 """Output locations, checked before the work starts.
 
-A missing, unwritable or full location is one `ValueError` naming the flag
-and the path, raised before anything long runs (before a checkpoint is
-restored or an image read); the command lines print it as one `error:` line.
+`ensure_output_dir` and `ensure_output_file` raise one `ValueError` naming the
+flag and the path for a missing, unwritable or full location, before anything
+long runs (docs/data.md, Files and output locations).
 """
 
+import contextlib
 import os
 import uuid
 
@@ -14,11 +15,16 @@ from pipelines.utils import files
 
 
 def _probe(directory):
-    """Writes and removes a hidden file in `directory`; raises what it raises."""
+    """Writes and removes a hidden file in `directory`; raises what writing
+    raises (the file is removed whatever happens)."""
     probe = os.path.join(directory, f".write-test-{uuid.uuid4().hex[:8]}")
-    with tf.io.gfile.GFile(probe, "w") as f:
-        f.write("x")
-    tf.io.gfile.remove(probe)
+    try:
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("x")
+    finally:
+        with contextlib.suppress(*files.IO_ERRORS):
+            if tf.io.gfile.exists(probe):
+                tf.io.gfile.remove(probe)
 
 
 def _writable_dir_problem(directory):
@@ -39,6 +45,10 @@ def _writable_dir_problem(directory):
 def ensure_output_dir(path, flag):
     """Creates `path` (and its parents) if needed and checks it is writable.
 
+    Args:
+        path: the directory.
+        flag: the flag that gave it, for the message.
+
     Raises:
         ValueError: "--flag='path': cannot create the directory: ..." (or
             "is not a directory", "cannot write into ...").
@@ -51,6 +61,10 @@ def ensure_output_dir(path, flag):
 def ensure_output_file(path, flag):
     """Checks that the file `path` can be written: its directory is created
     (if missing) and writable, and `path` is not a directory.
+
+    Args:
+        path: the file.
+        flag: the flag that gave it, for the message.
 
     Raises:
         ValueError: naming the flag, the path and why.

@@ -1,26 +1,8 @@
-"""Progress of a long job: count/total, rate per second and ETA.
+"""Progress of a long job: count/total, rate per second and ETA: `Progress`.
 
-    with progress.Progress(unit="images", description="train2014") as p:
-        p.start(total=len(records))
-        for batch in batches:
-            ...
-            p.update(len(batch))
-        p.message("a line that must stay")
-
-* On a terminal (the stream's `isatty()`), one line redrawn in place with a
-  carriage return, at most every `tty_interval` seconds (0.1).
-* Otherwise (a log file, a pipe), one full line when the job starts, then one
-  every `interval` seconds (10), so a log stays readable: no carriage
-  returns, no escape codes.
-* `message(text)` prints a line that stays (on a terminal above the redrawn
-  progress line).
-* `close()` (also on leaving a `with` block without an exception) prints the
-  final line: count, elapsed time and mean rate.
-
-The rate is the mean since `start()` (count / elapsed seconds); the ETA is
-`(total - count) / rate`. Pure Python (no TensorFlow), so the data layer, the
-converters' worker processes and training can all use it. The clock and the
-stream are injectable for tests.
+One line redrawn in place on a terminal, a full line every 10 s otherwise (a
+log stays readable). Pure Python, so the converters, evaluation and training
+all use it. The behaviour in detail: docs/reliability.md, Progress reporting.
 """
 
 import sys
@@ -47,7 +29,11 @@ def _is_tty(stream):
 
 
 class Progress:
-    """Reports the progress of a job to a stream (see the module doc).
+    """Reports the progress of a job to a stream: count, rate, ETA.
+
+    `start` (re)starts the count, `update` adds done units, `message` prints
+    a line that stays, and `close` (also on leaving a `with` block without an
+    exception) prints the final line: count, elapsed time and mean rate.
 
     Args:
         total: number of units the job has, or None if unknown (no
@@ -59,6 +45,19 @@ class Progress:
         interval: seconds between lines when the stream is not a terminal.
         is_tty: redraw one line in place; default: `stream.isatty()`.
         tty_interval: minimum seconds between redraws on a terminal.
+
+    Example:
+
+    >>> import io
+    >>> out, now = io.StringIO(), [0.0]
+    >>> with Progress(unit="images", stream=out, clock=lambda: now[0], is_tty=False) as bar:
+    ...     bar.start(total=100, description="train")
+    ...     now[0] = 10.0
+    ...     bar.update(50)
+    >>> print(out.getvalue(), end="")
+    train: 0/100 images (0.0%)
+    train: 50/100 images (50.0%), 5.0 images/s, ETA 0:10
+    train: 50 images in 0:10 (5.0 images/s)
     """
 
     def __init__(self, total=None, unit="items", description="", stream=None,

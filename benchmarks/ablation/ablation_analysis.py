@@ -1,6 +1,6 @@
 """The ablation's analyses (issue 14), as plain NumPy functions.
 
-`benchmarks/ablation.py` reads the runs' files and calls these; they hold no
+`benchmarks/ablation/ablation.py` reads the runs' files and calls these; they hold no
 I/O and no TensorFlow, so tests compare them with loop references.
 
 * Hidden-label AP (paper Fig. 1b): per class, the AP whose positives are only

@@ -1,4 +1,4 @@
-"""docs/results.md and its figures, written by `benchmarks/ablation.py`.
+"""docs/results.md and its figures, written by `benchmarks/ablation/ablation.py`.
 
 Every sentence with a number is computed here from the runs' records (see
 `ablation.analyse_run`); nothing on the page is edited by hand.
@@ -25,7 +25,7 @@ from pipelines.records import shard_sets
 from pipelines.tfdata import decoder
 from pipelines.tfdata import preprocessing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMPARED = ("baseline", "tbc", "mse")
 PER_SEED = ("mAP", "CF1", "OF1")
 
@@ -86,7 +86,7 @@ def header_lines(c, runs, seconds, commit, pretrain_seconds):
     return [
         "# Results: the paper's ablation in a miniature of its regime",
         "",
-        "Written by `benchmarks/ablation.py`; do not edit by hand. Command:",
+        "Written by `benchmarks/ablation/ablation.py`; do not edit by hand. Command:",
         "", "```bash", c.command, "```", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}; page written "
@@ -153,7 +153,7 @@ def pretraining_lines(report):
         f"Fashion-MNIST TRAIN photos by the demo set's own rendering (`make_canvas`, half "
         f"default and half occluded mode, {s['canvas_size']} px), {s['epochs']} epoch(s), "
         f"SGD momentum 0.9, learning rate {s['learning_rate']} with cosine decay, batch "
-        f"{s['batch_size']} (`benchmarks/pretrain_backbone.py`, "
+        f"{s['batch_size']} (`benchmarks/ablation/pretrain_backbone.py`, "
         f"{report['seconds'] / 60:.1f} min). Single-item TEST accuracy, on "
         f"{s['num_test']} canvases of Fashion-MNIST TEST photos measured once after "
         f"training: **{100 * report['test_accuracy']:.1f} %** (last-epoch train "
@@ -186,7 +186,8 @@ def budget_lines(c, runs):
     return [
         "## Data, budget, convergence",
         "",
-        f"Data: the Fashion-MNIST \"outfits\" demo set (README, `pipelines/demo_lib.py`) at {c.canvas_size} px, "
+        "Data: the Fashion-MNIST \"outfits\" demo set (README, `pipelines/demo/outfits.py`) "
+        f"at {c.canvas_size} px, "
         f"{c.num_train} train / {c.num_test} test canvases per setting (generator seed "
         f"{c.data_seed}); train canvases from Fashion-MNIST's train photos only, test "
         "canvases from its test photos only.",

@@ -1,4 +1,4 @@
-r"""python benchmarks/pretrain_backbone.py --output=runs/ablation/small_cnn_64.weights.h5
+r"""python benchmarks/ablation/pretrain_backbone.py --output=runs/ablation/small_cnn_64.weights.h5
 
 The "ImageNet stage" of the ablation (issue 14): the paper fine-tunes a
 backbone pretrained on single-label ImageNet; here the small CNN is pretrained
@@ -39,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 

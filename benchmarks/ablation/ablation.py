@@ -1,9 +1,9 @@
-r"""python benchmarks/ablation.py --work_dir=runs/ablation --output=docs/results.md
+r"""python benchmarks/ablation/ablation.py --work_dir=runs/ablation --output=docs/results.md
 
 The paper's ablation (Tables 1, 5, 6) in a faithful miniature of its regime
-(paper §5.1, issue 14), on the Fashion-MNIST "outfits" demo set (README, pipelines/demo_lib.py):
+(paper §5.1, issue 14), on the Fashion-MNIST "outfits" demo set (README, pipelines/demo/outfits.py):
 
-1. Pretraining once (the "ImageNet stage", `benchmarks/pretrain_backbone.py`):
+1. Pretraining once (the "ImageNet stage", `benchmarks/ablation/pretrain_backbone.py`):
    the small CNN learns single-item classification of Fashion-MNIST TRAIN
    photos on demo canvases; its backbone weights go to a file.
 2. For every (setting, seed, variant): fine-tuning from that file by the real
@@ -43,8 +43,9 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (REPO, os.path.join(REPO, "benchmarks")):
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+for _path in (REPO, HERE):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
@@ -158,7 +159,7 @@ def pretrain(c):
         with open(weights + ".json", encoding="utf-8") as f:
             return weights, json.load(f)
     os.makedirs(os.path.dirname(weights), exist_ok=True)
-    run_command([sys.executable, "benchmarks/pretrain_backbone.py", f"--output={weights}",
+    run_command([sys.executable, "benchmarks/ablation/pretrain_backbone.py", f"--output={weights}",
                  f"--canvas_size={c.canvas_size}", f"--num_train={c.pretrain_canvases}",
                  f"--epochs={c.pretrain_epochs}"], c.path("pretrain", "pretrain.log"))
     with open(weights + ".json", encoding="utf-8") as f:
@@ -435,7 +436,7 @@ def main(argv):
                  num_train=f.num_train, num_test=f.num_test, data_seed=f.data_seed,
                  pretrain_canvases=f.pretrain_canvases, pretrain_epochs=f.pretrain_epochs,
                  min_positives=f.min_positives, page_only=f.page_only,
-                 command=" ".join(["python benchmarks/ablation.py"] + sys.argv[1:]))
+                 command=" ".join(["python benchmarks/ablation/ablation.py"] + sys.argv[1:]))
     run_campaign(c)
     print(f"Wrote {c.output}")
 
