@@ -5,9 +5,10 @@ Install its extras first, in a venv of their own (never mlcrl_tf dependencies):
         -r benchmarks/runtimes_requirements.txt
 
 Against what a user would run instead (issue 21), on this CPU. Serving (C = 80, random
-weights and BatchNorm statistics): the export's `serve_tensor` with oneDNN off (`tf`) and on
-(`tf onednn`), `--variants`, ONNX Runtime on the tf2onnx conversion, OpenVINO on its own (both
-cut at `logits`; bf16 where the CPU has it), PyTorch eager on torchvision's ResNet (v1 strides,
+weights and BatchNorm statistics): the export's `serve_tensor` with oneDNN off (`tf`), on
+(`tf onednn`) and on with TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1 (`tf onednn frozen`),
+`--variants`, ONNX Runtime on the tf2onnx conversion, OpenVINO on its own (both cut at
+`logits`; bf16 where the CPU has it), PyTorch eager on torchvision's ResNet (v1 strides,
 Keras' weights, the crl head), NCHW and channels_last.
 Training: the CLI's crl step (`Trainer.train_step`), oneDNN off and on, against PyTorch's
 (same weights, head, f_im, f_l, loss, SGD), float32 and bfloat16. Correctness first: logits
@@ -57,8 +58,10 @@ flags.DEFINE_list("serve_cases", ["resnet101:448", "resnet50:224"], "backbone:im
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Serving batch sizes.")
 flags.DEFINE_list("train_cases", ["resnet50:224:8"], "backbone:image_size:batch_size.")
 flags.DEFINE_list("parts", ["serve", "train", "bf16"], "serve, train (float32), bf16.")
-flags.DEFINE_list("engines", ["tf", "tf_onednn", "onnxruntime", "openvino", "torch"],
-                  "Serving engines; training takes tf, tf_onednn and torch of them.")
+flags.DEFINE_list("engines", ["tf", "tf_onednn", "tf_onednn_frozen", "onnxruntime", "openvino",
+                              "torch"],
+                  "Serving engines (tf_onednn_frozen: oneDNN with TF_ONEDNN_ASSUME_FROZEN_"
+                  "WEIGHTS=1, serving only); training takes tf, tf_onednn and torch of them.")
 flags.DEFINE_list("variants", [], "name=dir ({dir}: the case's) of more SavedModels to time.")
 flags.DEFINE_integer("num_classes", 80, "C (COCO: 80).")
 flags.DEFINE_integer("runs", 6, "Timed interleaved rounds (serving, float32 training).")
@@ -75,6 +78,11 @@ FLAGS = flags.FLAGS
 
 NAME_KEYS = ("kind", "engine", "backbone", "size", "precision")  # a worker's name and log
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+# TensorFlow's variables of each TF engine (read when TensorFlow loads). The last: oneDNN
+# keeps each weight in its own layout between calls (a serving-only setting).
+TF_ENGINES = {"tf": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "tf_onednn": {"TF_ENABLE_ONEDNN_OPTS": "1"},
+              "tf_onednn_frozen": {"TF_ENABLE_ONEDNN_OPTS": "1",
+                                   "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1"}}
 PEAK_N = 4096  # the practical peak's matmul: 4096 x 4096 float32
 TORCH_NAMES = {"bias": "bias", "gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
                "moving_variance": "running_var"}  # Keras weight -> torch parameter or buffer
@@ -289,7 +297,7 @@ def serve_runners(spec):
     """{name: runner} of one serving engine on the case's random batch (its first b)."""
     x = synthetic(spec["size"], max(spec["batches"]), spec["num_classes"], spec["seed"])[0]
     inputs, engine, case_dir = {b: x[:b] for b in spec["batches"]}, spec["engine"], spec["dir"]
-    if engine in ("tf", "tf_onednn"):
+    if engine in TF_ENGINES:
         tensors, runners = {b: tf.constant(v) for b, v in inputs.items()}, {}
         for variant in ["=" + os.path.join(case_dir, "export", "1")] + spec["variants"]:
             name, path = variant.split("=", 1)
@@ -396,12 +404,12 @@ def worker_main(spec):
 # --- the main process: workers, interleaved rounds, tables ------------------------------
 
 class Worker:
-    """A worker subprocess of this script; TF_ENABLE_ONEDNN_OPTS=1 only for tf_onednn."""
+    """A worker subprocess of this script, with its engine's TensorFlow variables."""
 
     def __init__(self, spec):
         self.name = " ".join(str(spec[k]) for k in NAME_KEYS if spec.get(k))
         self.log = os.path.join(FLAGS.work_dir, "logs", re.sub(r"\W+", "_", self.name) + ".log")
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=str(int(spec.get("engine") == "tf_onednn")))
+        env = dict(os.environ, **TF_ENGINES.get(spec.get("engine"), TF_ENGINES["tf"]))
         with open(self.log, "w", encoding="utf-8") as log:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), f"--work_dir={FLAGS.work_dir}",
