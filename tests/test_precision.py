@@ -96,7 +96,7 @@ def test_training_warns_in_one_line_on_a_cpu_without_native_bfloat16(fake_cpu):
     assert len(messages) == 1 and "\n" not in messages[0]
     assert messages[0].startswith(
         "--precision=mixed_bfloat16 on AMD EPYC (AVX2, no AMX-BF16 nor AVX-512 BF16), a CPU "
-        "without native bfloat16: training measured about 7x slower than float32")
+        "without native bfloat16: training measured 7-13x slower than float32")
     assert "on an AVX2-only AMD EPYC (ResNet-50, 224 px, batch 8" in messages[0]
     assert "Intel Xeon with AMX-BF16" in messages[0]
     assert config_lib.warnings_for(_config()) == []  # float32: nothing to say

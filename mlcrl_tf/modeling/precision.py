@@ -14,8 +14,8 @@ from mlcrl_tf.modeling import hardware
 # What --precision=mixed_bfloat16 costs on a CPU without native bfloat16, as
 # measured (docs/design.md, Precision, oneDNN and the CPU).
 SLOW_BFLOAT16_TRAINING = (
-    "training measured about 7x slower than float32 on an AVX2-only AMD EPYC (ResNet-50, "
-    "224 px, batch 8: 63-66 s vs 5.4-9.0 s per step), while an Intel Xeon with "
+    "training measured 7-13x slower than float32 on an AVX2-only AMD EPYC (ResNet-50, "
+    "224 px, batch 8: 30-66 s vs 2.3-9.0 s per step in two runs), while an Intel Xeon with "
     "AMX-BF16 trains 1.4-1.5x faster")
 SLOW_BFLOAT16_SERVING = (
     "serving measured 1.04-1.28x slower than float32 on an AVX2-only AMD EPYC (small CNN "

@@ -113,7 +113,7 @@ class Config:
                             "mixed_float16 (dynamic loss scaling; NVIDIA GPUs) or "
                             "mixed_bfloat16 (no loss scaling; only where the chip computes "
                             "bfloat16: 1.4-1.5x faster than float32 on an Intel Xeon with "
-                            "AMX-BF16, about 7x SLOWER on an AVX2-only AMD EPYC, which "
+                            "AMX-BF16, 7-13x SLOWER on an AVX2-only AMD EPYC, which "
                             "gets a warning; GPUs of compute capability >= 8.0, TPUs). "
                             "Variables, losses, CRL and metrics stay float32.",
                             choices=PRECISIONS)
