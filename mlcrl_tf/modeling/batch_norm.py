@@ -12,17 +12,16 @@ layer, its variables, its config and its checkpoint keys stay Keras' own, and
 the moving statistics get the same update as Keras' (the biased batch
 variance: the kernel's Bessel-corrected one times (n - 1) / n).
 
-Inference keeps Keras' path: grappler folds its multiply and add into the
-convolution already, and the fused kernel was measured no faster there
-(docs/performance.md, "Fused BatchNorm"), so an export's graph is unchanged.
+Inference keeps Keras' path: the fused kernel was measured no faster there
+(docs/design.md, "Precision, oneDNN and the CPU"), so an export's graph is
+unchanged.
 
 Eligible: TensorFlow backend, a 4-D channels-last input, no mask, no renorm,
 not `synchronized`, epsilon at least the kernel's minimum 1.001e-5 (Keras'
 ResNets use exactly that), and not inside an XLA compilation (`--jit_compile`):
-XLA's lowering of the kernel takes the variance as E[x^2] - E[x]^2, which went
-negative (a NaN loss at the second step) on a randomly initialised ResNet-50
-whose activations are large; Keras' path is stable there. Any other call runs
-Keras' own code.
+there the fused kernel gave a NaN loss at the second step of a randomly
+initialised ResNet-50, where Keras' path did not. Any other call runs Keras'
+own code.
 """
 
 import functools
